@@ -1,0 +1,140 @@
+"""Loading model weights from the checkpoint formats users bring.
+
+Accepted: the official ``{'model': state_dict, ...}``, ``{'model_ema': state_dict}``,
+Lightning's ``{'state_dict': ...}`` with its ``model.`` prefix, a bare state dict, keys
+prefixed with ``module.`` (DDP), and ``.safetensors`` files. Pickles are always read with
+``torch.load(..., weights_only=True)``: nothing in a checkpoint is executed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import zipfile
+from collections.abc import Mapping
+from typing import Union
+
+import torch
+import torch.nn as nn
+
+from ..errors import CheckpointError
+
+__all__ = ["read_state_dict", "load_checkpoint", "CheckpointError"]
+
+_CONTAINER_KEYS = ("model", "model_ema", "state_dict", "module")
+_PREFIXES = ("module.", "model.", "_orig_mod.")
+_SHOW = 5
+
+
+def _torch_load(path: str) -> object:
+    # Official iTPN checkpoints also hold the training `args` (an argparse.Namespace): a plain
+    # attribute bag, safe to allow in the weights-only unpickler.
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            first = str(err).strip().splitlines()[0]
+            raise CheckpointError(
+                f"{path} holds objects that a weights-only load refuses ({first}); "
+                "re-save it as torch.save({'model': model.state_dict()}, path)"
+            ) from None
+        except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{path} is not a PyTorch checkpoint ({type(err).__name__}: {str(err)[:120]})") from None
+
+
+def _safetensors_load(path: str) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a readable .safetensors file ({err})") from None
+
+
+def _unwrap(obj: object, path: str) -> dict[str, torch.Tensor]:
+    if isinstance(obj, Mapping):
+        for key in _CONTAINER_KEYS:
+            if isinstance(obj.get(key), Mapping):
+                return _unwrap(obj[key], path)
+        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        if tensors and len(tensors) == len(obj):
+            return dict(tensors)
+    raise CheckpointError(
+        f"{path} holds no state dict: expected {{'model': state_dict}}, {{'model_ema': ...}}, "
+        f"{{'state_dict': ...}} or a bare state dict"
+    )
+
+
+def _strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _PREFIXES:
+            if sd and all(k.startswith(prefix) for k in sd):
+                sd = {k[len(prefix) :]: v for k, v in sd.items()}
+                changed = True
+    return sd
+
+
+def read_state_dict(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
+    """Read a state dict from any accepted checkpoint format, prefixes stripped.
+
+    Raises:
+        CheckpointError: the path is missing, or the file is not a checkpoint.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} does not exist; pass the path of a .pth or .safetensors file")
+    obj = _safetensors_load(path) if path.endswith(".safetensors") else _torch_load(path)
+    return _strip_prefixes(_unwrap(obj, path))
+
+
+def _listing(title: str, keys: list[str]) -> str:
+    shown = ", ".join(keys[:_SHOW]) + (", ..." if len(keys) > _SHOW else "")
+    return f"{len(keys)} {title} ({shown})"
+
+
+def load_checkpoint(model: nn.Module, path: Union[str, os.PathLike], strict: bool = True) -> nn.Module:
+    """Load a checkpoint into ``model``.
+
+    Args:
+        model: the model to fill.
+        path: a checkpoint in any accepted format.
+        strict: refuse missing, unexpected and wrong-shape keys (default).
+
+    Returns:
+        ``model``.
+
+    Raises:
+        CheckpointError: missing file, not a checkpoint, or keys and shapes that do not fit;
+            the message lists the first few offending keys of each kind with their counts and,
+            for a head of another size, the ``num_classes`` that would fit.
+    """
+    sd = read_state_dict(path)
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    wrong = [k for k in own if k in sd and own[k].shape != sd[k].shape]
+    if strict and (missing or unexpected or wrong):
+        parts = []
+        if missing:
+            parts.append(_listing("missing keys", missing))
+        if unexpected:
+            parts.append(_listing("unexpected keys", unexpected))
+        if wrong:
+            parts.append(
+                _listing("wrong-shape keys", [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in wrong])
+            )
+        hint = ""
+        if "head.weight" in wrong and sd["head.weight"].ndim == 2:
+            hint = f"; its head has {sd['head.weight'].shape[0]} classes: pass num_classes={sd['head.weight'].shape[0]}"
+        elif len(missing) + len(wrong) > len(own) // 2:
+            hint = "; it looks like a checkpoint of another architecture"
+        name = getattr(model, "model_name", type(model).__name__)
+        raise CheckpointError(f"checkpoint {os.fspath(path)} does not fit {name}: " + "; ".join(parts) + hint)
+    if not strict:
+        sd = {k: v for k, v in sd.items() if k in own and k not in wrong}
+    model.load_state_dict(sd, strict=strict)
+    return model
