@@ -1,0 +1,192 @@
+"""Quantizer modules: scale and zero point in buffers, three modes switched by one helper.
+
+A :class:`TensorQuantizer` passes its input through (``FLOAT``), records it with its
+observer (``CALIBRATE``), or fake-quantizes it (``QUANTIZE``). Its qparams are registered
+buffers, so ``state_dict``, ``.to(device)`` and DDP broadcasts carry them.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .config import Arithmetic, Granularity, QuantSpec
+from .observers import build_observer
+from .primitives import fake_quant_fused, fake_quant_per_channel_divide, fake_quant_seed, log_int_softmax
+
+__all__ = ["QuantMode", "TensorQuantizer", "WeightQuantizer", "LogSoftmaxQuantizer", "NotCalibratedError"]
+
+
+class QuantMode(str, enum.Enum):
+    """What every quantizer of a model does in ``forward``."""
+
+    FLOAT = "float"
+    CALIBRATE = "calibrate"
+    QUANTIZE = "quantize"
+
+
+class NotCalibratedError(RuntimeError):
+    """A quantizer was asked to quantize before it was calibrated or loaded."""
+
+
+class TensorQuantizer(nn.Module):
+    """Fake-quantizes an activation with a calibrated scale and zero point.
+
+    Args:
+        spec: bits, signedness, granularity and observer.
+        role: a short label for reports (``act``, ``attn``, ``norm``, ``weight``, ...).
+        channels: number of channels for per-channel quantization (along ``channel_axis``).
+        channel_axis: the channel dimension of the tensors it sees.
+        arithmetic: ``seed`` (divide, round ``x / s + zp``) or ``fused`` (torch's kernel).
+    """
+
+    def __init__(
+        self,
+        spec: QuantSpec,
+        role: str,
+        channels: int = 1,
+        channel_axis: int = -1,
+        arithmetic: Arithmetic = Arithmetic.SEED,
+    ) -> None:
+        super().__init__()
+        self.spec, self.role, self.channel_axis = spec, role, channel_axis
+        self.arithmetic = Arithmetic(arithmetic)
+        per_channel = spec.granularity is Granularity.PER_CHANNEL
+        size = channels if per_channel else 1
+        self.register_buffer("scale", torch.ones(size))
+        self.register_buffer("zero_point", torch.zeros(size))
+        self.register_buffer("min_val", torch.zeros(size))
+        self.register_buffer("max_val", torch.zeros(size))
+        self.register_buffer("calibrated", torch.tensor(False))
+        self.observer = build_observer(spec.observer, spec.qmin, spec.qmax, spec.signed, per_channel, channel_axis)
+        self.mode = QuantMode.FLOAT
+        self.last_batch = False
+        self.ready = False  # mirrors the `calibrated` buffer without a device sync in forward
+        self.qualname = ""
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return f"role={self.role}, bits={s.bits}, signed={s.signed}, {s.granularity.value}, observer={s.observer}"
+
+    def set_mode(self, mode: QuantMode) -> None:
+        """Switch between pass-through, calibration and fake quantization."""
+        self.mode = QuantMode(mode)
+        if self.mode is QuantMode.CALIBRATE:
+            self.observer.reset()
+            self.last_batch = False
+
+    def finish_calibration(self) -> None:
+        """Turn the observer's statistics into buffers.
+
+        Raises:
+            ValueError: the observed range is NaN or infinite (names the quantizer).
+            RuntimeError: the quantizer saw no data.
+        """
+        if self.observer.min_val is None:
+            raise RuntimeError(f"quantizer {self.qualname or self.role} saw no data during calibration")
+        scale, zp, lo, hi = self.observer.compute()
+        if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+            raise ValueError(
+                f"quantizer {self.qualname or self.role} saw NaN or Inf values during calibration; "
+                "check the input images and the checkpoint"
+            )
+        for name, value in (("scale", scale), ("zero_point", zp), ("min_val", lo), ("max_val", hi)):
+            getattr(self, name).copy_(value.reshape(-1).expand_as(getattr(self, name)))
+        self.calibrated.fill_(True)
+        self.ready = True
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize ``x`` with the calibrated buffers."""
+        s = self.spec
+        if self.arithmetic is Arithmetic.FUSED:
+            return fake_quant_fused(x, self.scale, self.zero_point, s.qmin, s.qmax, self.channel_axis)
+        if self.scale.numel() == 1:
+            return fake_quant_seed(x, self.scale, self.zero_point, s.qmin, s.qmax)
+        shape = [1] * x.dim()
+        shape[self.channel_axis] = -1
+        return fake_quant_seed(x, self.scale.view(shape), self.zero_point.view(shape), s.qmin, s.qmax)
+
+    def _check_calibrated(self) -> None:
+        if not self.ready:
+            raise NotCalibratedError(
+                f"quantizer {self.qualname or self.role} is not calibrated: run lit_ptq.quant.calibrate(model, batches) "
+                "or load a calibrated state before quantized evaluation"
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode is QuantMode.FLOAT:
+            return x
+        if self.mode is QuantMode.CALIBRATE:
+            self.observer.update(x, last=self.last_batch)
+            return x
+        self._check_calibrated()
+        return self.fake_quant(x)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self.ready = bool(self.calibrated)
+
+
+class WeightQuantizer(TensorQuantizer):
+    """Per-output-channel symmetric weight quantizer; divides by the scale as the seed does.
+
+    Calibration reads the weight itself (MinMax), after the activation pass. The
+    fake-quantized weight is cached and recomputed only when the weight or the scale change.
+    """
+
+    def __init__(self, spec: QuantSpec, out_channels: int) -> None:
+        super().__init__(spec, "weight", channels=out_channels, channel_axis=0)
+        self._cache: Optional[torch.Tensor] = None
+        self._cache_key: Optional[tuple] = None
+
+    def calibrate_weight(self, weight: torch.Tensor) -> None:
+        """Compute the qparams from ``weight`` (replaces anything observed)."""
+        self.observer.reset()
+        self.observer.update(weight.detach())
+        self.finish_calibration()
+
+    def quantized_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The fake-quantized ``weight``, cached between calls."""
+        self._check_calibrated()
+        key = (weight.data_ptr(), weight._version, self.scale.data_ptr(), self.scale._version, weight.dtype)
+        if self._cache is None or self._cache_key != key:
+            s = self.spec
+            if s.granularity is Granularity.PER_CHANNEL:
+                wq = fake_quant_per_channel_divide(weight.detach(), self.scale, s.qmin, s.qmax)
+            else:
+                wq = fake_quant_seed(weight.detach(), self.scale, self.zero_point, s.qmin, s.qmax)
+            self._cache, self._cache_key = wq, key
+        return self._cache
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return self.quantized_weight(weight) if self.mode is QuantMode.QUANTIZE else weight
+
+
+class LogSoftmaxQuantizer(nn.Module):
+    """FQ-ViT's log-int-softmax (LIS): softmax of quantized logits as a ``bits``-bit log2 code.
+
+    It needs the scale of the logits quantizer that feeds it (see
+    :func:`lit_ptq.quant.primitives.log_int_softmax`); it has no state of its own.
+    """
+
+    def __init__(self, bits: int) -> None:
+        super().__init__()
+        self.bits = bits
+        self.mode = QuantMode.FLOAT
+        self.role = "attn"
+        self.qualname = ""
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}"
+
+    def set_mode(self, mode: QuantMode) -> None:
+        """Switch between float softmax and log-int-softmax."""
+        self.mode = QuantMode(mode)
+
+    def forward(self, logits: torch.Tensor, logits_scale: torch.Tensor) -> torch.Tensor:
+        if self.mode is not QuantMode.QUANTIZE:
+            return logits.softmax(dim=-1)
+        return log_int_softmax(logits, logits_scale, self.bits)

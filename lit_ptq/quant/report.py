@@ -1,0 +1,146 @@
+"""Per-quantizer report: range, scale, clipping and SQNR of each quant point on calibration data."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Union
+
+import torch
+import torch.nn as nn
+
+from .primitives import log_int_softmax
+from .quantize import _as_input, _owner_weight
+from .quantizer import LogSoftmaxQuantizer, QuantMode, TensorQuantizer, WeightQuantizer
+
+__all__ = ["QuantizerStats", "quant_report"]
+
+
+@dataclass
+class QuantizerStats:
+    """What one quant point does to the data it sees.
+
+    Attributes:
+        name: module path of the quantizer.
+        role: ``weight``, ``act``, ``attn`` (softmax output) or ``norm`` (LayerNorm input).
+        bits: bit width.
+        min_val: smallest observed (calibrated) value; the minimum over channels when per channel.
+        max_val: largest observed (calibrated) value.
+        scale: the scale; the mean over channels when per channel.
+        clipped: fraction of values outside the representable range.
+        sqnr_db: ``10 log10(sum x^2 / sum (x - fq(x))^2)``; ``inf`` when lossless.
+        numel: number of values measured.
+    """
+
+    name: str
+    role: str
+    bits: int
+    min_val: float
+    max_val: float
+    scale: float
+    clipped: float
+    sqnr_db: float
+    numel: int
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields as a plain dict (for JSON)."""
+        return asdict(self)
+
+
+class _Accumulator:
+    def __init__(self) -> None:
+        self.signal = 0.0
+        self.noise = 0.0
+        self.clipped = 0
+        self.numel = 0
+
+    def add(self, x: torch.Tensor, fq: torch.Tensor, clipped: torch.Tensor) -> None:
+        x64 = x.double()
+        self.signal += float(x64.pow(2).sum())
+        self.noise += float((x64 - fq.double()).pow(2).sum())
+        self.clipped += int(clipped.sum())
+        self.numel += x.numel()
+
+    def sqnr(self) -> float:
+        if self.noise == 0.0:
+            return math.inf
+        if self.signal == 0.0:
+            return -math.inf
+        return 10.0 * math.log10(self.signal / self.noise)
+
+
+def _clip_mask(q: TensorQuantizer, x: torch.Tensor) -> torch.Tensor:
+    scale, zp = q.scale, q.zero_point
+    if scale.numel() > 1:
+        shape = [1] * x.dim()
+        shape[q.channel_axis] = -1
+        scale, zp = scale.view(shape), zp.view(shape)
+    lo = (q.spec.qmin - zp) * scale
+    hi = (q.spec.qmax - zp) * scale
+    return (x < lo) | (x > hi)
+
+
+def _measure(q: TensorQuantizer, acc: _Accumulator, x: torch.Tensor) -> None:
+    x = x.detach().float()
+    acc.add(x, q.fake_quant(x), _clip_mask(q, x))
+
+
+def _stats(name: str, q: Union[TensorQuantizer, LogSoftmaxQuantizer], acc: _Accumulator) -> QuantizerStats:
+    if isinstance(q, LogSoftmaxQuantizer):
+        lo, hi, scale, bits = 0.0, 1.0, float("nan"), q.bits
+    else:
+        lo, hi, scale, bits = float(q.min_val.min()), float(q.max_val.max()), float(q.scale.mean()), q.spec.bits
+    clipped = acc.clipped / acc.numel if acc.numel else 0.0
+    return QuantizerStats(name, q.role, bits, lo, hi, scale, clipped, acc.sqnr(), acc.numel)
+
+
+@torch.no_grad()
+def quant_report(model: nn.Module, batch: object) -> list[QuantizerStats]:
+    """Measure every quant point of a calibrated model on one batch.
+
+    The model runs in float, so each quantizer sees the tensor the float model produces and
+    its error is its own (not accumulated from earlier quant points); weights are measured
+    on the weights. The model's quant mode is restored afterwards.
+
+    Args:
+        model: a calibrated model (see ``calibrate``).
+        batch: an input tensor, or an ``(images, ...)`` tuple.
+
+    Returns:
+        One :class:`QuantizerStats` per quant point, in module order.
+    """
+    points = [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, (TensorQuantizer, LogSoftmaxQuantizer))
+    ]
+    modes = {name: m.mode for name, m in points}
+    accs = {name: _Accumulator() for name, _ in points}
+    hooks = []
+    for name, m in points:
+        if isinstance(m, WeightQuantizer):
+            _measure(m, accs[name], _owner_weight(model, name))
+        elif isinstance(m, LogSoftmaxQuantizer):
+
+            def lis_hook(mod: nn.Module, args: tuple, out: torch.Tensor, acc: _Accumulator = accs[name]) -> None:
+                fq = log_int_softmax(args[0], args[1], mod.bits)
+                acc.add(out.float(), fq, fq == 0)
+
+            hooks.append(m.register_forward_hook(lis_hook))
+        else:
+
+            def hook(mod: nn.Module, args: tuple, out: torch.Tensor, acc: _Accumulator = accs[name]) -> None:
+                _measure(mod, acc, args[0])
+
+            hooks.append(m.register_forward_hook(hook))
+    try:
+        for _, m in points:
+            m.set_mode(QuantMode.FLOAT)
+        device = next(model.parameters()).device
+        model(_as_input(batch).to(device))
+    finally:
+        for h in hooks:
+            h.remove()
+        for name, m in points:
+            m.mode = modes[name]
+    return [_stats(name, m, accs[name]) for name, m in points]
