@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
-import zipfile
+import re
 from collections.abc import Mapping
 from typing import Union
 
@@ -25,6 +25,7 @@ __all__ = ["read_state_dict", "load_checkpoint", "CheckpointError"]
 _CONTAINER_KEYS = ("model", "model_ema", "state_dict", "module")
 _PREFIXES = ("module.", "model.", "_orig_mod.")
 _SHOW = 5
+_REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+) (?:was not an allowed global|whose module)")
 
 
 def _torch_load(path: str) -> object:
@@ -34,12 +35,15 @@ def _torch_load(path: str) -> object:
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
-            first = str(err).strip().splitlines()[0]
+            refused = _REFUSED_GLOBAL.search(str(err))
+            if refused is None:
+                raise CheckpointError(f"{path} is not a PyTorch checkpoint (unreadable pickle stream)") from None
             raise CheckpointError(
-                f"{path} holds objects that a weights-only load refuses ({first}); "
+                f"{path} holds a {refused.group(1)} object, which a weights-only load refuses; "
                 "re-save it as torch.save({'model': model.state_dict()}, path)"
             ) from None
-        except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, UnicodeDecodeError) as err:
+        # The unpickler fails on foreign bytes in many ways (EOFError, KeyError, IndexError, ...).
+        except Exception as err:
             raise CheckpointError(f"{path} is not a PyTorch checkpoint ({type(err).__name__}: {str(err)[:120]})") from None
 
 
@@ -127,13 +131,14 @@ def load_checkpoint(model: nn.Module, path: Union[str, os.PathLike], strict: boo
             parts.append(
                 _listing("wrong-shape keys", [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in wrong])
             )
-        hint = ""
-        if "head.weight" in wrong and sd["head.weight"].ndim == 2:
-            hint = f"; its head has {sd['head.weight'].shape[0]} classes: pass num_classes={sd['head.weight'].shape[0]}"
-        elif len(missing) + len(wrong) > len(own) // 2:
-            hint = "; it looks like a checkpoint of another architecture"
+        hints = []
+        if "head.weight" in wrong and sd["head.weight"].shape[1:] == own["head.weight"].shape[1:]:
+            classes = sd["head.weight"].shape[0]
+            hints.append(f"its head has {classes} classes: pass num_classes={classes}")
+        if len(missing) + len(wrong) > len(own) // 2:
+            hints.append("it looks like a checkpoint of another architecture")
         name = getattr(model, "model_name", type(model).__name__)
-        raise CheckpointError(f"checkpoint {os.fspath(path)} does not fit {name}: " + "; ".join(parts) + hint)
+        raise CheckpointError(f"checkpoint {os.fspath(path)} does not fit {name}: " + "; ".join(parts + hints))
     if not strict:
         sd = {k: v for k, v in sd.items() if k in own and k not in wrong}
     model.load_state_dict(sd, strict=strict)

@@ -305,7 +305,8 @@ class iTPN(nn.Module):
             self.relative_position_index = None
         self.pos_drop = nn.Dropout(drop_rate)
 
-        dpr = iter(torch.linspace(0, drop_path_rate, 2 * mlp_depth + depth).tolist())
+        # device="cpu" so that the model also builds under `with torch.device("meta")`.
+        dpr = iter(torch.linspace(0, drop_path_rate, 2 * mlp_depth + depth, device="cpu").tolist())
         common = dict(qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate, rpe=rpe, norm_layer=norm_layer)
         self.blocks = nn.ModuleList()
         for stage, dim in enumerate(dims[:2]):

@@ -213,6 +213,9 @@ class OmseObserver(MinMaxObserver):
         centers = lo.double() + (torch.arange(self.bins, device=flat.device, dtype=torch.float64) + 0.5) * (
             width.double() / self.bins
         )
+        # Empty bins add nothing to any candidate's error: score only the occupied ones.
+        occupied = count > 0
+        count, s1, s2, centers = count[occupied], s1[occupied], s2[occupied], centers[occupied]
         new_min, new_max = self.candidate_ranges()
         scale, zp = self.qparams_from_range(new_min, new_max)
         c = centers.float()[None, :]

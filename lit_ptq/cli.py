@@ -1,0 +1,168 @@
+"""The LightningCLI of lit_ptq: ``python main.py validate --config configs/...yaml``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from typing import Any, Optional
+
+import torch
+from pytorch_lightning.cli import LightningCLI
+from pytorch_lightning.loggers import TensorBoardLogger
+
+from .callbacks import CalibrationCallback
+from .data import ImageNetDataModule
+from .errors import ConfigError
+from .io import atomic_path, check_writable
+from .module import PTQModule
+from .quant import QuantizerStats
+
+__all__ = ["LitPTQCLI", "results_record", "report_markdown"]
+
+log = logging.getLogger(__name__)
+
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "logger": {
+        "class_path": "pytorch_lightning.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": "tb_logs", "name": "lit_ptq", "default_hp_metric": False},
+    },
+    "enable_checkpointing": False,
+}
+
+
+def report_markdown(report: list[QuantizerStats]) -> str:
+    """The per-quantizer report as a markdown table."""
+    lines = [
+        "| quantizer | role | bits | min | max | scale | clipped % | SQNR dB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report:
+        lines.append(
+            f"| {r.name} | {r.role} | {r.bits} | {r.min_val:.4g} | {r.max_val:.4g} | {r.scale:.4g} | "
+            f"{100 * r.clipped:.3f} | {r.sqnr_db:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def results_record(
+    module: PTQModule, metrics: dict[str, float], calib: CalibrationCallback, extra: dict[str, Any]
+) -> dict[str, Any]:
+    """One run's result, as written to ``--results_path`` (acc1 / acc5 in percent)."""
+    summary = module.run_summary()
+    return dict(
+        **summary,
+        calib_images=calib.calib_images,
+        calibration_seconds=round(calib.seconds, 3),
+        acc1=100.0 * metrics["val/acc1"],
+        acc5=100.0 * metrics["val/acc5"],
+        loss=metrics["val/loss"],
+        num_images=int(round(metrics["val/num_images"])),
+        **extra,
+    )
+
+
+class LitPTQCLI(LightningCLI):
+    """LightningCLI over :class:`PTQModule` and :class:`ImageNetDataModule`.
+
+    Adds the ``calibration`` callback options, ``--results_path`` (one JSON file per run,
+    written atomically), links the model's name, input size and class count into the data
+    module, and logs hparams, metrics and the per-quantizer report to TensorBoard.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("seed_everything_default", 0)
+        kwargs.setdefault("save_config_callback", None)
+        kwargs.setdefault("trainer_defaults", TRAINER_DEFAULTS)
+        kwargs.setdefault("auto_configure_optimizers", False)
+        self._started = 0.0
+        super().__init__(PTQModule, ImageNetDataModule, **kwargs)
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.add_lightning_class_args(CalibrationCallback, "calibration")
+        parser.link_arguments("model.model_name", "data.model_name")
+        parser.link_arguments("model.img_size", "data.img_size")
+        parser.link_arguments("model.num_classes", "data.num_classes")
+        parser.add_argument("--results_path", type=Optional[str], default=None, help="write the run's results as JSON here")
+
+    def _run_config(self) -> Any:
+        return self.config[self.subcommand] if self.subcommand else self.config
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self._run_config()
+        if cfg.get("results_path"):
+            check_writable(cfg.results_path, "--results_path")
+        CalibrationCallback(**dict(cfg.calibration)).check_paths()
+        quantized = cfg.model.get("method") is not None
+        if quantized and not cfg.calibration.get("load_state") and cfg.data.get("calib_batches") == 0:
+            raise ConfigError(
+                "data.calib_batches=0 but model.method is set: quantization needs calibration batches; "
+                "set data.calib_batches >= 1, load a state with calibration.load_state, or set model.method=null"
+            )
+        if not quantized or cfg.calibration.get("load_state"):
+            cfg.data.calib_batches = 0  # nothing is calibrated, so no calibration images are needed
+
+    def _calibration(self) -> CalibrationCallback:
+        return next(cb for cb in self.trainer.callbacks if isinstance(cb, CalibrationCallback))
+
+    def before_validate(self) -> None:
+        self.datamodule.setup("validate")
+        self._started = time.perf_counter()
+
+    def after_validate(self) -> None:
+        seconds = time.perf_counter() - self._started
+        metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items()}
+        skipped = torch.tensor(float(len(self.datamodule.skipped_files)))
+        skipped = int(self.trainer.strategy.reduce(skipped, reduce_op="sum"))
+        calib = self._calibration()
+        extra = dict(
+            world_size=self.trainer.world_size,
+            seconds=round(seconds, 3),
+            skipped_files=skipped,
+            seed=self._run_config().get("seed_everything"),
+            device=str(self.model.device),
+        )
+        record = results_record(self.model, metrics, calib, extra)
+        if not self.trainer.is_global_zero:
+            return
+        self._log_tensorboard(record, calib.report)
+        path = self._run_config().get("results_path")
+        if path:
+            with atomic_path(path) as tmp, open(tmp, "w") as f:
+                json.dump(record, f, indent=2, allow_nan=True)
+            log.info("results written to %s", path)
+        print(
+            f"{record['model']} {record['method']} {record['placement'] or ''} {record['bits']}: "
+            f"acc1 {record['acc1']:.2f} acc5 {record['acc5']:.2f} loss {record['loss']:.4f} "
+            f"on {record['num_images']} images ({seconds:.1f} s)"
+        )
+
+    def _log_tensorboard(self, record: dict[str, Any], report: list[QuantizerStats]) -> None:
+        logger = self.trainer.logger
+        if not isinstance(logger, TensorBoardLogger):
+            return
+        hparams = {k: record[k] for k in ("model", "method", "placement", "bits", "ptf", "lis", "calib_images") if k in record}
+        hparams = {k: ("none" if v is None else v) for k, v in hparams.items()}
+        logger.log_hyperparams(hparams, {f"hp/{k}": record[k] for k in ("acc1", "acc5", "loss")})
+        if report:
+            exp = logger.experiment
+            exp.add_text("quantizers/report", report_markdown(report))
+            for role in sorted({r.role for r in report}):
+                finite = [r for r in report if r.role == role and math.isfinite(r.sqnr_db)]
+                for i, r in enumerate(finite):
+                    exp.add_scalar(f"sqnr_by_layer/{role}", r.sqnr_db, global_step=i)
+            exp.flush()
+
+
+def cli_main(args: Optional[list[str]] = None) -> LitPTQCLI:
+    """Run the CLI (``args`` default to ``sys.argv[1:]``)."""
+    if args is None:
+        return LitPTQCLI()
+    saved = sys.argv
+    sys.argv = [saved[0], *args]  # LightningCLI reads sys.argv; passing both makes it warn
+    try:
+        return LitPTQCLI()
+    finally:
+        sys.argv = saved

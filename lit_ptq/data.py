@@ -1,0 +1,490 @@
+"""ImageNet-style data for post-training quantization: calibration and evaluation loaders.
+
+The protocol is the one of FQ-ViT (Lin et al., "FQ-ViT: Post-Training Quantization for Fully
+Quantized Vision Transformer", IJCAI 2022) and its iTPN fork: calibration takes the first
+``calib_batches`` batches of a shuffled loader over ``train/`` with the *evaluation*
+transform; evaluation reads every image of ``val/`` once. Both splits are ImageFolder trees
+(one sub-folder per class, classes indexed in sorted order).
+
+Unreadable images. A worker process cannot raise a clean exception: the DataLoader re-raises
+it in the main process wrapped in a traceback text. So decoding never raises here:
+:class:`ImageFileDataset` returns an :class:`UnreadableImage` marker in place of the image,
+:func:`collate_checked` moves the markers out of the batch, and the main-process iterator of
+:class:`CheckedDataLoader` either raises :class:`~lit_ptq.errors.DataError` (one sentence
+naming the file) or, with ``skip_unreadable=True``, drops the image and records its path.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Optional, Union
+
+import torch
+import torch.distributed as dist
+from PIL import Image, UnidentifiedImageError
+from pytorch_lightning import LightningDataModule
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torchvision import transforms
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.transforms import InterpolationMode
+
+from .errors import ConfigError, DataError
+from .models import EvalConfig, model_entry
+
+__all__ = [
+    "CheckedDataLoader",
+    "ImageFileDataset",
+    "ImageNetDataModule",
+    "UnpaddedDistributedSampler",
+    "UnreadableImage",
+    "collate_checked",
+    "eval_transform",
+    "load_rgb",
+    "scan_image_folder",
+]
+
+log = logging.getLogger(__name__)
+
+# What PIL raises on a truncated, corrupt or foreign file (UnidentifiedImageError and
+# "image file is truncated" are OSErrors; some plugins raise the others).
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, Image.DecompressionBombError)
+_SHOW = 5  # how many names an error message lists
+
+
+def eval_transform(eval_cfg: EvalConfig) -> transforms.Compose:
+    """The evaluation transform of a model: resize, center crop, to tensor, normalize.
+
+    The image is resized to ``int(side / crop_pct)`` on its shorter edge (both edges for a
+    non-square input) with ``eval_cfg.interpolation``, then center-cropped to the input size:
+    for iTPN at 224 that is Resize(256, bicubic), CenterCrop(224).
+
+    Args:
+        eval_cfg: the model's evaluation metadata (``model.eval_cfg`` or
+            ``lit_ptq.models.model_entry(name)[1]``).
+
+    Returns:
+        A transform from an RGB PIL image to a normalized ``(3, H, W)`` float tensor.
+
+    Raises:
+        ConfigError: for an unknown interpolation name or a non-positive crop_pct.
+    """
+    try:
+        interpolation = InterpolationMode(eval_cfg.interpolation)
+    except ValueError:
+        names = ", ".join(mode.value for mode in InterpolationMode)
+        raise ConfigError(f"interpolation={eval_cfg.interpolation!r} is not one of {names}") from None
+    if not eval_cfg.crop_pct > 0:
+        raise ConfigError(f"crop_pct={eval_cfg.crop_pct} must be positive, e.g. 0.875")
+    height, width = eval_cfg.input_size[-2:]
+    if height == width:
+        resize: Union[int, tuple[int, int]] = math.floor(height / eval_cfg.crop_pct)
+    else:
+        resize = (math.floor(height / eval_cfg.crop_pct), math.floor(width / eval_cfg.crop_pct))
+    return transforms.Compose(
+        [
+            transforms.Resize(resize, interpolation=interpolation),
+            transforms.CenterCrop((height, width)),
+            transforms.ToTensor(),
+            transforms.Normalize(eval_cfg.mean, eval_cfg.std),
+        ]
+    )
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Decode an image file completely and convert it to RGB.
+
+    PIL identifies the format by content, so CMYK and grayscale JPEGs and PNG files named
+    ``.JPEG`` (all present in ImageNet) decode alike.
+
+    Raises:
+        OSError, SyntaxError, ValueError, ...: whatever PIL raises for an unreadable file.
+    """
+    with Image.open(path) as img:
+        return img.convert("RGB")  # convert() loads the whole file, so truncation shows here
+
+
+def _visible(name: str) -> bool:
+    return not name.startswith(".")
+
+
+def scan_image_folder(split_dir: str) -> tuple[list[str], list[tuple[str, int]]]:
+    """List an ImageFolder split without decoding anything.
+
+    Classes are the sorted sub-folder names; images are files with an image extension
+    (case-insensitive), searched recursively in each class folder in sorted order. Hidden
+    folders and files (names starting with ``.``, e.g. ``.ipynb_checkpoints``, macOS ``._*``
+    files) are ignored.
+
+    Args:
+        split_dir: the split folder, e.g. ``ROOT/val``.
+
+    Returns:
+        ``(classes, samples)`` with ``samples`` a list of ``(path, class_index)``.
+
+    Raises:
+        DataError: when the folder is missing, holds no class folders, or a class folder
+            holds no images.
+    """
+    if not os.path.isdir(split_dir):
+        raise DataError(
+            f"{split_dir} is missing; data.root must hold train/ and val/ folders with one sub-folder per class"
+        )
+    with os.scandir(split_dir) as entries:
+        classes = sorted(e.name for e in entries if e.is_dir() and _visible(e.name))
+    if not classes:
+        raise DataError(
+            f"{split_dir} holds no class folders; put each class's images in its own sub-folder (ImageFolder layout)"
+        )
+    extensions = tuple(IMG_EXTENSIONS)
+    samples: list[tuple[str, int]] = []
+    for index, name in enumerate(classes):
+        class_dir = os.path.join(split_dir, name)
+        count = len(samples)
+        for dirpath, dirnames, filenames in sorted(os.walk(class_dir, followlinks=True)):
+            dirnames[:] = [d for d in dirnames if _visible(d)]
+            for fname in sorted(filenames):
+                if _visible(fname) and fname.lower().endswith(extensions):
+                    samples.append((os.path.join(dirpath, fname), index))
+        if len(samples) == count:
+            raise DataError(
+                f"class folder {class_dir} holds no images ({', '.join(extensions)}); add images or remove the folder"
+            )
+    return classes, samples
+
+
+@dataclass(frozen=True)
+class UnreadableImage:
+    """Marker that :class:`ImageFileDataset` returns in place of an image it could not decode."""
+
+    path: str
+    reason: str
+
+
+class ImageFileDataset(Dataset):
+    """Images listed as ``(path, class_index)``, decoded as RGB and transformed.
+
+    ``dataset[i]`` is ``(image_tensor, class_index)``, or ``(UnreadableImage, class_index)``
+    when the file cannot be decoded: it never raises for a bad file, so the main process can
+    report it cleanly (see :class:`CheckedDataLoader`).
+
+    Attributes:
+        samples: the ``(path, class_index)`` list, in index order.
+        classes: class names, ``classes[class_index]``.
+    """
+
+    def __init__(
+        self, samples: Sequence[tuple[str, int]], classes: Sequence[str], transform: Callable[[Image.Image], Any]
+    ) -> None:
+        self.samples = list(samples)
+        self.classes = list(classes)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Union[torch.Tensor, UnreadableImage], int]:
+        path, target = self.samples[index]
+        try:
+            image = load_rgb(path)
+        except UnidentifiedImageError:
+            return UnreadableImage(path, "not an image format PIL recognizes"), target
+        except _DECODE_ERRORS as err:
+            return UnreadableImage(path, str(err) or type(err).__name__), target
+        return self.transform(image), target
+
+
+def collate_checked(
+    batch: Sequence[tuple[Union[torch.Tensor, UnreadableImage], int]],
+) -> tuple[torch.Tensor, torch.Tensor, tuple[tuple[str, str], ...]]:
+    """Stack the decoded samples of a batch and set the unreadable ones aside.
+
+    Returns:
+        ``(images, targets, failures)``: ``images`` ``(B, 3, H, W)`` and ``targets`` ``(B,)``
+        int64 of the readable samples (``B`` may be 0), and ``failures`` a tuple of
+        ``(path, reason)`` for the others.
+    """
+    good = [(image, target) for image, target in batch if not isinstance(image, UnreadableImage)]
+    failures = tuple((image.path, image.reason) for image, _ in batch if isinstance(image, UnreadableImage))
+    if good:
+        images = torch.stack([image for image, _ in good])
+    else:
+        images = torch.empty(0)
+    targets = torch.tensor([target for _, target in good], dtype=torch.int64)
+    return images, targets, failures
+
+
+class CheckedDataLoader(DataLoader):
+    """A DataLoader over :class:`ImageFileDataset` that reports unreadable images in the main process.
+
+    It yields ``(images, targets)``. For each unreadable image of a batch it raises
+    ``DataError("cannot read image PATH: REASON; remove or replace the file, or set
+    data.skip_unreadable=true")``, or, with ``skip_unreadable=True``, logs a warning, drops
+    the image from its batch and appends its path to ``skipped_files``. A batch left with no
+    image is not yielded. The same holds for any ``num_workers``, since the check runs here
+    and not in the workers.
+
+    Args:
+        dataset: an :class:`ImageFileDataset` or a ``Subset`` of one.
+        skip_unreadable: drop unreadable images instead of raising.
+        skipped_files: the list that receives the paths of dropped images (a new one if None).
+        **kwargs: DataLoader arguments; ``collate_fn`` defaults to :func:`collate_checked`.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        *args: Any,
+        skip_unreadable: bool = False,
+        skipped_files: Optional[list[str]] = None,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("collate_fn", collate_checked)
+        super().__init__(dataset, *args, **kwargs)
+        self.skip_unreadable = skip_unreadable
+        self.skipped_files = [] if skipped_files is None else skipped_files
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:  # type: ignore[override]
+        for images, targets, failures in super().__iter__():
+            for path, reason in failures:
+                if not self.skip_unreadable:
+                    raise DataError(
+                        f"cannot read image {path}: {reason}; remove or replace the file, "
+                        "or set data.skip_unreadable=true"
+                    )
+                log.warning("skipping unreadable image %s: %s", path, reason)
+                self.skipped_files.append(path)
+            if len(targets):
+                yield images, targets
+
+
+class UnpaddedDistributedSampler(DistributedSampler):
+    """Strided split of a dataset over ranks without padding: every index exactly once.
+
+    Rank ``r`` of ``W`` gets ``r, r + W, r + 2W, ...`` in order, so ranks may get one index
+    more or fewer than each other. Torch's DistributedSampler instead repeats indices to
+    even the ranks out, which counts some validation images twice. Being a
+    DistributedSampler subclass, Lightning leaves it in place.
+
+    Args:
+        dataset: the dataset to split.
+        num_replicas: world size (default: from torch.distributed).
+        rank: this process's rank (default: from torch.distributed).
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: Optional[int] = None, rank: Optional[int] = None) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.total_size = len(dataset)  # type: ignore[arg-type]
+        self.num_samples = len(range(self.rank, self.total_size, self.num_replicas))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.total_size, self.num_replicas))
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class ImageNetDataModule(LightningDataModule):
+    """Calibration and validation loaders over an ImageFolder dataset (``ROOT/train``, ``ROOT/val``).
+
+    Batches are ``(images, targets)``: float ``(B, 3, H, W)`` normalized with the model's
+    mean/std, and int64 class indices (sorted class-folder order).
+
+    * :meth:`calib_dataloader`: the first ``calib_batches`` batches (of ``calib_batch_size``)
+      of ``train/`` shuffled with ``torch.Generator().manual_seed(seed)`` -- the order a
+      ``DataLoader(shuffle=True, generator=...)`` would give -- with the evaluation
+      transform; identical on every rank and on every iteration.
+    * :meth:`val_dataloader`: every image of ``val/`` exactly once across all ranks, rank
+      ``r`` of ``W`` reading images ``r, r+W, ...`` (:class:`UnpaddedDistributedSampler`).
+
+    Unreadable images raise :class:`~lit_ptq.errors.DataError` naming the file, in the main
+    process. With ``skip_unreadable=True`` they are dropped from their batch instead and their
+    paths appended to :attr:`skipped_files`.
+
+    Args:
+        root: folder holding ``train/`` and ``val/`` in ImageFolder layout (``train/`` is
+            needed only when ``calib_batches > 0``).
+        model_name: registered model whose evaluation transform to use.
+        img_size: input side, overriding the registered one.
+        batch_size: validation batch size.
+        num_workers: DataLoader worker processes.
+        calib_batch_size: calibration batch size.
+        calib_batches: number of calibration batches (0: no calibration).
+        seed: seed of the calibration shuffle.
+        num_classes: when set, both splits must have this many class folders.
+        skip_unreadable: drop unreadable images (and count them) instead of raising.
+        pin_memory: pin batches in page-locked memory (for GPU runs).
+
+    Attributes:
+        eval_cfg: the model's :class:`~lit_ptq.models.EvalConfig`, with ``img_size`` applied.
+        transform: ``eval_transform(eval_cfg)``.
+        classes: class names after :meth:`setup` (index order).
+        skipped_files: paths of the images dropped so far in this process, one entry per drop
+            (a file read in two passes appears twice); the count is ``len(skipped_files)``.
+            Each rank records its own drops.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        model_name: str = "itpn_base",
+        img_size: Optional[int] = None,
+        batch_size: int = 100,
+        num_workers: int = 8,
+        calib_batch_size: int = 100,
+        calib_batches: int = 10,
+        seed: int = 0,
+        num_classes: Optional[int] = None,
+        skip_unreadable: bool = False,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        for name, value in (("batch_size", batch_size), ("calib_batch_size", calib_batch_size)):
+            if value < 1:
+                raise ConfigError(f"data.{name}={value} must be at least 1")
+        for name, value in (("calib_batches", calib_batches), ("num_workers", num_workers)):
+            if value < 0:
+                raise ConfigError(f"data.{name}={value} must be 0 or more")
+        if num_classes is not None and num_classes < 1:
+            raise ConfigError(f"data.num_classes={num_classes} must be at least 1, or null to accept any count")
+        if img_size is not None and img_size < 1:
+            raise ConfigError(f"data.img_size={img_size} must be at least 1, or null for the model's own size")
+        try:
+            _, eval_cfg = model_entry(model_name)
+        except ValueError as err:
+            raise ConfigError(f"data.model_name: {err}") from None
+        self.save_hyperparameters()
+        self.root = root
+        self.model_name = model_name
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.calib_batch_size = calib_batch_size
+        self.calib_batches = calib_batches
+        self.seed = seed
+        self.num_classes = num_classes
+        self.skip_unreadable = skip_unreadable
+        self.pin_memory = pin_memory
+        if img_size is not None:
+            eval_cfg = replace(eval_cfg, input_size=(eval_cfg.input_size[0], img_size, img_size))
+        self.eval_cfg = eval_cfg
+        self.transform = eval_transform(eval_cfg)
+        self.classes: list[str] = []
+        self.skipped_files: list[str] = []
+        self._train: Optional[ImageFileDataset] = None
+        self._val: Optional[ImageFileDataset] = None
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        """List and check the dataset folders (once; no image is decoded).
+
+        Raises:
+            DataError: root or a split missing, a split without class folders, an empty class
+                folder, a class count other than ``num_classes``, different class folders in
+                ``train/`` and ``val/``, or a ``train/`` too small for the calibration batches.
+        """
+        if self._val is not None:
+            return
+        root = self.root
+        if not os.path.isdir(root):
+            raise DataError(
+                f"dataset root {root} does not exist or is not a folder; "
+                "set data.root to a folder holding train/ and val/ in ImageFolder layout"
+            )
+        splits = ["train", "val"] if self.calib_batches > 0 else ["val"]
+        scanned = {split: scan_image_folder(os.path.join(root, split)) for split in splits}
+        for split, (classes, _) in scanned.items():
+            if self.num_classes is not None and len(classes) != self.num_classes:
+                raise DataError(
+                    f"{os.path.join(root, split)} has {len(classes)} class folders but data.num_classes="
+                    f"{self.num_classes}; point data.root at a dataset with {self.num_classes} classes "
+                    "or change data.num_classes"
+                )
+        val_classes, val_samples = scanned["val"]
+        if "train" in scanned:
+            train_classes, train_samples = scanned["train"]
+            if train_classes != val_classes:
+                raise DataError(self._class_mismatch(train_classes, val_classes))
+            needed = self.calib_batches * self.calib_batch_size
+            if len(train_samples) < needed:
+                raise DataError(
+                    f"calib_batches={self.calib_batches} x calib_batch_size={self.calib_batch_size} needs "
+                    f"{needed} images but {os.path.join(root, 'train')} has {len(train_samples)}; "
+                    "lower data.calib_batches or data.calib_batch_size, or add images"
+                )
+            self._train = ImageFileDataset(train_samples, train_classes, self.transform)
+        self._val = ImageFileDataset(val_samples, val_classes, self.transform)
+        self.classes = list(val_classes)
+
+    def _class_mismatch(self, train_classes: list[str], val_classes: list[str]) -> str:
+        def show(names: list[str]) -> str:
+            more = f" and {len(names) - _SHOW} more" if len(names) > _SHOW else ""
+            return (", ".join(names[:_SHOW]) or "none") + more
+
+        only_train = sorted(set(train_classes) - set(val_classes))
+        only_val = sorted(set(val_classes) - set(train_classes))
+        train_dir, val_dir = os.path.join(self.root, "train"), os.path.join(self.root, "val")
+        return (
+            f"{train_dir} and {val_dir} hold different class folders (only in train/: {show(only_train)}; "
+            f"only in val/: {show(only_val)}); give both splits the same class folders"
+        )
+
+    def _rank_and_world_size(self) -> tuple[int, int]:
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def _loader(self, dataset: Dataset, batch_size: int, **kwargs: Any) -> CheckedDataLoader:
+        return CheckedDataLoader(
+            dataset,
+            batch_size=batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            skip_unreadable=self.skip_unreadable,
+            skipped_files=self.skipped_files,
+            **kwargs,
+        )
+
+    def calib_indices(self) -> list[int]:
+        """Indices into ``train/`` of the calibration images, in loading order."""
+        self.setup()
+        if self._train is None:
+            return []
+        generator = torch.Generator().manual_seed(self.seed)
+        order = torch.randperm(len(self._train), generator=generator)
+        return order[: self.calib_batches * self.calib_batch_size].tolist()
+
+    def calib_dataloader(self) -> CheckedDataLoader:
+        """The calibration batches: exactly ``calib_batches`` batches of seeded-shuffled ``train/``.
+
+        The same on every rank, on every iteration and for any ``num_workers`` (the transform
+        is deterministic). With ``calib_batches=0`` it yields nothing.
+        """
+        self.setup()
+        indices = self.calib_indices()
+        dataset = Subset(self._train, indices) if self._train is not None else ImageFileDataset([], [], self.transform)
+        return self._loader(
+            dataset, self.calib_batch_size, shuffle=False, generator=torch.Generator().manual_seed(self.seed)
+        )
+
+    def val_dataloader(self) -> CheckedDataLoader:
+        """Every ``val/`` image exactly once across ranks, in a fixed order (rank ``r``: ``r, r+W, ...``)."""
+        self.setup()
+        assert self._val is not None
+        rank, world_size = self._rank_and_world_size()
+        sampler = UnpaddedDistributedSampler(self._val, num_replicas=world_size, rank=rank)
+        return self._loader(self._val, self.batch_size, sampler=sampler)
+
+    @property
+    def train_dataset(self) -> Optional[ImageFileDataset]:
+        """The ``train/`` split after :meth:`setup` (None when ``calib_batches == 0``)."""
+        return self._train
+
+    @property
+    def val_dataset(self) -> Optional[ImageFileDataset]:
+        """The ``val/`` split after :meth:`setup`."""
+        return self._val

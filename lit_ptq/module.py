@@ -1,0 +1,105 @@
+"""The LightningModule: a float or fake-quantized iTPN evaluated with torchmetrics."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from pytorch_lightning import LightningModule
+from torchmetrics import SumMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from .metrics import ExactMean
+from .models import create_model
+from .quant import QuantConfig, is_quantized, quantize_
+
+__all__ = ["PTQModule"]
+
+
+class PTQModule(LightningModule):
+    """An iTPN from the registry, optionally fake-quantized, evaluated on top-1 / top-5 / loss.
+
+    Calibration is not done here: :class:`lit_ptq.callbacks.CalibrationCallback` calibrates
+    the quantizers before validation.
+
+    Args:
+        model_name: registered model (``itpn_base``, ``itpn_large``, ``itpn_tiny``).
+        checkpoint: path of the float weights (see ``lit_ptq.models.load_checkpoint``).
+        num_classes: classifier width; must match the checkpoint and the dataset.
+        img_size: input side (defaults to the registered one).
+        overrides: architecture sizes passed to ``create_model`` (``embed_dim``, ``depth``, ...).
+        method: activation observer (``minmax``, ``ema``, ``percentile``, ``omse``); None
+            evaluates the float model.
+        placement: ``seed`` or ``full``.
+        bits: ``"weights/activations/attention"``.
+        ptf: power-of-two factors for LayerNorm inputs (FQ-ViT).
+        lis: log-int-softmax (FQ-ViT).
+        arithmetic: ``seed`` (exact, as the seed) or ``fused`` (torch's fused kernel).
+    """
+
+    def __init__(
+        self,
+        model_name: str = "itpn_base",
+        checkpoint: Optional[str] = None,
+        num_classes: int = 1000,
+        img_size: Optional[int] = None,
+        overrides: Optional[dict[str, Any]] = None,
+        method: Optional[str] = None,
+        placement: str = "seed",
+        bits: str = "8/8/8",
+        ptf: bool = False,
+        lis: bool = False,
+        arithmetic: str = "seed",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.quant_config = (
+            QuantConfig(method=method, placement=placement, bits=bits, ptf=ptf, lis=lis, arithmetic=arithmetic)
+            if method is not None
+            else None
+        )
+        self.model = create_model(
+            model_name, num_classes=num_classes, img_size=img_size, checkpoint=checkpoint, **(overrides or {})
+        )
+        if self.quant_config is not None:
+            quantize_(self.model, self.quant_config)
+        top5 = min(5, num_classes)
+        self.acc1 = MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro")
+        self.acc5 = MulticlassAccuracy(num_classes=num_classes, top_k=top5, average="micro")
+        self.loss = ExactMean()
+        self.num_images = SumMetric()
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the model carries quantizers."""
+        return is_quantized(self.model)
+
+    def run_summary(self) -> dict[str, Any]:
+        """Model and quantization settings, for hparams and result files."""
+        hp = self.hparams
+        quant = self.quant_config.describe() if self.quant_config else dict(method="fp32", placement=None, bits="32/32/32")
+        return dict(model=hp.model_name, checkpoint=hp.checkpoint, num_classes=hp.num_classes, **quant)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], prefix: str) -> None:
+        images, targets = batch
+        if images.numel() == 0:
+            return
+        logits = self(images).float()
+        self.acc1.update(logits, targets)
+        self.acc5.update(logits, targets)
+        self.loss.update(F.cross_entropy(logits, targets, reduction="none"))
+        self.num_images.update(torch.tensor(float(targets.numel()), device=logits.device))
+        self.log(f"{prefix}/acc1", self.acc1, on_step=False, on_epoch=True, prog_bar=True)
+        self.log(f"{prefix}/acc5", self.acc5, on_step=False, on_epoch=True, prog_bar=True)
+        self.log(f"{prefix}/loss", self.loss, on_step=False, on_epoch=True)
+        self.log(f"{prefix}/num_images", self.num_images, on_step=False, on_epoch=True, reduce_fx="sum")
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
