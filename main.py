@@ -7,12 +7,45 @@ run leaves no results file and no half-written state file.
 
 from __future__ import annotations
 
+import logging
+import os
 import signal
 import sys
+import warnings
+
+
+_interrupted: list[int] = []
 
 
 def _terminate(signum: int, frame: object) -> None:
+    _interrupted.append(signum)
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is at the time (stderr is kept for warnings and errors)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value: object) -> None:
+        pass
+
+
+def _configure_logging() -> None:
+    # Lightning's start-up chatter (seed, accelerators, tips) would bury a one-line error.
+    for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    package_log = logging.getLogger("lit_ptq")
+    if not package_log.handlers:
+        handler = _StdoutHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        package_log.addHandler(handler)
+        package_log.setLevel(logging.INFO)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,20 +53,32 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
-    signal.signal(signal.SIGTERM, _terminate)
+    previous = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGINT, signal.SIGTERM)}
+    os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")  # Lightning's own use of old APIs
+    from jsonargparse import ArgumentError
+
     from lit_ptq.cli import cli_main
     from lit_ptq.errors import UserError
 
+    _configure_logging()  # after the imports: importing Lightning resets its logger's level
+
     try:
         cli_main(argv)
-    except UserError as err:
+    except (UserError, ArgumentError) as err:
         if debug:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: no results were written", file=sys.stderr)
+    except (KeyboardInterrupt, SystemExit) as err:
+        # Lightning turns an interrupt into exit(1) after its own shutdown.
+        if isinstance(err, SystemExit) and not _interrupted:
+            raise
+        name = signal.Signals(_interrupted[-1]).name if _interrupted else "SIGINT"
+        print(f"interrupted by {name}: no results and no state file were written", file=sys.stderr)
         return 130
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
 
 

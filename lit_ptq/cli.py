@@ -77,6 +77,7 @@ class LitPTQCLI(LightningCLI):
         kwargs.setdefault("save_config_callback", None)
         kwargs.setdefault("trainer_defaults", TRAINER_DEFAULTS)
         kwargs.setdefault("auto_configure_optimizers", False)
+        kwargs.setdefault("parser_kwargs", {"exit_on_error": False})  # main.py prints parse errors in one line
         self._started = 0.0
         super().__init__(PTQModule, ImageNetDataModule, **kwargs)
 
@@ -127,6 +128,8 @@ class LitPTQCLI(LightningCLI):
         record = results_record(self.model, metrics, calib, extra)
         if not self.trainer.is_global_zero:
             return
+        if skipped:
+            log.warning("skipped %d unreadable image(s) (data.skip_unreadable=true)", skipped)
         self._log_tensorboard(record, calib.report)
         path = self._run_config().get("results_path")
         if path:
@@ -145,7 +148,7 @@ class LitPTQCLI(LightningCLI):
             return
         hparams = {k: record[k] for k in ("model", "method", "placement", "bits", "ptf", "lis", "calib_images") if k in record}
         hparams = {k: ("none" if v is None else v) for k, v in hparams.items()}
-        logger.log_hyperparams(hparams, {f"hp/{k}": record[k] for k in ("acc1", "acc5", "loss")})
+        logger.log_hyperparams(hparams, {f"hp/{k}": record[k] for k in ("acc1", "acc5", "loss", "skipped_files")})
         if report:
             exp = logger.experiment
             exp.add_text("quantizers/report", report_markdown(report))

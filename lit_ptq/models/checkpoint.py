@@ -12,6 +12,7 @@ import argparse
 import os
 import pickle
 import re
+import warnings
 from collections.abc import Mapping
 from typing import Union
 
@@ -26,25 +27,33 @@ _CONTAINER_KEYS = ("model", "model_ema", "state_dict", "module")
 _PREFIXES = ("module.", "model.", "_orig_mod.")
 _SHOW = 5
 _REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+) (?:was not an allowed global|whose module)")
+_UNPICKLER_DETAIL = re.compile(r"WeightsUnpickler error:\s*(\S[^\n]*)")
 
 
 def _torch_load(path: str) -> object:
     # Official iTPN checkpoints also hold the training `args` (an argparse.Namespace): a plain
     # attribute bag, safe to allow in the weights-only unpickler.
-    with torch.serialization.safe_globals([argparse.Namespace]):
+    with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the error below says it all
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
-            refused = _REFUSED_GLOBAL.search(str(err))
-            if refused is None:
-                raise CheckpointError(f"{path} is not a PyTorch checkpoint (unreadable pickle stream)") from None
-            raise CheckpointError(
-                f"{path} holds a {refused.group(1)} object, which a weights-only load refuses; "
-                "re-save it as torch.save({'model': model.state_dict()}, path)"
-            ) from None
+            raise CheckpointError(_refusal(path, str(err))) from None
         # The unpickler fails on foreign bytes in many ways (EOFError, KeyError, IndexError, ...).
         except Exception as err:
             raise CheckpointError(f"{path} is not a PyTorch checkpoint ({type(err).__name__}: {str(err)[:120]})") from None
+
+
+def _refusal(path: str, message: str) -> str:
+    """One sentence for a pickle that ``torch.load(weights_only=True)`` refused."""
+    resave = "re-save the weights as torch.save({'model': model.state_dict()}, path)"
+    refused = _REFUSED_GLOBAL.search(message)
+    if refused is not None:
+        return f"{path} holds a {refused.group(1)} object, which a weights-only load refuses; {resave}"
+    detail = _UNPICKLER_DETAIL.search(message)
+    if detail is not None:
+        return f"{path} is a pickle that a weights-only load refuses ({detail.group(1).strip()}); {resave}"
+    return f"{path} is not a PyTorch checkpoint (unreadable pickle stream)"
 
 
 def _safetensors_load(path: str) -> dict[str, torch.Tensor]:

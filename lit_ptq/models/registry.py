@@ -7,6 +7,8 @@ from typing import Any, Callable, Optional, Union
 
 import torch.nn as nn
 
+from ..errors import ConfigError
+
 __all__ = ["EvalConfig", "register_model", "create_model", "list_models", "model_entry"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -60,10 +62,10 @@ def model_entry(name: str) -> tuple[Callable[..., nn.Module], EvalConfig]:
     """The factory and evaluation metadata registered under ``name``.
 
     Raises:
-        ValueError: for an unknown name, listing the registered ones.
+        ConfigError: for an unknown name, listing the registered ones.
     """
     if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; registered models: {', '.join(list_models())}")
+        raise ConfigError(f"unknown model {name!r}; registered models: {', '.join(list_models())}")
     entry = _REGISTRY[name]
     return entry.factory, entry.eval_cfg
 
@@ -99,7 +101,7 @@ def create_model(
     try:
         model = factory(num_classes=num_classes, img_size=img_size, **overrides)
     except TypeError as err:
-        raise ValueError(f"model {name!r} does not accept these arguments: {err}") from None
+        raise ConfigError(f"model {name!r} does not accept these arguments: {err}") from None
     model.eval_cfg = replace(eval_cfg, input_size=(eval_cfg.input_size[0], img_size, img_size))
     model.model_name = name
     if checkpoint is not None:

@@ -19,6 +19,7 @@ from typing import Union
 import torch
 import torch.nn as nn
 
+from ..errors import UserError
 from .config import QuantConfig
 from .modules import QUANT_MODULES, QuantConv2d, QuantLayerNorm, QuantLinear
 from .quantizer import LogSoftmaxQuantizer, QuantMode, TensorQuantizer, WeightQuantizer
@@ -28,7 +29,7 @@ __all__ = ["quantize_", "set_quant_mode", "calibrate", "quantizers", "is_quantiz
 _INPUT_QUANTIZED_LINEARS = ("qkv", "fc1", "reduction", "head")
 
 
-class CalibrationError(ValueError):
+class CalibrationError(UserError, ValueError):
     """Calibration could not produce quantization parameters (no data, NaN or Inf)."""
 
 

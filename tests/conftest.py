@@ -1,0 +1,68 @@
+"""Shared fixtures for the Lightning tests: a small ImageFolder of real images and a tiny checkpoint.
+
+The tree is copied from the committed Fashion-MNIST demo data (10 classes, 12 train images
+per class, 59 val images -- a count divisible by neither 2 nor 3, so ranks get unequal
+shares). The checkpoint is the demo's trained ``itpn_tiny`` when the repository has it, else
+seeded random weights saved once per session.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from lit_ptq.models import create_model
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_DATA = REPO / "demo_data" / "fashion_mnist"
+DEMO_CHECKPOINT = REPO / "demo_data" / "itpn_tiny_fashion_mnist.pt"
+TRAIN_PER_CLASS = 12
+VAL_PER_CLASS = (5, 6, 7, 5, 6, 7, 5, 6, 7, 5)  # 59 images
+
+
+def _copy_split(src: Path, dst: Path, counts: tuple[int, ...]) -> int:
+    classes = sorted(p for p in src.iterdir() if p.is_dir())
+    assert len(classes) == len(counts), f"{src} has {len(classes)} classes, expected {len(counts)}"
+    total = 0
+    for class_dir, count in zip(classes, counts):
+        files = sorted(class_dir.glob("*.png"))[:count]
+        assert len(files) == count, f"{class_dir} has fewer than {count} images"
+        (dst / class_dir.name).mkdir(parents=True)
+        for f in files:
+            shutil.copyfile(f, dst / class_dir.name / f.name)
+        total += count
+    return total
+
+
+@pytest.fixture(scope="session")
+def fmnist_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An ImageFolder root (``train/``, ``val/``) of real Fashion-MNIST PNGs, 10 classes.
+
+    ``train/`` holds 12 images per class (120), ``val/`` 5 to 7 per class (59).
+    """
+    root = tmp_path_factory.mktemp("fmnist")
+    _copy_split(DEMO_DATA / "train", root / "train", (TRAIN_PER_CLASS,) * len(VAL_PER_CLASS))
+    n_val = _copy_split(DEMO_DATA / "val", root / "val", VAL_PER_CLASS)
+    assert n_val % 2 and n_val % 3
+    return root
+
+
+@pytest.fixture(scope="session")
+def num_val_images(fmnist_root: Path) -> int:
+    """How many images ``fmnist_root/val`` holds."""
+    return sum(1 for _ in (fmnist_root / "val").rglob("*.png"))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An ``itpn_tiny`` (10 classes) checkpoint: the trained demo model if present, else seeded random weights."""
+    if DEMO_CHECKPOINT.is_file():
+        return DEMO_CHECKPOINT
+    torch.manual_seed(0)
+    model = create_model("itpn_tiny", num_classes=10)
+    path = tmp_path_factory.mktemp("ckpt") / "itpn_tiny_random.pt"
+    torch.save({"model": model.state_dict()}, path)
+    return path
