@@ -153,9 +153,12 @@ class LitPTQCLI(LightningCLI):
             exp = logger.experiment
             exp.add_text("quantizers/report", report_markdown(report))
             for role in sorted({r.role for r in report}):
-                finite = [r for r in report if r.role == role and math.isfinite(r.sqnr_db)]
-                for i, r in enumerate(finite):
-                    exp.add_scalar(f"sqnr_by_layer/{role}", r.sqnr_db, global_step=i)
+                # step = position among the role's quant points (module order), so runs line up;
+                # a lossless point (infinite SQNR) leaves a gap instead of shifting the others
+                points = [r for r in report if r.role == role]
+                for i, point in enumerate(points):
+                    if math.isfinite(point.sqnr_db):
+                        exp.add_scalar(f"sqnr_by_layer/{role}", point.sqnr_db, global_step=i)
             exp.flush()
 
 

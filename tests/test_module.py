@@ -65,7 +65,9 @@ class TestBuild:
         assert not module.quantized
         assert module.quant_config is None
         summary = module.run_summary()
-        assert summary == dict(model="itpn_tiny", checkpoint=None, num_classes=10, method="fp32", placement=None, bits="32/32/32")
+        assert summary == dict(
+            model="itpn_tiny", checkpoint=None, num_classes=10, method="fp32", placement=None, bits="32/32/32"
+        )
 
     @pytest.mark.parametrize("placement", ["seed", "full"])
     @pytest.mark.parametrize("method", ["minmax", "ema", "percentile", "omse"])
@@ -127,9 +129,9 @@ class TestEvalStep:
         assert metrics["val/acc5"] == pytest.approx(expected["val/acc5"], abs=1e-7)
         assert metrics["val/loss"] == pytest.approx(expected["val/loss"], abs=1e-9)
 
-    @pytest.mark.parametrize("method", ["minmax", "omse"])
-    def test_quantized_metrics_equal_a_hand_computation(self, method):
-        module = _module(method=method)
+    @pytest.mark.parametrize("method, placement", [("minmax", "seed"), ("ema", "full")])
+    def test_quantized_metrics_equal_a_hand_computation(self, method, placement):
+        module = _module(method=method, placement=placement)
         images, targets = _images_and_targets()
         calibrate(module.model, [images[:16], images[16:]])
         expected = _hand_metrics(module, images, targets)

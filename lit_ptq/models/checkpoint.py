@@ -51,7 +51,9 @@ def _refusal(path: str, message: str) -> str:
     if refused is not None:
         return f"{path} holds a {refused.group(1)} object, which a weights-only load refuses; {resave}"
     detail = _UNPICKLER_DETAIL.search(message)
-    if detail is not None:
+    with open(path, "rb") as f:
+        is_pickle = f.read(1) == b"\x80"  # the PROTO opcode that starts every pickle since protocol 2
+    if detail is not None and is_pickle:
         return f"{path} is a pickle that a weights-only load refuses ({detail.group(1).strip()}); {resave}"
     return f"{path} is not a PyTorch checkpoint (unreadable pickle stream)"
 

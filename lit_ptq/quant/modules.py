@@ -28,8 +28,13 @@ __all__ = [
 ]
 
 
-def _act(config: QuantConfig) -> TensorQuantizer:
-    return TensorQuantizer(config.act, "act", arithmetic=config.arithmetic)
+def _act(config: QuantConfig, inplace: bool = False) -> TensorQuantizer:
+    return TensorQuantizer(config.act, "act", arithmetic=config.arithmetic, inplace=inplace)
+
+
+def _out(config: QuantConfig) -> TensorQuantizer:
+    """A quant point on a tensor the module has just computed and nothing else reads: in place."""
+    return _act(config, inplace=True)
 
 
 def _maybe(q: Optional[nn.Module], x: torch.Tensor) -> torch.Tensor:
@@ -95,15 +100,15 @@ class QuantAttention(Attention):
 
     def setup_quant(self, config: QuantConfig) -> None:
         """Create the five quant points."""
-        self.qkv_output = _act(config)
-        self.logits = _act(config)
+        self.qkv_output = _out(config)
+        self.logits = _out(config)
         self.softmax_output = (
             LogSoftmaxQuantizer(config.attn.bits)
             if config.lis
-            else TensorQuantizer(config.attn, "attn", arithmetic=config.arithmetic)
+            else TensorQuantizer(config.attn, "attn", arithmetic=config.arithmetic, inplace=True)
         )
-        self.context = _act(config)
-        self.proj_output = _act(config)
+        self.context = _out(config)
+        self.proj_output = _out(config)
 
     def attention_probs(self, attn: torch.Tensor) -> torch.Tensor:
         """Softmax of the biased logits, through the softmax quant point."""
@@ -117,10 +122,11 @@ class QuantAttention(Attention):
         if self.logits.mode is QuantMode.FLOAT:
             attn = (q * self.scale) @ k.transpose(-2, -1)
         else:
-            attn = self.logits((q @ k.transpose(-2, -1)) * self.scale)
+            attn = (q @ k.transpose(-2, -1)).mul_(self.scale)  # (q @ k^T) * scale, one tensor fewer
+        attn = self.logits(attn)  # an identity in FLOAT mode, still seen by hooks (quant_report)
         bias = self.position_bias(rpe_index, N)
         if bias is not None:
-            attn = attn + bias
+            attn = attn + bias if self.logits.mode is QuantMode.FLOAT else attn.add_(bias)
         attn = self.attn_drop(self.attention_probs(attn))
         x = self.context(self.merge_heads(attn @ v))
         return self.proj_drop(self.proj_output(self.proj(x)))
@@ -131,8 +137,8 @@ class QuantMlp(Mlp):
 
     def setup_quant(self, config: QuantConfig) -> None:
         """Create the two quant points."""
-        self.act_output = _act(config)
-        self.fc2_output = _act(config)
+        self.act_output = _out(config)
+        self.fc2_output = _out(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.drop1(self.act_output(self.act(self.fc1(x))))
@@ -144,7 +150,7 @@ class QuantPatchMerge(PatchMerge):
 
     def setup_quant(self, config: QuantConfig) -> None:
         """Create the output quant point."""
-        self.reduction_output = _act(config)
+        self.reduction_output = _out(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.reduction_output(self.reduction(self.norm(self.gather(x))))

@@ -23,7 +23,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .primitives import affine_qparams, quantile_pair, symmetric_qparams
+from .primitives import affine_qparams, fake_quant_seed, quantile_pair, symmetric_qparams
 
 __all__ = ["Observer", "OBSERVERS", "register_observer", "build_observer", "QParams"]
 
@@ -93,8 +93,11 @@ class Observer:
         if not self.per_channel:
             lo, hi = torch.aminmax(x)
             return lo.float(), hi.float()
-        flat = x.movedim(self.channel_axis, -1).reshape(-1, x.shape[self.channel_axis])
-        lo, hi = torch.aminmax(flat, dim=0)
+        channels = x.shape[self.channel_axis]
+        if self.channel_axis % x.dim() == 0:  # weights: one row per channel, no transposed copy
+            lo, hi = torch.aminmax(x.reshape(channels, -1), dim=1)
+        else:
+            lo, hi = torch.aminmax(x.movedim(self.channel_axis, -1).reshape(-1, channels), dim=0)
         return lo.float(), hi.float()
 
     def update(self, x: torch.Tensor, last: bool = False) -> None:
@@ -182,10 +185,17 @@ class OmseObserver(MinMaxObserver):
     the batch with the count, sum and sum of squares of each bin, so a bin's error under a
     candidate is ``S2 - 2 v S1 + n v^2`` for the level ``v`` its centre quantizes to
     (exact for every bin that does not straddle a rounding boundary).
+
+    Both steps work in pieces of bounded size, so the search needs a few MiB whatever the
+    size of the batch: the histogram ``chunk`` elements at a time, accumulated in element
+    order (the sums are those of one ``bincount`` over the whole batch, to the bit), and the
+    candidates a few rows of the (candidates x bins) error table at a time.
     """
 
     bins = 1 << 16
     candidates = 90
+    chunk = 1 << 18
+    table_elements = 1 << 17
 
     def update(self, x: torch.Tensor, last: bool = False) -> None:
         super().update(x, last)
@@ -200,16 +210,30 @@ class OmseObserver(MinMaxObserver):
         factors = factors.to(torch.float32).to(self.min_val.device)
         return self.min_val * factors, self.max_val * factors
 
+    def histogram(self, flat: torch.Tensor, lo: torch.Tensor, width: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Per bin of ``[lo, lo + width]``: the count, the sum and the sum of squares (float64).
+
+        Works ``chunk`` elements at a time; ``index_add_`` into a 1-D tensor adds the elements
+        one after the other, in order, as ``bincount`` does, so the sums are bit-identical to
+        ``bincount(idx, weights=flat.double())`` over the whole tensor.
+        """
+        per_bin = self.bins / width
+        count, s1, s2 = (torch.zeros(self.bins, dtype=torch.float64, device=flat.device) for _ in range(3))
+        ones = torch.ones(min(self.chunk, flat.numel()), dtype=torch.float64, device=flat.device)
+        for part in flat.split(self.chunk):
+            idx = torch.sub(part, lo).mul_(per_bin).long().clamp_(0, self.bins - 1)
+            part64 = part.double()
+            count.index_add_(0, idx, ones[: idx.numel()])
+            s1.index_add_(0, idx, part64)
+            s2.index_add_(0, idx, part64.mul_(part64))
+        return count, s1, s2
+
     def search(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The candidate range with the least fake-quantization MSE on ``x``."""
         lo, hi = self.min_val, self.max_val
         flat = x.reshape(-1)
         width = (hi - lo).clamp(min=torch.finfo(torch.float32).tiny)
-        idx = ((flat - lo) * (self.bins / width)).long().clamp_(0, self.bins - 1)
-        flat64 = flat.double()
-        count = torch.bincount(idx, minlength=self.bins).double()
-        s1 = torch.bincount(idx, weights=flat64, minlength=self.bins)
-        s2 = torch.bincount(idx, weights=flat64 * flat64, minlength=self.bins)
+        count, s1, s2 = self.histogram(flat, lo, width)
         centers = lo.double() + (torch.arange(self.bins, device=flat.device, dtype=torch.float64) + 0.5) * (
             width.double() / self.bins
         )
@@ -219,10 +243,41 @@ class OmseObserver(MinMaxObserver):
         new_min, new_max = self.candidate_ranges()
         scale, zp = self.qparams_from_range(new_min, new_max)
         c = centers.float()[None, :]
-        level = ((torch.round(c / scale[:, None] + zp[:, None]).clamp(self.qmin, self.qmax) - zp[:, None]) * scale[:, None]).double()
-        err = (s2[None, :] - 2 * level * s1[None, :] + count[None, :] * level * level).sum(dim=1)
-        best = int(torch.argmin(err).item())
+        err = torch.cat([self.candidate_errors(c, count, s1, s2, scale[r], zp[r]) for r in self._row_blocks(c.shape[1])])
+        best = torch.argmin(err)  # a tensor index: no host-device sync
         return new_min[best], new_max[best]
+
+    def _row_blocks(self, bins: int) -> list[slice]:
+        """Rows of the error table per step: about ``table_elements`` entries, never a lone row
+        (a one-row sum would be split across threads and add in another order)."""
+        n = self.candidates
+        step = min(n, max(2, self.table_elements // max(bins, 1)))
+        starts = list(range(0, n, step))
+        if len(starts) > 1 and n - starts[-1] == 1:
+            starts.pop()
+        return [slice(a, b) for a, b in zip(starts, starts[1:] + [n])]
+
+    def candidate_errors(
+        self,
+        c: torch.Tensor,
+        count: torch.Tensor,
+        s1: torch.Tensor,
+        s2: torch.Tensor,
+        scale: torch.Tensor,
+        zp: torch.Tensor,
+    ) -> torch.Tensor:
+        """Squared error of each candidate ``(scale, zp)`` summed over the histogram's bins.
+
+        ``level = (clamp(round(c / s + zp)) - zp) * s`` for each bin centre ``c`` (float32,
+        shape ``(1, bins)``), then ``sum(S2 - 2 level S1 + n level^2)`` in float64, computed in
+        place with the operations and the order of that expression.
+        """
+        s, z = scale[:, None], zp[:, None]
+        level = torch.div(c, s)
+        level = level.add_(z).round_().clamp_(self.qmin, self.qmax).sub_(z).mul_(s).double()
+        err = torch.mul(level, 2).mul_(s1)
+        err = torch.sub(s2, err, out=err)
+        return err.add_(torch.mul(count, level).mul_(level)).sum(dim=1)
 
 
 @register_observer("ptf")
@@ -260,8 +315,8 @@ class PtfObserver(MinMaxObserver):
         errors = []
         for a in range(self.factors):
             sa = s / 2 ** (self.factors - 1 - a)
-            fq = (torch.round(flat / sa + zp).clamp(self.qmin, self.qmax) - zp) * sa
-            errors.append((fq - flat).pow(2).mean(dim=0))
+            fq = fake_quant_seed(flat, sa, zp, self.qmin, self.qmax)
+            errors.append(fq.sub_(flat).pow_(2).mean(dim=0))
         return torch.argmin(torch.stack(errors), dim=0)
 
     def compute(self) -> QParams:

@@ -15,6 +15,7 @@ __all__ = [
     "affine_qparams",
     "symmetric_qparams",
     "fake_quant_seed",
+    "fake_quant_seed_",
     "fake_quant_fused",
     "fake_quant_per_channel_divide",
     "quantile",
@@ -47,9 +48,86 @@ def symmetric_qparams(min_val: torch.Tensor, max_val: torch.Tensor, qmin: int, q
     return scale, torch.zeros_like(scale)
 
 
+_CPU_BLOCK = 1 << 18
+"""Elements fake-quantized per step on CPU (1 MiB of float32): the six passes over a block
+stay in the cores' L2 caches instead of streaming the whole tensor through memory six times."""
+
+
+def _seed_fast_path(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> bool:
+    """Whether the seed formula can run as in-place steps on one output of ``x``'s shape and dtype.
+
+    True when ``s`` and ``zp`` share ``x``'s dtype and broadcast to ``x`` without growing it (so
+    every out-of-place step would give a tensor of that shape and dtype, and in-place steps give
+    the same numbers), and no gradient is being recorded.
+    """
+    if not (x.dtype == scale.dtype == zero_point.dtype and x.is_floating_point()):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or zero_point.requires_grad):
+        return False
+    shape = x.shape
+    return torch.broadcast_shapes(shape, scale.shape, zero_point.shape) == shape
+
+
+def _seed_steps(
+    src: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
+) -> None:
+    """``out = (clamp(round(src / s + zp)) - zp) * s`` in six steps; ``out`` may be ``src``."""
+    torch.div(src, scale, out=out)
+    out.add_(zero_point).round_().clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
+
+
+def _seed_into(
+    src: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
+) -> torch.Tensor:
+    """The seed formula from ``src`` into ``out`` (``out`` may be ``src``), blockwise on CPU.
+
+    Blocks are used when ``src`` and ``out`` are contiguous and ``s``, ``zp`` are one value or
+    one per channel of the last dimension; each element still goes through the same six
+    float32 operations, so the result is the same to the bit.
+    """
+    n = src.numel()
+    if src.device.type != "cpu" or n <= 2 * _CPU_BLOCK or not (src.is_contiguous() and out.is_contiguous()):
+        _seed_steps(src, out, scale, zero_point, qmin, qmax)
+        return out
+    if scale.numel() == 1 and zero_point.numel() == 1:
+        width, s, zp = 1, scale.reshape(()), zero_point.reshape(())
+        src2, out2 = src.view(-1), out.view(-1)
+    else:
+        width = src.shape[-1]
+        if not all(t.numel() == 1 or (t.numel() == width and t.shape[-1] == width) for t in (scale, zero_point)):
+            _seed_steps(src, out, scale, zero_point, qmin, qmax)
+            return out
+        s, zp = scale.reshape(-1), zero_point.reshape(-1)
+        src2, out2 = src.view(-1, width), out.view(-1, width)
+    step = max(1, _CPU_BLOCK // width)
+    for a, b in zip(src2.split(step), out2.split(step)):
+        _seed_steps(a, b, s, zp, qmin, qmax)
+    return out
+
+
 def fake_quant_seed(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
-    """``((round(x / s + zp)).clamp(qmin, qmax) - zp) * s`` with broadcastable ``s``, ``zp``."""
-    return (torch.round(x / scale + zero_point).clamp(qmin, qmax) - zero_point) * scale
+    """``((round(x / s + zp)).clamp(qmin, qmax) - zp) * s`` with broadcastable ``s``, ``zp``.
+
+    Computed into one new tensor with in-place steps (blockwise on CPU), which gives the
+    same numbers as the six out-of-place operations of the seed at a fraction of the memory
+    traffic; ``x`` is not modified.
+    """
+    if not _seed_fast_path(x, scale, zero_point):
+        return (torch.round(x / scale + zero_point).clamp(qmin, qmax) - zero_point) * scale
+    out = torch.empty_like(x, memory_format=torch.contiguous_format if x.is_contiguous() else torch.preserve_format)
+    return _seed_into(x, out, scale, zero_point, qmin, qmax)
+
+
+def fake_quant_seed_(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """In-place :func:`fake_quant_seed`: overwrites and returns ``x`` (same numbers).
+
+    Returns a new tensor instead, leaving ``x`` alone, when the steps cannot run in place:
+    ``x`` not contiguous, ``s`` or ``zp`` of another dtype or of a larger shape than ``x``,
+    or a gradient being recorded.
+    """
+    if not (x.is_contiguous() and _seed_fast_path(x, scale, zero_point)):
+        return fake_quant_seed(x, scale, zero_point, qmin, qmax)
+    return _seed_into(x, x, scale, zero_point, qmin, qmax)
 
 
 def fake_quant_fused(
@@ -65,7 +143,40 @@ def fake_quant_fused(
 def fake_quant_per_channel_divide(w: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
     """Symmetric per-output-channel fake quantization of a weight, dividing by the scale (seed)."""
     s = scale.reshape(-1, *([1] * (w.dim() - 1)))
-    return torch.round(w / s).clamp(qmin, qmax) * s
+    if not _seed_fast_path(w, s, s):
+        return torch.round(w / s).clamp(qmin, qmax) * s
+    out = torch.div(w, s)
+    return out.round_().clamp_(qmin, qmax).mul_(s)
+
+
+_SELECT_BLOCK = 64
+"""Block length of the pre-selection in :func:`_extremes`."""
+
+
+def _extremes(flat: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
+    """``torch.topk(flat, k, largest=largest, sorted=True).values``, cheaply for ``k << n`` on CPU.
+
+    CPU ``topk`` copies all ``n`` values (with their indices) and selects on one thread. Here
+    one vectorized pass takes the maximum (minimum) of each block of ``_SELECT_BLOCK`` values;
+    the ``k``-th largest of those block extremes is a bound that at least ``k`` values reach,
+    so the ``k`` largest values all lie in the blocks whose extreme reaches it, and ``topk``
+    over those few blocks returns the same values. A NaN anywhere (``topk`` ranks NaN above
+    everything) sends it back to the plain ``topk``.
+    """
+    n, b = flat.numel(), _SELECT_BLOCK
+    if flat.device.type != "cpu" or k * b * 4 > n:
+        return torch.topk(flat, k, largest=largest, sorted=True).values
+    flat = flat.contiguous()
+    m = n - n % b
+    blocks = flat[:m].view(-1, b)
+    ext = blocks.amax(dim=1) if largest else blocks.amin(dim=1)  # NaN for a block holding one
+    if bool(ext.isnan().any()):
+        return torch.topk(flat, k, largest=largest, sorted=True).values
+    top = torch.topk(ext, k, largest=largest, sorted=False).values
+    bound = top.min() if largest else top.max()
+    keep = ext >= bound if largest else ext <= bound
+    candidates = torch.cat((blocks[keep].reshape(-1), flat[m:]))
+    return torch.topk(candidates, k, largest=largest, sorted=True).values
 
 
 def _select(flat: torch.Tensor, positions: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,10 +184,10 @@ def _select(flat: torch.Tensor, positions: tuple[int, int]) -> tuple[torch.Tenso
     n = flat.numel()
     lo, hi = positions
     if hi < n // 2:
-        vals = torch.topk(flat, hi + 1, largest=False, sorted=True).values
+        vals = _extremes(flat, hi + 1, largest=False)
         return vals[lo], vals[hi]
     if lo >= n // 2:
-        vals = torch.topk(flat, n - lo, largest=True, sorted=True).values
+        vals = _extremes(flat, n - lo, largest=True)
         return vals[n - 1 - lo], vals[n - 1 - hi]
     return torch.kthvalue(flat, lo + 1).values, torch.kthvalue(flat, hi + 1).values
 

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from .config import Arithmetic, Granularity, QuantSpec
 from .observers import build_observer
-from .primitives import fake_quant_fused, fake_quant_per_channel_divide, fake_quant_seed, log_int_softmax
+from .primitives import fake_quant_fused, fake_quant_per_channel_divide, fake_quant_seed, fake_quant_seed_, log_int_softmax
 
 __all__ = ["QuantMode", "TensorQuantizer", "WeightQuantizer", "LogSoftmaxQuantizer", "NotCalibratedError"]
 
@@ -41,6 +41,10 @@ class TensorQuantizer(nn.Module):
         channels: number of channels for per-channel quantization (along ``channel_axis``).
         channel_axis: the channel dimension of the tensors it sees.
         arithmetic: ``seed`` (divide, round ``x / s + zp``) or ``fused`` (torch's kernel).
+        inplace: in ``QUANTIZE`` mode with ``seed`` arithmetic, overwrite the input with its
+            fake-quantized values instead of allocating a new tensor (as ``nn.ReLU(inplace=True)``;
+            the numbers are the same). Only for inputs nothing else reads: the quantized
+            modules set it on the quant points at the outputs they compute themselves.
     """
 
     def __init__(
@@ -50,10 +54,12 @@ class TensorQuantizer(nn.Module):
         channels: int = 1,
         channel_axis: int = -1,
         arithmetic: Arithmetic = Arithmetic.SEED,
+        inplace: bool = False,
     ) -> None:
         super().__init__()
         self.spec, self.role, self.channel_axis = spec, role, channel_axis
         self.arithmetic = Arithmetic(arithmetic)
+        self.inplace = inplace
         per_channel = spec.granularity is Granularity.PER_CHANNEL
         size = channels if per_channel else 1
         self.register_buffer("scale", torch.ones(size))
@@ -98,16 +104,20 @@ class TensorQuantizer(nn.Module):
         self.calibrated.fill_(True)
         self.ready = True
 
+    def _broadcast_qparams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.scale.numel() == 1:
+            return self.scale, self.zero_point
+        shape = [1] * x.dim()
+        shape[self.channel_axis] = -1
+        return self.scale.view(shape), self.zero_point.view(shape)
+
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
-        """Fake-quantize ``x`` with the calibrated buffers."""
+        """Fake-quantize ``x`` with the calibrated buffers (``x`` is left unchanged)."""
         s = self.spec
         if self.arithmetic is Arithmetic.FUSED:
             return fake_quant_fused(x, self.scale, self.zero_point, s.qmin, s.qmax, self.channel_axis)
-        if self.scale.numel() == 1:
-            return fake_quant_seed(x, self.scale, self.zero_point, s.qmin, s.qmax)
-        shape = [1] * x.dim()
-        shape[self.channel_axis] = -1
-        return fake_quant_seed(x, self.scale.view(shape), self.zero_point.view(shape), s.qmin, s.qmax)
+        scale, zero_point = self._broadcast_qparams(x)
+        return fake_quant_seed(x, scale, zero_point, s.qmin, s.qmax)
 
     def _check_calibrated(self) -> None:
         if not self.ready:
@@ -123,6 +133,9 @@ class TensorQuantizer(nn.Module):
             self.observer.update(x, last=self.last_batch)
             return x
         self._check_calibrated()
+        if self.inplace and self.arithmetic is Arithmetic.SEED:
+            scale, zero_point = self._broadcast_qparams(x)
+            return fake_quant_seed_(x, scale, zero_point, self.spec.qmin, self.spec.qmax)
         return self.fake_quant(x)
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:

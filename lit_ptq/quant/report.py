@@ -27,7 +27,8 @@ class QuantizerStats:
         min_val: smallest observed (calibrated) value; the minimum over channels when per channel.
         max_val: largest observed (calibrated) value.
         scale: the scale; the mean over channels when per channel.
-        clipped: fraction of values outside the representable range.
+        clipped: fraction of values saturated by the grid: more than half a step outside it, so
+            that they do not merely round to the end level.
         sqnr_db: ``10 log10(sum x^2 / sum (x - fq(x))^2)``; ``inf`` when lossless.
         numel: number of values measured.
     """
@@ -75,8 +76,8 @@ def _clip_mask(q: TensorQuantizer, x: torch.Tensor) -> torch.Tensor:
         shape = [1] * x.dim()
         shape[q.channel_axis] = -1
         scale, zp = scale.view(shape), zp.view(shape)
-    lo = (q.spec.qmin - zp) * scale
-    hi = (q.spec.qmax - zp) * scale
+    lo = (q.spec.qmin - 0.5 - zp) * scale
+    hi = (q.spec.qmax + 0.5 - zp) * scale
     return (x < lo) | (x > hi)
 
 

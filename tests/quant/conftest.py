@@ -4,6 +4,7 @@ seeded image batches, small enough that calibrating the whole model takes well u
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from typing import Callable
 
 import pytest
@@ -12,6 +13,19 @@ import torch.nn as nn
 
 from lit_ptq.models import create_model
 from lit_ptq.quant import QuantConfig, calibrate, quantize_
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Run each quantization test module on one intra-op thread (restored afterwards).
+
+    Their tensors are tiny: a second thread only adds synchronization, and on a shared
+    machine OpenMP's spinning workers make the suite several times slower.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def seeded(*shape: int, seed: int = 0) -> torch.Tensor:

@@ -69,7 +69,9 @@ def test_softmax_output_observer_is_the_method_or_minmax_under_lis(lis: bool, ob
     ("ptf", "granularity", "observer"),
     [(False, Granularity.PER_TENSOR, "omse"), (True, Granularity.PER_CHANNEL, "ptf")],
 )
-def test_layernorm_inputs_are_per_channel_ptf_only_under_ptf(ptf: bool, granularity: Granularity, observer: str) -> None:
+def test_layernorm_inputs_are_per_channel_ptf_only_under_ptf(
+    ptf: bool, granularity: Granularity, observer: str
+) -> None:
     norm = QuantConfig(method="omse", placement="full", bits="8/6/8", ptf=ptf).norm
     assert norm == QuantSpec(bits=6, signed=False, granularity=granularity, observer=observer)
 

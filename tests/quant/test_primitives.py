@@ -15,6 +15,7 @@ from lit_ptq.quant.primitives import (
     fake_quant_fused,
     fake_quant_per_channel_divide,
     fake_quant_seed,
+    fake_quant_seed_,
     log_int_softmax,
     quantile,
     quantile_pair,
@@ -193,6 +194,47 @@ def test_fake_quant_seed_per_channel_broadcast() -> None:
         [_reference_fake_quant(x[..., c], float(scale[c]), float(zp[c]), 0, 255) for c in range(3)], dim=-1
     )
     assert torch.equal(fake_quant_seed(x, scale, zp, 0, 255), expected)
+
+
+def _plain_seed(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    return (torch.round(x / scale + zp).clamp(qmin, qmax) - zp) * scale
+
+
+QPARAMS = {
+    "per_tensor": (torch.tensor([6 / 255]), torch.tensor([128.0])),
+    "per_channel": (torch.linspace(0.005, 0.05, 128), torch.arange(128.0)),
+}
+
+
+@pytest.mark.parametrize("granularity", list(QPARAMS))
+@pytest.mark.parametrize(
+    "shape", [(7, 128), (5, 1000, 128)], ids=["small", "blocks"]  # 640,000 elements: the CPU block path
+)
+def test_fake_quant_seed_and_its_in_place_form_are_the_plain_formula(shape, granularity) -> None:
+    x = _randn(*shape, seed=16) * 3
+    scale, zp = QPARAMS[granularity]
+    expected = _plain_seed(x, scale, zp, 0, 255)
+    original = x.clone()
+    out = fake_quant_seed(x, scale, zp, 0, 255)
+    assert torch.equal(out, expected) and torch.equal(x, original)
+    same = fake_quant_seed_(x, scale, zp, 0, 255)
+    assert same is x and torch.equal(x, expected)
+
+
+@pytest.mark.parametrize(
+    ("x", "scale", "zp"),
+    [
+        (_randn(128, 9, seed=17).t(), torch.tensor([0.02]), torch.tensor([100.0])),  # not contiguous
+        (_randn(9, 128, seed=18).double(), torch.tensor([0.02]), torch.tensor([100.0])),  # another dtype
+        (_randn(9, 1, seed=19), torch.full((1, 128), 0.02), torch.full((1, 128), 100.0)),  # qparams broadcast x
+    ],
+    ids=["transposed", "float64", "broadcasting"],
+)
+def test_in_place_fake_quant_falls_back_to_a_new_tensor(x, scale, zp) -> None:
+    original = x.clone()
+    out = fake_quant_seed_(x, scale, zp, 0, 255)
+    assert out is not x and torch.equal(x, original)
+    assert torch.equal(out, _plain_seed(x, scale, zp, 0, 255))
 
 
 @pytest.mark.parametrize(("scale", "zp"), [(6 / 255, 128.0), (0.01, 37.0), (0.5, 3.0)])

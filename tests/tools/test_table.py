@@ -84,25 +84,27 @@ def config(fmnist_root: Path, tiny_checkpoint: Path, tmp_path: Path) -> Path:
 
 def test_small_grid_writes_json_and_markdown_equal_to_main(config: Path, tmp_path: Path, num_val_images: int) -> None:
     out, md = tmp_path / "table.json", tmp_path / "table.md"
-    argv = ["--config", str(config), "--methods", "minmax", "--placements", "full", "--bits", "8/8/8", "4/4/4+lis"]
-    assert main([*argv, "--ptf", "on", "--out", str(out), "--markdown", str(md)]) == 0
+    argv = ["--config", str(config), "--methods", "minmax", "--placements", "full", "--bits", "4/4/4+lis", "--ptf", "on"]
+    assert main([*argv, "--out", str(out), "--markdown", str(md)]) == 0
 
     records = json.loads(out.read_text())
     assert [(r["method"], r["placement"], r["bits"], r.get("ptf"), r.get("lis")) for r in records] == [
         ("fp32", None, "32/32/32", None, None),
-        ("minmax", "full", "8/8/8", True, False),
         ("minmax", "full", "4/4/4", True, True),
     ]
     assert all(r["num_images"] == num_val_images for r in records)
-    assert [r["calib_images"] for r in records] == [0, 40, 40]
-    table = md.read_text()
-    assert "| minmax | yes | full |" in table and "4/4/4 LIS" in table
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [], "temporary file left behind"
+    assert [r["calib_images"] for r in records] == [0, 40]
+    assert md.read_text().splitlines()[2:5] == [
+        "| method | PTF | placement | 4/4/4 LIS |",
+        "|---|---|---|---|",
+        f"| minmax | yes | full | {records[1]['acc1']:.2f} |",
+    ]
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary file left behind"
 
     # The same cell through main.py gives the same record.
     path = tmp_path / "main.json"
     cli_main(["validate", "--config", str(config), "--model.placement", "full", "--model.ptf", "true",
-              "--results_path", str(path)])  # fmt: skip
+              "--model.bits", "4/4/4", "--model.lis", "true", "--results_path", str(path)])  # fmt: skip
     expected = json.loads(path.read_text())
     assert set(records[1]) == set(expected)
     assert {k: records[1][k] for k in METRICS} == {k: expected[k] for k in METRICS}

@@ -1,0 +1,367 @@
+"""Specification of lit_ptq/cli.py and main.py: configs, results JSON, TensorBoard, DDP on CPU.
+
+The runs use ``itpn_tiny`` on a small tree of real Fashion-MNIST images (see conftest.py):
+59 validation images, a count that neither 2 nor 3 ranks divide evenly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from pytorch_lightning import Callback
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+import main as main_script
+from lit_ptq.cli import cli_main
+from lit_ptq.quant import quantizers
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+ITPN_CONFIGS = [p for p in CONFIGS if p.name.startswith("itpn_")]
+RESULT_FIELDS = {
+    "model", "checkpoint", "method", "placement", "bits", "calib_images", "acc1", "acc5", "loss", "num_images",
+    "world_size", "seconds",
+}  # fmt: skip
+CALIB_BATCH_SIZE = 16
+CALIB_BATCHES = 2
+SUBPROCESS_TIMEOUT = 300
+
+
+class DumpQuantState(Callback):
+    """Test-only: after validation, each rank saves its quantizer buffers to ``folder/rank{r}.pt``."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        state = {f"{n}.{k}": b.detach().cpu() for n, q in quantizers(pl_module.model) for k, b in q.named_buffers()}
+        torch.save(state, os.path.join(self.folder, f"rank{trainer.global_rank}.pt"))
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory, fmnist_root, tiny_checkpoint) -> Path:
+    """A config shaped like configs/itpn_*.yaml, for itpn_tiny on the small tree."""
+    config = {
+        "seed_everything": 0,
+        "model": {
+            "model_name": "itpn_tiny",
+            "checkpoint": str(tiny_checkpoint),
+            "num_classes": 10,
+            "method": "minmax",
+            "placement": "seed",
+            "bits": "8/8/8",
+        },
+        "data": {
+            "root": str(fmnist_root),
+            "batch_size": 10,
+            "num_workers": 0,
+            "calib_batch_size": CALIB_BATCH_SIZE,
+            "calib_batches": CALIB_BATCHES,
+        },
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "logger": {
+                "class_path": "pytorch_lightning.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": "tb_logs", "name": "tiny", "default_hp_metric": False},
+            },
+        },
+    }
+    path = tmp_path_factory.mktemp("config") / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _run_args(config: Path, out: Path, *extra: str) -> list[str]:
+    """Arguments of a validate run whose results, state and TensorBoard logs go under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    return [
+        "validate",
+        "--config", str(config),
+        "--results_path", str(out / "results.json"),
+        "--calibration.save_state", str(out / "state.qstate"),
+        "--trainer.logger.init_args.save_dir", str(out / "tb"),
+        *extra,
+    ]  # fmt: skip
+
+
+def _print_config(args: list[str], capsys) -> dict[str, Any]:
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(args + ["--print_config"])
+    assert exit_info.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _main_subprocess(args: list[str], **env: str) -> subprocess.CompletedProcess:
+    """Run ``python main.py ARGS`` in its own process group; on timeout the whole group is killed.
+
+    ``tests/`` is on the path so that ``--trainer.callbacks`` can name ``test_cli.DumpQuantState``.
+    """
+    environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), **env}
+    command = [sys.executable, str(REPO / "main.py"), *args]
+    pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with subprocess.Popen(command, cwd=REPO, env=environ, start_new_session=True, **pipes) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=SUBPROCESS_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # DDP ranks Lightning started belong to the group too
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+
+
+def _check_record(record: dict[str, Any], num_val_images: int, method: str, world_size: int) -> None:
+    assert RESULT_FIELDS <= set(record), RESULT_FIELDS - set(record)
+    assert record["model"] == "itpn_tiny"
+    assert record["method"] == method
+    assert record["num_images"] == num_val_images
+    assert record["world_size"] == world_size
+    assert record["seconds"] > 0
+    for key in ("acc1", "acc5"):  # percent: a whole number of images out of num_images
+        assert 0 <= record[key] <= 100
+        hits = record[key] * num_val_images / 100
+        assert abs(hits - round(hits)) < 1e-4, (key, record[key])
+    assert record["acc5"] >= record["acc1"]
+    assert record["loss"] > 0
+    if method == "fp32":
+        assert record["placement"] is None and record["bits"] == "32/32/32" and record["calib_images"] == 0
+    else:
+        assert record["placement"] == "seed" and record["bits"] == "8/8/8"
+        assert record["calib_images"] == CALIB_BATCHES * CALIB_BATCH_SIZE
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tiny_config, tmp_path_factory):
+    """``(method) -> run``: an in-process 1-process validate run, made once per method.
+
+    A run is a dict with ``record`` (the results JSON), ``out`` (its folder), ``stdout``,
+    ``state`` (the saved quantizer state) and ``metrics`` (the trainer's callback metrics).
+    """
+    runs: dict[str, dict[str, Any]] = {}
+
+    def get(method: str) -> dict[str, Any]:
+        if method not in runs:
+            out = tmp_path_factory.mktemp(f"one_process_{method}")
+            stdout = io.StringIO()
+            with contextlib.redirect_stdout(stdout):
+                cli = cli_main(_run_args(tiny_config, out, "--model.method", method))
+            runs[method] = dict(
+                record=json.loads((out / "results.json").read_text()),
+                out=out,
+                stdout=stdout.getvalue(),
+                state=torch.load(out / "state.qstate", map_location="cpu", weights_only=True)["state"],
+                metrics={k: float(v) for k, v in cli.trainer.callback_metrics.items()},
+            )
+        return runs[method]
+
+    return get
+
+
+class TestConfigs:
+    def test_there_is_a_config_per_run(self):
+        names = {p.stem for p in ITPN_CONFIGS}
+        for size in ("base", "large"):
+            for run in ("fp32", "minmax", "ema", "percentile", "omse"):
+                assert f"itpn_{size}_{run}" in names
+            for method in ("minmax", "ema", "percentile", "omse"):
+                assert f"itpn_{size}_full_{method}" in names
+        assert {"itpn_base_full_ptf_minmax", "itpn_base_full_ptf_lis_minmax"} <= names
+
+    @pytest.mark.parametrize("config", CONFIGS, ids=[p.stem for p in CONFIGS])
+    def test_every_config_parses(self, config, capsys):
+        printed = _print_config(["validate", "--config", str(config)], capsys)
+        assert {"seed_everything", "trainer", "model", "data", "calibration", "results_path"} <= set(printed)
+        assert printed["trainer"]["logger"]["init_args"]["name"] == config.stem
+
+    @pytest.mark.parametrize("config", ITPN_CONFIGS, ids=[p.stem for p in ITPN_CONFIGS])
+    def test_itpn_config_runs_what_its_name_says(self, config, capsys):
+        printed = _print_config(["validate", "--config", str(config)], capsys)
+        model, data = printed["model"], printed["data"]
+        parts = config.stem.split("_")  # itpn, size, [full], [ptf], [lis], method
+        size, flags, method = parts[1], set(parts[2:-1]), parts[-1]
+        assert model["model_name"] == f"itpn_{size}"
+        assert model["num_classes"] == 1000
+        assert model["method"] == (None if method == "fp32" else method)
+        assert model["placement"] == ("full" if "full" in flags else "seed")
+        assert model["ptf"] == ("ptf" in flags) and model["lis"] == ("lis" in flags)
+        assert model["bits"] == ("8/8/4" if "lis" in flags else "8/8/8")
+        assert model["arithmetic"] == "seed"
+        assert (data["calib_batches"], data["calib_batch_size"], data["batch_size"]) == (10, 100, 100)
+        assert data["root"] == "/path/to/imagenet"
+        assert model["checkpoint"] == f"/path/to/itpn_{size}.pth"
+        assert printed["trainer"]["precision"] == "32-true"
+
+    def test_print_config_shows_the_whole_run_with_overrides(self, capsys, tmp_path):
+        printed = _print_config(
+            [
+                "validate",
+                "--config", str(REPO / "configs" / "itpn_base_minmax.yaml"),
+                "--data.root", "/data/imagenet",
+                "--model.checkpoint", "/ckpt/itpn_base.pth",
+                "--model.method", "omse",
+                "--model.bits", "8/8/4",
+                "--data.batch_size", "50",
+                "--trainer.devices", "8",
+                "--trainer.strategy", "ddp",
+                "--calibration.save_state", str(tmp_path / "omse.qstate"),
+                "--results_path", str(tmp_path / "omse.json"),
+            ],
+            capsys,
+        )  # fmt: skip
+        assert printed["model"]["method"] == "omse" and printed["model"]["bits"] == "8/8/4"
+        assert printed["model"]["checkpoint"] == "/ckpt/itpn_base.pth"
+        assert printed["data"]["root"] == "/data/imagenet" and printed["data"]["batch_size"] == 50
+        assert str(printed["trainer"]["devices"]) == "8" and printed["trainer"]["strategy"] == "ddp"
+        assert printed["calibration"]["save_state"] == str(tmp_path / "omse.qstate")
+        assert printed["results_path"] == str(tmp_path / "omse.json")
+
+
+class TestOneProcess:
+    def test_in_process_run_writes_the_results_json(self, one_process_run, num_val_images):
+        run = one_process_run("minmax")
+        record = run["record"]
+        _check_record(record, num_val_images, "minmax", world_size=1)
+        assert record["acc1"] == 100 * run["metrics"]["val/acc1"]
+        assert record["loss"] == run["metrics"]["val/loss"]
+        assert "itpn_tiny minmax seed 8/8/8: acc1" in run["stdout"]
+        assert f"on {num_val_images} images" in run["stdout"]
+
+    def test_tensorboard_has_hparams_report_and_sqnr(self, one_process_run):
+        run = one_process_run("minmax")
+        versions = list((run["out"] / "tb" / "tiny").iterdir())
+        assert [v.name for v in versions] == ["version_0"]
+        acc = EventAccumulator(str(versions[0]), size_guidance={"tensors": 0, "scalars": 0})
+        acc.Reload()
+        tags = acc.Tags()
+        hparams = acc.PluginTagToContent("hparams")
+        assert "_hparams_/session_start_info" in hparams
+        start = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/session_start_info"]).session_start_info
+        logged = {k: v.string_value or v.number_value or v.bool_value for k, v in start.hparams.items()}
+        assert logged["model"] == "itpn_tiny" and logged["method"] == "minmax" and logged["bits"] == "8/8/8"
+        assert logged["calib_images"] == CALIB_BATCHES * CALIB_BATCH_SIZE
+        assert {"hp/acc1", "hp/acc5", "hp/loss", "val/acc1", "val/acc5", "val/loss"} <= set(tags["scalars"])
+        assert acc.Scalars("hp/acc1")[-1].value == pytest.approx(run["record"]["acc1"], rel=1e-6)
+        report = [t for t in tags["tensors"] if t.startswith("quantizers/report")]
+        assert report
+        text = acc.Tensors(report[0])[-1].tensor_proto.string_val[0].decode()
+        assert text.startswith("| quantizer | role | bits |") and "blocks.0.mlp.fc2_output" in text
+        sqnr = [t for t in tags["scalars"] if t.startswith("sqnr_by_layer/")]
+        assert {"sqnr_by_layer/weight", "sqnr_by_layer/act"} <= set(sqnr)
+        weight_points = [line for line in text.splitlines() if "| weight |" in line]
+        steps = [e.step for e in acc.Scalars("sqnr_by_layer/weight")]
+        assert steps == list(range(len(weight_points)))  # one step per weight quantizer, in module order
+
+    def test_subprocess_run_with_overrides(self, tiny_config, tmp_path, num_val_images):
+        """main.py end to end, here turning the config's minmax run into a float one from the command line."""
+        out = tmp_path / "fp32"
+        overrides = ["--model.method", "null", "--data.batch_size", "7", "--trainer.logger", "false"]
+        args = _run_args(tiny_config, out, *overrides)
+        args.remove("--calibration.save_state")
+        args.remove(str(out / "state.qstate"))
+        proc = _main_subprocess(args)
+        assert proc.returncode == 0, proc.stderr
+        assert "Traceback" not in proc.stderr
+        record = json.loads((out / "results.json").read_text())
+        _check_record(record, num_val_images, "fp32", world_size=1)
+        assert f"itpn_tiny fp32  32/32/32: acc1 {record['acc1']:.2f}" in proc.stdout
+        assert not (out / "tb").exists()  # --trainer.logger false: no TensorBoard files
+
+    def test_load_state_reproduces_the_run(self, one_process_run, tiny_config, tmp_path):
+        """Calibrate once, evaluate many: a run that loads the saved state reports the same numbers."""
+        reference = one_process_run("minmax")
+        out = tmp_path / "loaded"
+        args = _run_args(tiny_config, out, "--calibration.load_state", str(reference["out"] / "state.qstate"))
+        args.remove("--calibration.save_state")
+        args.remove(str(out / "state.qstate"))
+        cli_main(args)
+        record = json.loads((out / "results.json").read_text())
+        assert record["calib_images"] == 0
+        for key in ("acc1", "acc5", "loss", "num_images"):
+            assert record[key] == reference["record"][key], key
+
+    @pytest.mark.parametrize(
+        "extra, message",
+        [
+            (["--data.root", "/no/such/imagenet"], "error: dataset root /no/such/imagenet does not exist"),
+            (
+                ["--calibration.load_state", "/no/such.qstate"],
+                "error: calibration.load_state=/no/such.qstate does not exist",
+            ),
+            (["--data.calib_batches", "0"], "error: data.calib_batches=0 but model.method is set"),
+            (["--model.method", "kmeans"], "error: "),
+        ],
+    )
+    def test_user_errors_end_in_one_line(self, tiny_config, tmp_path, capsys, extra, message):
+        code = main_script.main(["validate", "--config", str(tiny_config), *extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2
+        assert err and err[-1].startswith(message), err
+        assert not any("Traceback" in line for line in err)
+
+
+def _ddp_run(tiny_config: Path, out: Path, method: str) -> tuple[dict[str, Any], list[dict[str, torch.Tensor]]]:
+    dump = json.dumps({"class_path": "test_cli.DumpQuantState", "init_args": {"folder": str(out)}})
+    args = _run_args(
+        tiny_config,
+        out,
+        "--model.method", method,
+        "--trainer.strategy", "ddp",
+        "--trainer.devices", "2",
+        "--trainer.accelerator", "cpu",
+        f"--trainer.callbacks+={dump}",
+    )  # fmt: skip
+    proc = _main_subprocess(args, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    record = json.loads((out / "results.json").read_text())
+    states = [torch.load(out / f"rank{r}.pt", map_location="cpu", weights_only=True) for r in (0, 1)]
+    return record, states
+
+
+def _check_ddp_equals_one_process(one: dict[str, Any], record: dict[str, Any], states, out: Path, num_val_images: int):
+    assert record["world_size"] == 2
+    assert record["num_images"] == one["record"]["num_images"] == num_val_images
+    for key in ("acc1", "acc5", "loss"):
+        assert record[key] == one["record"][key], (key, record[key], one["record"][key])
+    assert record["calib_images"] == one["record"]["calib_images"]
+    rank0, rank1 = states
+    assert set(rank0) == set(rank1) == set(one["state"])
+    for key, value in one["state"].items():
+        assert torch.equal(rank0[key], value), key
+        assert torch.equal(rank1[key], value), key
+    saved = torch.load(out / "state.qstate", map_location="cpu", weights_only=True)["state"]
+    assert all(torch.equal(saved[k], v) for k, v in one["state"].items())
+    assert [v.name for v in (out / "tb" / "tiny").iterdir()] == ["version_0"]  # rank 0 logs alone
+
+
+class TestTwoProcesses:
+    def test_ddp_minmax_equals_one_process(self, one_process_run, tiny_config, tmp_path, num_val_images):
+        one = one_process_run("minmax")
+        record, states = _ddp_run(tiny_config, tmp_path / "ddp_minmax", "minmax")
+        _check_ddp_equals_one_process(one, record, states, tmp_path / "ddp_minmax", num_val_images)
+
+    @pytest.mark.slow
+    def test_ddp_omse_equals_one_process(self, one_process_run, tiny_config, tmp_path, num_val_images):
+        one = one_process_run("omse")
+        record, states = _ddp_run(tiny_config, tmp_path / "ddp_omse", "omse")
+        _check_ddp_equals_one_process(one, record, states, tmp_path / "ddp_omse", num_val_images)

@@ -1,0 +1,61 @@
+"""The committed demo end to end through main.py: the figures README.md states, and repeatability.
+
+The demo evaluates the trained ``itpn_tiny`` checkpoint on all 10,000 Fashion-MNIST test images,
+in float (configs/demo_fp32.yaml) and with 8/8/8 MinMax at the seed placement (configs/demo.yaml).
+README.md states both top-1 figures; these tests fail when a run disagrees with them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import main as main_script
+
+REPO = Path(__file__).resolve().parents[1]
+METRICS = ("acc1", "acc5", "loss", "num_images")
+TEST_IMAGES = 10_000
+
+
+def documented_top1(label: str) -> float:
+    """The top-1 figure README.md gives for ``label``, in a line ``- <label> top-1 ...: **89.12 %**``."""
+    text = (REPO / "README.md").read_text()
+    found = re.findall(rf"^- {re.escape(label)} top-1[^*\n]*\*\*(\d+\.\d\d) %\*\*", text, flags=re.MULTILINE)
+    assert len(found) == 1, f"README.md should state the {label} top-1 once as '- {label} top-1 ...: **NN.NN %**'"
+    return float(found[0])
+
+
+def run_demo(config: str, results: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """``python main.py validate --config <config> --results_path <results>`` from the repository root."""
+    monkeypatch.chdir(REPO)
+    argv = ["validate", "--config", config, "--results_path", str(results),
+            "--trainer.logger=false", "--trainer.enable_progress_bar=false"]  # fmt: skip
+    assert main_script.main(argv) == 0
+    return json.loads(results.read_text())
+
+
+def test_float_top1_is_the_documented_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    record = run_demo("configs/demo_fp32.yaml", tmp_path / "fp32.json", monkeypatch)
+    assert record["method"] == "fp32" and record["num_images"] == TEST_IMAGES
+    assert round(record["acc1"], 2) == documented_top1("Float (fp32)")
+
+
+def test_quantized_top1_is_documented_and_within_half_a_point_of_float(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    record = run_demo("configs/demo.yaml", tmp_path / "q.json", monkeypatch)
+    assert (record["method"], record["placement"], record["bits"]) == ("minmax", "seed", "8/8/8")
+    assert record["num_images"] == TEST_IMAGES and record["calib_images"] == 1000
+    assert round(record["acc1"], 2) == documented_top1("8/8/8 MinMax (seed placement)")
+    assert abs(record["acc1"] - documented_top1("Float (fp32)")) <= 0.5
+
+
+@pytest.mark.slow
+def test_two_runs_with_the_same_seed_give_identical_metrics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = run_demo("configs/demo.yaml", tmp_path / "a.json", monkeypatch)
+    second = run_demo("configs/demo.yaml", tmp_path / "b.json", monkeypatch)
+    assert {k: first[k] for k in METRICS} == {k: second[k] for k in METRICS}
