@@ -56,8 +56,8 @@ def results_record(
         **summary,
         calib_images=calib.calib_images,
         calibration_seconds=round(calib.seconds, 3),
-        acc1=100.0 * metrics["val/acc1"],
-        acc5=100.0 * metrics["val/acc5"],
+        acc1=round(100.0 * metrics["val/acc1"], 4),  # torchmetrics computes in float32: keep its digits
+        acc5=round(100.0 * metrics["val/acc5"], 4),
         loss=metrics["val/loss"],
         num_images=int(round(metrics["val/num_images"])),
         **extra,

@@ -84,11 +84,29 @@ class PTQModule(LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
+    def _full_batch_size(self) -> int:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        return int(getattr(datamodule, "batch_size", 0) or 0)
+
+    def predict_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits of ``images``, computed in a batch of the configured validation size.
+
+        A short batch (the last one of a rank) is padded with zero images whose logits are
+        dropped. Matrix kernels may pick another code path for another batch size and change
+        the last bits of an image's logits, which a quantizer can then round to a different
+        level; with every forward at one size, an image gets the same logits whichever batch
+        and however many processes it is evaluated in.
+        """
+        n, full = images.shape[0], self._full_batch_size()
+        if 0 < n < full:
+            images = torch.cat([images, images.new_zeros((full - n, *images.shape[1:]))])
+        return self(images)[:n].float()
+
     def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], prefix: str) -> None:
         images, targets = batch
         if images.numel() == 0:
             return
-        logits = self(images).float()
+        logits = self.predict_logits(images)
         self.acc1.update(logits, targets)
         self.acc5.update(logits, targets)
         self.loss.update(F.cross_entropy(logits, targets, reduction="none"))
