@@ -194,8 +194,8 @@ class OmseObserver(MinMaxObserver):
 
     bins = 1 << 16
     candidates = 90
-    chunk = 1 << 18
-    table_elements = 1 << 17
+    chunk = 1 << 19
+    table_elements = 1 << 19
 
     def update(self, x: torch.Tensor, last: bool = False) -> None:
         super().update(x, last)
@@ -219,7 +219,7 @@ class OmseObserver(MinMaxObserver):
         """
         per_bin = self.bins / width
         count, s1, s2 = (torch.zeros(self.bins, dtype=torch.float64, device=flat.device) for _ in range(3))
-        ones = torch.ones(min(self.chunk, flat.numel()), dtype=torch.float64, device=flat.device)
+        ones = torch.ones((), dtype=torch.float64, device=flat.device).expand(min(self.chunk, flat.numel()))
         for part in flat.split(self.chunk):
             idx = torch.sub(part, lo).mul_(per_bin).long().clamp_(0, self.bins - 1)
             part64 = part.double()

@@ -7,6 +7,7 @@ float32 throughout, ``torch.round`` (half to even), the scale clamped to float32
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -24,7 +25,6 @@ __all__ = [
 ]
 
 EPS = torch.finfo(torch.float32).eps
-_TORCH_QUANTILE_LIMIT = 2**24
 
 
 def affine_qparams(min_val: torch.Tensor, max_val: torch.Tensor, qmin: int, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,9 +48,12 @@ def symmetric_qparams(min_val: torch.Tensor, max_val: torch.Tensor, qmin: int, q
     return scale, torch.zeros_like(scale)
 
 
-_CPU_BLOCK = 1 << 18
-"""Elements fake-quantized per step on CPU (1 MiB of float32): the six passes over a block
-stay in the cores' L2 caches instead of streaming the whole tensor through memory six times."""
+_CPU_BLOCK = 1 << 20
+"""Elements fake-quantized per step on CPU (4 MiB of float32) when a tensor holds more than
+two blocks: the six passes over a block stay in cache instead of streaming the whole tensor
+through memory six times. Blocks are not made smaller: each step of each block is one
+parallel region of the intra-op thread pool, and on a loaded machine every region can wait
+for a descheduled thread."""
 
 
 def _seed_fast_path(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> bool:
@@ -153,7 +156,25 @@ _SELECT_BLOCK = 64
 """Block length of the pre-selection in :func:`_extremes`."""
 
 
-def _extremes(flat: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
+class _Blocks:
+    """A flat tensor cut into blocks of ``_SELECT_BLOCK`` values (the remainder apart), with
+    each block's minimum and maximum, computed once, in one pass, when first needed."""
+
+    def __init__(self, flat: torch.Tensor) -> None:
+        self.flat = flat.contiguous()
+        n = flat.numel()
+        self.split = n - n % _SELECT_BLOCK
+        self.blocks = self.flat[: self.split].view(-1, _SELECT_BLOCK)
+        self._range: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    def extremes(self, largest: bool) -> torch.Tensor:
+        """Each block's maximum (``largest``) or minimum; NaN for a block that holds a NaN."""
+        if self._range is None:
+            self._range = torch.aminmax(self.blocks, dim=1)
+        return self._range[1] if largest else self._range[0]
+
+
+def _extremes(flat: torch.Tensor, k: int, largest: bool, blocks: Optional[_Blocks] = None) -> torch.Tensor:
     """``torch.topk(flat, k, largest=largest, sorted=True).values``, cheaply for ``k << n`` on CPU.
 
     CPU ``topk`` copies all ``n`` values (with their indices) and selects on one thread. Here
@@ -163,65 +184,66 @@ def _extremes(flat: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
     over those few blocks returns the same values. A NaN anywhere (``topk`` ranks NaN above
     everything) sends it back to the plain ``topk``.
     """
-    n, b = flat.numel(), _SELECT_BLOCK
-    if flat.device.type != "cpu" or k * b * 4 > n:
+    n = flat.numel()
+    if flat.device.type != "cpu" or k * _SELECT_BLOCK * 4 > n:
         return torch.topk(flat, k, largest=largest, sorted=True).values
-    flat = flat.contiguous()
-    m = n - n % b
-    blocks = flat[:m].view(-1, b)
-    ext = blocks.amax(dim=1) if largest else blocks.amin(dim=1)  # NaN for a block holding one
+    blocks = blocks if blocks is not None else _Blocks(flat)
+    ext = blocks.extremes(largest)
     if bool(ext.isnan().any()):
         return torch.topk(flat, k, largest=largest, sorted=True).values
     top = torch.topk(ext, k, largest=largest, sorted=False).values
     bound = top.min() if largest else top.max()
     keep = ext >= bound if largest else ext <= bound
-    candidates = torch.cat((blocks[keep].reshape(-1), flat[m:]))
+    candidates = torch.cat((blocks.blocks[keep].reshape(-1), blocks.flat[blocks.split :]))
     return torch.topk(candidates, k, largest=largest, sorted=True).values
 
 
-def _select(flat: torch.Tensor, positions: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+def _select(
+    flat: torch.Tensor, positions: tuple[int, int], blocks: Optional[_Blocks] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Values at two ascending-order positions, by partial selection (topk) instead of a sort."""
     n = flat.numel()
     lo, hi = positions
     if hi < n // 2:
-        vals = _extremes(flat, hi + 1, largest=False)
+        vals = _extremes(flat, hi + 1, False, blocks)
         return vals[lo], vals[hi]
     if lo >= n // 2:
-        vals = _extremes(flat, n - lo, largest=True)
+        vals = _extremes(flat, n - lo, True, blocks)
         return vals[n - 1 - lo], vals[n - 1 - hi]
     return torch.kthvalue(flat, lo + 1).values, torch.kthvalue(flat, hi + 1).values
+
+
+def _quantile(flat: torch.Tensor, q: float, blocks: Optional[_Blocks] = None) -> torch.Tensor:
+    n = flat.numel()
+    if n == 0:
+        raise ValueError("quantile of an empty tensor")
+    # torch.quantile: q rounded to the input dtype, the rank in float64, a float32 lerp.
+    rank = float(torch.tensor(q, dtype=flat.dtype).item()) * (n - 1)
+    lo, hi = math.floor(rank), math.ceil(rank)
+    below, above = _select(flat, (lo, hi), blocks)
+    return torch.lerp(below, above, torch.tensor(rank - lo, dtype=flat.dtype, device=flat.device))
 
 
 def quantile(x: torch.Tensor, q: float) -> torch.Tensor:
     """The ``q`` quantile of all elements of ``x`` with linear interpolation, for any size.
 
-    Bit-identical to ``torch.quantile(x.flatten(), q)`` up to 2**24 elements (``q`` rounded
-    to float32, the rank ``q * (n - 1)`` in float64, a float32 lerp); above that, where ``torch.quantile``
-    refuses, the rank is computed in float64 as numpy does (the seed's fallback). Values are
-    found by partial selection (``topk``/``kthvalue``), on CPU and GPU, without numpy.
+    Bit-identical to ``torch.quantile(x.flatten(), q)`` (``q`` rounded to the input dtype,
+    the rank ``q * (n - 1)`` in float64, a float32 lerp) at every size: torch 2.14 no longer
+    refuses more than 2**24 elements, so the seed's numpy fallback is never taken. Values are
+    found by partial selection (``topk``/``kthvalue``, on CPU narrowed down to a few blocks
+    first), on CPU and GPU, without numpy.
     """
-    flat = x.detach().reshape(-1)
-    n = flat.numel()
-    if n == 0:
-        raise ValueError("quantile of an empty tensor")
-    if n <= _TORCH_QUANTILE_LIMIT:
-        # torch.quantile: q rounded to the input dtype, the rank in float64, a float32 lerp.
-        rank = float(torch.tensor(q, dtype=flat.dtype).item()) * (n - 1)
-        lo, hi = math.floor(rank), math.ceil(rank)
-        below, above = _select(flat, (lo, hi))
-        return torch.lerp(below, above, torch.tensor(rank - lo, dtype=flat.dtype, device=flat.device))
-    rank = q * (n - 1)
-    lo, hi = math.floor(rank), math.ceil(rank)
-    below, above = _select(flat, (lo, hi))
-    t = rank - lo
-    b, a = below.double(), above.double()
-    value = a - (a - b) * (1 - t) if t >= 0.5 else b + (a - b) * t
-    return value.to(flat.dtype)
+    return _quantile(x.detach().reshape(-1), q)
 
 
 def quantile_pair(x: torch.Tensor, q: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(quantile(x, 1 - q), quantile(x, q))``, the lower and upper percentile of the seed."""
-    return quantile(x, 1.0 - q), quantile(x, q)
+    """``(quantile(x, 1 - q), quantile(x, q))``, the lower and upper percentile of the seed.
+
+    Both share one pass over ``x`` for the block minima and maxima of the pre-selection.
+    """
+    flat = x.detach().reshape(-1)
+    blocks = _Blocks(flat) if flat.device.type == "cpu" else None
+    return _quantile(flat, 1.0 - q, blocks), _quantile(flat, q, blocks)
 
 
 def _int_exp(x_int: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -291,12 +291,21 @@ def test_quantile_of_nothing_raises() -> None:
         quantile(torch.empty(0), 0.5)
 
 
-def test_quantile_above_torchs_limit_is_numpys_percentile() -> None:
-    x = _randn(50_000_000, seed=12)  # ~200 MB; torch.quantile refuses more than 2**24 elements
+def test_quantile_above_2_pow_24_equals_torch_quantile() -> None:
+    # The seed calls torch.quantile, which torch 2.14 computes at any size (older releases
+    # refused more than 2**24 elements and the seed fell back to numpy).
+    x = _randn(20_000_000, seed=12)
+    for q in (0.99999, 1e-5):
+        assert torch.equal(quantile(x, q), torch.quantile(x, q))
+
+
+def test_quantile_of_50_million_elements_is_the_percentile() -> None:
+    x = _randn(50_000_000, seed=12)  # ~200 MB
     for q in (0.99999, 1e-5):
         got = float(quantile(x, q))
         expected = float(np.percentile(x.numpy(), q * 100))
-        assert got == pytest.approx(expected, rel=1e-6, abs=0)
+        # numpy ranks with q in float64, torch with q rounded to float32: ~0.7 positions apart here
+        assert got == pytest.approx(expected, rel=1e-4, abs=0)
 
 
 # --- log-int-softmax ------------------------------------------------------------------------
