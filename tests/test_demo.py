@@ -9,16 +9,28 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 import main as main_script
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS = ("acc1", "acc5", "loss", "num_images")
 TEST_IMAGES = 10_000
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """One thread: the demo's metrics are identical with one and two, and on an oversubscribed
+    machine OpenMP threads spin-waiting for each other slow a CPU run down ten times."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def documented_top1(label: str) -> float:

@@ -19,7 +19,8 @@ Usage::
 
 The JSON file is a list with one record per run, the fields of ``main.py validate
 --results_path``; the markdown file holds the table (rows: method, PTF, placement; columns:
-bit widths; cells: top-1 in percent). Both are written atomically.
+bit widths; cells: top-1 in percent). Both are written atomically; the JSON file is rewritten
+after every run, so an interrupted grid keeps the runs it finished.
 """
 
 from __future__ import annotations
@@ -88,8 +89,9 @@ def grid(
 ) -> list[Cell]:
     """The runs of a grid: the float baseline first, then every method x PTF x placement x bits.
 
-    A PTF run under the ``seed`` placement is left out: it would repeat the run without PTF
-    (``seed`` does not quantize LayerNorm inputs, the only thing PTF changes).
+    Under the ``seed`` placement each setting runs once, without PTF, whatever ``ptf`` asks:
+    ``seed`` does not quantize LayerNorm inputs, the only thing PTF changes, so a PTF run
+    would repeat it.
 
     Raises:
         ConfigError: an unknown method or placement, or malformed bits.
@@ -105,9 +107,7 @@ def grid(
     cells = [Cell()]
     for method in methods:
         for placement in placements:
-            for with_ptf in ptf:
-                if with_ptf and placement != "full":
-                    continue
+            for with_ptf in dict.fromkeys(ptf) if placement == "full" else (False,):
                 cells.extend(Cell(method, placement, b, with_ptf, lis) for b, lis in bits)
     return cells
 
@@ -274,7 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="activation observers")
     parser.add_argument("--placements", nargs="+", default=list(PLACEMENTS), choices=PLACEMENTS)
     parser.add_argument("--bits", nargs="+", type=_bits_setting, default=list(BITS),
-                        help="bit-width columns, W/A/S with an optional +lis (default: 8/8/8 6/6/6 4/4/4 8/8/4+lis)")  # fmt: skip
+                        help="bit-width columns: W/A/S, +lis for log-int-softmax (default: 8/8/8 6/6/6 4/4/4 "
+                             "8/8/4+lis)")  # fmt: skip
     parser.add_argument("--ptf", nargs="+", choices=("off", "on"), default=["off", "on"], help="PTF settings to run")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")

@@ -17,7 +17,7 @@ The checkpoint is the official iTPN format, ``{'model': state_dict}`` in float32
 atomically. Usage::
 
     python -m lit_ptq.tools.train_demo --source /usr/share/datasets/fashion-mnist \\
-        --epochs 6 --out demo_data/itpn_tiny_fashion_mnist.pt --seed 0
+        --epochs 12 --out demo_data/itpn_tiny_fashion_mnist.pt --seed 0
 """
 
 from __future__ import annotations
@@ -48,7 +48,17 @@ from lit_ptq.io import atomic_path, check_writable
 from lit_ptq.models import EvalConfig, create_model, model_entry
 from lit_ptq.tools.make_demo_data import CLASS_FOLDERS, DEFAULT_SOURCE, IDX_FILES, read_idx
 
-__all__ = ["DemoTrainModule", "TrainConfig", "augment", "main", "normalize", "prepare_images", "read_split", "train_demo"]
+__all__ = [
+    "DemoTrainModule",
+    "TrainConfig",
+    "TrainResult",
+    "augment",
+    "main",
+    "normalize",
+    "prepare_images",
+    "read_split",
+    "train_demo",
+]
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +88,7 @@ class TrainConfig:
         seed: seed of the initialization, the shuffling, the augmentation and stochastic depth.
     """
 
-    epochs: int = 6
+    epochs: int = 12
     batch_size: int = 128
     lr: float = 2e-3
     min_lr_ratio: float = 0.01
@@ -174,9 +184,13 @@ def read_split(source: Path, split: str = "train") -> tuple[np.ndarray, np.ndarr
     images = read_idx(source / images_name, ndim=3)
     labels = read_idx(source / labels_name, ndim=1)
     if len(images) != len(labels):
-        raise DataError(f"{source / images_name} has {len(images)} images but {source / labels_name} has {len(labels)} labels")
+        raise DataError(
+            f"{source / images_name} has {len(images)} images but {source / labels_name} has {len(labels)} labels"
+        )
     if labels.size and labels.max() >= len(CLASS_FOLDERS):
-        raise DataError(f"{source / labels_name} has label {labels.max()}; Fashion-MNIST labels are 0..{len(CLASS_FOLDERS) - 1}")
+        raise DataError(
+            f"{source / labels_name} has label {labels.max()}; Fashion-MNIST labels are 0..{len(CLASS_FOLDERS) - 1}"
+        )
     return images, labels.astype(np.int64)
 
 
@@ -332,7 +346,8 @@ def train_demo(
         warnings.filterwarnings("ignore", ".*does not have many workers.*")  # num_workers=0 on purpose
         warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\).*")  # inside Lightning
         trainer.fit(module, loader)
-    state = {k: v.detach().cpu().float() if v.is_floating_point() else v.detach().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     with atomic_path(str(out)) as tmp:
         torch.save({"model": state}, tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # the temporary file is private (0600); the checkpoint is not
@@ -351,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the whole run")
     parser.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate")
     parser.add_argument("--precision", default=defaults.precision, choices=("bf16-mixed", "32-true"),
-                        help="bf16 autocast (about twice as fast on CPUs with bf16 instructions) or float32")  # fmt: skip
+                        help="bf16 autocast (twice as fast on CPUs with bf16 instructions) or float32")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
