@@ -132,7 +132,12 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=header_size).reshape(shape)
 
 
-def _read_split(source: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+def read_split(source: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Images ``(N, H, W)`` and labels ``(N,)`` (uint8) of a Fashion-MNIST split (``train`` or ``val``).
+
+    Raises:
+        DataError: a file is missing or malformed, the counts differ, or a label is not 0..9.
+    """
     images_name, labels_name = IDX_FILES[split]
     images = read_idx(source / images_name, ndim=3)
     labels = read_idx(source / labels_name, ndim=1)
@@ -254,7 +259,7 @@ def make_demo_data(
         raise UserError(f"train_per_class={train_per_class} must be at least 1")
     if out.exists() and not force:
         raise UserError(f"output {out} already exists; pass --force to replace it")
-    splits = {split: _read_split(source, split) for split in ("val", "train")}
+    splits = {split: read_split(source, split) for split in ("val", "train")}
     train_labels_path = source / IDX_FILES["train"][1]
     selected = {
         "val": np.arange(len(splits["val"][1])),

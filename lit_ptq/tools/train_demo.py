@@ -46,7 +46,8 @@ from lit_ptq.data import eval_transform
 from lit_ptq.errors import DataError, UserError
 from lit_ptq.io import atomic_path, check_writable
 from lit_ptq.models import EvalConfig, create_model, model_entry
-from lit_ptq.tools.make_demo_data import CLASS_FOLDERS, DEFAULT_SOURCE, IDX_FILES, read_idx
+from lit_ptq.tools.make_demo_data import CLASS_FOLDERS, DEFAULT_SOURCE
+from lit_ptq.tools.make_demo_data import read_split as idx_split
 
 __all__ = [
     "DemoTrainModule",
@@ -180,17 +181,7 @@ def read_split(source: Path, split: str = "train") -> tuple[np.ndarray, np.ndarr
     Raises:
         DataError: a file is missing or malformed, the counts differ, or a label is not 0..9.
     """
-    images_name, labels_name = IDX_FILES[split]
-    images = read_idx(source / images_name, ndim=3)
-    labels = read_idx(source / labels_name, ndim=1)
-    if len(images) != len(labels):
-        raise DataError(
-            f"{source / images_name} has {len(images)} images but {source / labels_name} has {len(labels)} labels"
-        )
-    if labels.size and labels.max() >= len(CLASS_FOLDERS):
-        raise DataError(
-            f"{source / labels_name} has label {labels.max()}; Fashion-MNIST labels are 0..{len(CLASS_FOLDERS) - 1}"
-        )
+    images, labels = idx_split(source, split)
     return images, labels.astype(np.int64)
 
 
