@@ -29,19 +29,29 @@ import copy
 import datetime
 import gc
 import json
+import logging
 import os
 import platform
 import statistics
 import time
 from typing import Any, Callable
 
-import torch
-import torch.nn as nn
+# Before torch loads OpenMP: worker threads that sleep while they wait instead of spinning.
+# On a machine shared with other busy processes, spinning threads take the cores from the
+# threads they wait for; a float forward of itpn_base then takes five times as long and
+# every small parallel region costs milliseconds. Set OMP_WAIT_POLICY=ACTIVE to measure
+# with OpenMP's default.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from lit_ptq.models import create_model
-from lit_ptq.quant import METHODS, PLACEMENTS, Arithmetic, QuantConfig, calibrate, quantize_
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+from lit_ptq.models import create_model  # noqa: E402
+from lit_ptq.quant import METHODS, PLACEMENTS, Arithmetic, QuantConfig, calibrate, quantize_  # noqa: E402
 
 TARGETS = {"eval_seed": 1.15, "eval_full": 1.30, "calib": 1.5, "mem": 1.5}
+
+log = logging.getLogger("bench_ptq")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,7 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="timed repetitions per measurement (after one warm-up)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads")
     p.add_argument("--skip", nargs="*", default=[], choices=["eval", "calib", "mem"], help="measurements to leave out")
-    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--json", default=None, help="write the results here (after every row)")
+    p.add_argument("--verbose", action="store_true", help="log every repetition")
     return p.parse_args(argv)
 
 
@@ -75,13 +86,16 @@ def timed(fn: Callable[[], Any], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def interleaved(a: Callable[[], Any], b: Callable[[], Any], repeats: int, device: torch.device) -> tuple[list[float], list[float]]:
+def interleaved(
+    a: Callable[[], Any], b: Callable[[], Any], repeats: int, device: torch.device, label: str = ""
+) -> tuple[list[float], list[float]]:
     """One warm-up of each, then ``repeats`` alternating timings ``a, b, a, b, ...``."""
     a(), b()
     ta, tb = [], []
     for _ in range(repeats):
         ta.append(timed(a, device))
         tb.append(timed(b, device))
+        log.info("%s float %.3f s, quantized %.3f s (load %.1f)", label, ta[-1], tb[-1], os.getloadavg()[0])
     return ta, tb
 
 
@@ -123,8 +137,23 @@ def _ratio(q: list[float], f: list[float]) -> float:
     return _median(q) / _median(f)
 
 
+def _paired(q: list[float], f: list[float]) -> float:
+    """Median of the ratios of adjacent repetitions (less sensitive to load that drifts)."""
+    return _median([a / b for a, b in zip(q, f)])
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    result: dict[str, Any] = dict(
+        date=datetime.datetime.now().isoformat(timespec="seconds"),
+        torch=torch.__version__,
+        args=vars(args),
+        targets=TARGETS,
+        load_start=os.getloadavg(),
+        omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
+        rows=[],
+    )
     torch.set_num_threads(args.threads)
+    result.update(threads=torch.get_num_threads(), machine=_machine(torch.device(args.device)))
     device = torch.device(args.device)
     torch.manual_seed(0)
     float_model = create_model(args.model).eval().to(device)
@@ -145,7 +174,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     def float_forward() -> None:
         float_model(calib[0])
 
-    rows = []
+    rows = result["rows"]
     float_peak = None if "mem" in args.skip else peak_bytes(float_forward, device)
     for arithmetic in args.arithmetic:
         for placement in args.placement:
@@ -154,8 +183,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 model: nn.Module = quantize_(copy.deepcopy(float_model), config)
                 row: dict[str, Any] = dict(config.describe())
                 if "calib" not in args.skip:
-                    tf, tq = interleaved(float_calib, lambda: calibrate(model, calib), args.repeats, device)
-                    row.update(calib_float_s=tf, calib_quant_s=tq, calib_ratio=_ratio(tq, tf))
+                    tf, tq = interleaved(float_calib, lambda: calibrate(model, calib), args.repeats, device, f"{placement}/{method} calib")
+                    row.update(calib_float_s=tf, calib_quant_s=tq, calib_ratio=_ratio(tq, tf), calib_paired=_paired(tq, tf))
                 else:
                     calibrate(model, calib)
                 if "mem" not in args.skip:
@@ -167,21 +196,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     def quant_eval() -> None:
                         model(x_eval)
 
-                    tf, tq = interleaved(float_eval, quant_eval, args.repeats, device)
-                    row.update(eval_float_s=tf, eval_quant_s=tq, eval_ratio=_ratio(tq, tf))
+                    tf, tq = interleaved(float_eval, quant_eval, args.repeats, device, f"{placement}/{method} eval")
+                    row.update(eval_float_s=tf, eval_quant_s=tq, eval_ratio=_ratio(tq, tf), eval_paired=_paired(tq, tf))
+                row["load"] = os.getloadavg()
                 rows.append(row)
                 print(_row_line(row), flush=True)
+                _write(args.json, result)
                 del model
                 gc.collect()
-    return dict(
-        date=datetime.datetime.now().isoformat(timespec="seconds"),
-        machine=_machine(device),
-        torch=torch.__version__,
-        threads=torch.get_num_threads(),
-        args=vars(args),
-        targets=TARGETS,
-        rows=rows,
-    )
+    result["load_end"] = os.getloadavg()
+    return result
+
+
+def _write(path: str | None, result: dict[str, Any]) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
 
 
 def _machine(device: torch.device) -> str:
@@ -227,19 +257,20 @@ HEADER = (
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     print(
         f"{args.model}, eval batch {args.batch_size}, calibration {args.batches} x {args.calib_batch_size}, "
-        f"{args.repeats} repeats, device {args.device}, {args.threads} threads"
+        f"{args.repeats} repeats, device {args.device}, {args.threads} threads, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}"
     )
     print(HEADER, flush=True)
     result = run(args)
-    print(f"\n{result['machine']}, torch {result['torch']}, {result['date']}\n")
+    load = ", ".join(f"{a:.1f}" for a in result["load_start"]) + " -> " + ", ".join(f"{a:.1f}" for a in result["load_end"])
+    print(f"\n{result['machine']}, torch {result['torch']}, {result['date']}, load average {load}\n")
     print(HEADER)
     for row in result["rows"]:
         print(_row_line(row))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    _write(args.json, result)
 
 
 if __name__ == "__main__":

@@ -48,8 +48,8 @@ def symmetric_qparams(min_val: torch.Tensor, max_val: torch.Tensor, qmin: int, q
     return scale, torch.zeros_like(scale)
 
 
-_CPU_BLOCK = 1 << 20
-"""Elements fake-quantized per step on CPU (4 MiB of float32) when a tensor holds more than
+_CPU_BLOCK = 1 << 21
+"""Elements fake-quantized per step on CPU (8 MiB of float32) when a tensor holds more than
 two blocks: the six passes over a block stay in cache instead of streaming the whole tensor
 through memory six times. Blocks are not made smaller: each step of each block is one
 parallel region of the intra-op thread pool, and on a loaded machine every region can wait
@@ -67,6 +67,8 @@ def _seed_fast_path(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tens
         return False
     if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or zero_point.requires_grad):
         return False
+    if scale.numel() == 1 and zero_point.numel() == 1 and max(scale.dim(), zero_point.dim()) <= x.dim():
+        return True  # one value each (the common case): broadcasts to x whatever x's shape
     shape = x.shape
     return torch.broadcast_shapes(shape, scale.shape, zero_point.shape) == shape
 
@@ -85,15 +87,18 @@ def _seed_into(
     """The seed formula from ``src`` into ``out`` (``out`` may be ``src``), blockwise on CPU.
 
     Blocks are used when ``src`` and ``out`` are contiguous and ``s``, ``zp`` are one value or
-    one per channel of the last dimension; each element still goes through the same six
+    one per channel of the last dimension; each element still goes through the same
     float32 operations, so the result is the same to the bit.
     """
     n = src.numel()
+    if scale.numel() == 1 and zero_point.numel() == 1:
+        # 0-dim: the kernels take their one-value-operand path (the same division, ~10% faster)
+        scale, zero_point = scale.reshape(()), zero_point.reshape(())
     if src.device.type != "cpu" or n <= 2 * _CPU_BLOCK or not (src.is_contiguous() and out.is_contiguous()):
         _seed_steps(src, out, scale, zero_point, qmin, qmax)
         return out
-    if scale.numel() == 1 and zero_point.numel() == 1:
-        width, s, zp = 1, scale.reshape(()), zero_point.reshape(())
+    if scale.dim() == 0:
+        width, s, zp = 1, scale, zero_point
         src2, out2 = src.view(-1), out.view(-1)
     else:
         width = src.shape[-1]
@@ -158,43 +163,50 @@ _SELECT_BLOCK = 64
 
 class _Blocks:
     """A flat tensor cut into blocks of ``_SELECT_BLOCK`` values (the remainder apart), with
-    each block's minimum and maximum, computed once, in one pass, when first needed."""
+    each block's maximum or minimum, computed once, when first needed (``amax`` / ``amin``
+    along a dimension are vectorized, ``aminmax`` along a dimension is several times slower)."""
 
     def __init__(self, flat: torch.Tensor) -> None:
         self.flat = flat.contiguous()
         n = flat.numel()
         self.split = n - n % _SELECT_BLOCK
         self.blocks = self.flat[: self.split].view(-1, _SELECT_BLOCK)
-        self._range: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self.tail = self.flat[self.split :]
+        self._extremes: dict[bool, torch.Tensor] = {}
+        self._has_nan: Optional[bool] = None
 
     def extremes(self, largest: bool) -> torch.Tensor:
         """Each block's maximum (``largest``) or minimum; NaN for a block that holds a NaN."""
-        if self._range is None:
-            self._range = torch.aminmax(self.blocks, dim=1)
-        return self._range[1] if largest else self._range[0]
+        if largest not in self._extremes:
+            self._extremes[largest] = self.blocks.amax(dim=1) if largest else self.blocks.amin(dim=1)
+        return self._extremes[largest]
+
+    def has_nan(self, largest: bool) -> bool:
+        """Whether a block holds a NaN (read from the block extremes, which propagate NaN)."""
+        if self._has_nan is None:
+            self._has_nan = bool(self.extremes(largest).isnan().any())
+        return self._has_nan
 
 
 def _extremes(flat: torch.Tensor, k: int, largest: bool, blocks: Optional[_Blocks] = None) -> torch.Tensor:
     """``torch.topk(flat, k, largest=largest, sorted=True).values``, cheaply for ``k << n`` on CPU.
 
     CPU ``topk`` copies all ``n`` values (with their indices) and selects on one thread. Here
-    one vectorized pass takes the maximum (minimum) of each block of ``_SELECT_BLOCK`` values;
-    the ``k``-th largest of those block extremes is a bound that at least ``k`` values reach,
-    so the ``k`` largest values all lie in the blocks whose extreme reaches it, and ``topk``
-    over those few blocks returns the same values. A NaN anywhere (``topk`` ranks NaN above
-    everything) sends it back to the plain ``topk``.
+    one vectorized pass takes the maximum (minimum) of each block of ``_SELECT_BLOCK`` values,
+    and ``topk`` runs over the ``k`` blocks with the largest (smallest) extremes plus the
+    remainder. That gives the same values: every value above the ``k``-th largest block
+    maximum ``b`` lies in one of those blocks, and each of them holds a value of at least
+    ``b``, so they hold ``k`` values of at least ``b``. A NaN in a block (``topk`` ranks NaN
+    above everything) sends it back to the plain ``topk``.
     """
     n = flat.numel()
     if flat.device.type != "cpu" or k * _SELECT_BLOCK * 4 > n:
         return torch.topk(flat, k, largest=largest, sorted=True).values
     blocks = blocks if blocks is not None else _Blocks(flat)
-    ext = blocks.extremes(largest)
-    if bool(ext.isnan().any()):
+    if blocks.has_nan(largest):
         return torch.topk(flat, k, largest=largest, sorted=True).values
-    top = torch.topk(ext, k, largest=largest, sorted=False).values
-    bound = top.min() if largest else top.max()
-    keep = ext >= bound if largest else ext <= bound
-    candidates = torch.cat((blocks.blocks[keep].reshape(-1), blocks.flat[blocks.split :]))
+    chosen = torch.topk(blocks.extremes(largest), k, largest=largest, sorted=False).indices
+    candidates = torch.cat((blocks.blocks.index_select(0, chosen).reshape(-1), blocks.tail))
     return torch.topk(candidates, k, largest=largest, sorted=True).values
 
 
@@ -237,10 +249,7 @@ def quantile(x: torch.Tensor, q: float) -> torch.Tensor:
 
 
 def quantile_pair(x: torch.Tensor, q: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(quantile(x, 1 - q), quantile(x, q))``, the lower and upper percentile of the seed.
-
-    Both share one pass over ``x`` for the block minima and maxima of the pre-selection.
-    """
+    """``(quantile(x, 1 - q), quantile(x, q))``, the lower and upper percentile of the seed."""
     flat = x.detach().reshape(-1)
     blocks = _Blocks(flat) if flat.device.type == "cpu" else None
     return _quantile(flat, 1.0 - q, blocks), _quantile(flat, q, blocks)
