@@ -33,6 +33,7 @@ import logging
 import os
 import platform
 import statistics
+import sys
 import time
 from typing import Any, Callable
 
@@ -42,6 +43,8 @@ from typing import Any, Callable
 # every small parallel region costs milliseconds. Set OMP_WAIT_POLICY=ACTIVE to measure
 # with OpenMP's default.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Run as ``python benchmarks/bench_ptq.py`` from a checkout: the project root on the path.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402

@@ -182,21 +182,23 @@ class OmseObserver(MinMaxObserver):
     The search runs on the last calibration batch only, as in the seed: candidates
     ``(min, max) * (1 - 0.01 i)`` for i = 0..89, scored by the mean squared error between
     that batch and its fake-quantized copy; the first candidate with the lowest error wins.
-    The error of every candidate comes from one pass over the data: a fine histogram of
-    the batch with the count, sum and sum of squares of each bin, so a bin's error under a
-    candidate is ``S2 - 2 v S1 + n v^2`` for the level ``v`` its centre quantizes to
-    (exact for every bin that does not straddle a rounding boundary).
+    The error of every candidate comes from one pass over the data: a fine histogram of the
+    batch with the count and the sum of each bin. Each bin goes to the level its centre
+    fake-quantizes to (float32, the seed's formula), so the bins of one level form a run;
+    with cumulative counts and sums, a level's error ``sum(x^2) - 2 v sum(x) + n v^2`` is
+    read from the two ends of its run. ``sum(x^2)`` over all levels is the same for every
+    candidate and is left out. The result is exact for every bin that does not straddle a
+    rounding boundary.
 
-    Both steps work in pieces of bounded size, so the search needs a few MiB whatever the
-    size of the batch: the histogram ``chunk`` elements at a time, accumulated in element
-    order (the sums are those of one ``bincount`` over the whole batch, to the bit), and the
-    candidates a few rows of the (candidates x bins) error table at a time.
+    The histogram is built ``chunk`` elements at a time (the sums are those of one
+    ``bincount`` over the whole batch, to the bit), so the search needs a few MiB whatever
+    the size of the batch, and scoring costs ``candidates x levels x log2(bins)`` steps
+    instead of ``candidates x bins``.
     """
 
     bins = 1 << 16
     candidates = 90
     chunk = 1 << 20
-    table_elements = 1 << 20
 
     def update(self, x: torch.Tensor, last: bool = False) -> None:
         super().update(x, last)
@@ -211,74 +213,109 @@ class OmseObserver(MinMaxObserver):
         factors = factors.to(torch.float32).to(self.min_val.device)
         return self.min_val * factors, self.max_val * factors
 
-    def histogram(self, flat: torch.Tensor, lo: torch.Tensor, width: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Per bin of ``[lo, lo + width]``: the count, the sum and the sum of squares (float64).
+    def histogram(self, flat: torch.Tensor, lo: torch.Tensor, width: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per bin of ``[lo, lo + width]``: the count (int64) and the sum (float64).
 
         Works ``chunk`` elements at a time; ``index_add_`` into a 1-D tensor adds the elements
         one after the other, in order, as ``bincount`` does, so the sums are bit-identical to
         ``bincount(idx, weights=flat.double())`` over the whole tensor.
         """
         per_bin = self.bins / width
-        count, s1, s2 = (torch.zeros(self.bins, dtype=torch.float64, device=flat.device) for _ in range(3))
-        ones = torch.ones((), dtype=torch.float64, device=flat.device).expand(min(self.chunk, flat.numel()))
+        count = torch.zeros(self.bins, dtype=torch.int64, device=flat.device)
+        s1 = torch.zeros(self.bins, dtype=torch.float64, device=flat.device)
         for part in flat.split(self.chunk):
             idx = torch.sub(part, lo).mul_(per_bin).long().clamp_(0, self.bins - 1)
-            part64 = part.double()
-            count.index_add_(0, idx, ones[: idx.numel()])
-            s1.index_add_(0, idx, part64)
-            s2.index_add_(0, idx, part64.mul_(part64))
-        return count, s1, s2
+            count += torch.bincount(idx, minlength=self.bins)
+            s1.index_add_(0, idx, part.double())
+        return count, s1
+
+    def centers(self, lo: torch.Tensor, width: torch.Tensor) -> torch.Tensor:
+        """The float32 centre of every histogram bin (computed in float64, then rounded once)."""
+        i = torch.arange(self.bins, device=lo.device, dtype=torch.float64)
+        return (lo.double() + (i + 0.5) * (width.double() / self.bins)).float()
 
     def search(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The candidate range with the least fake-quantization MSE on ``x``."""
         lo, hi = self.min_val, self.max_val
-        flat = x.reshape(-1)
         width = (hi - lo).clamp(min=torch.finfo(torch.float32).tiny)
-        count, s1, s2 = self.histogram(flat, lo, width)
-        centers = lo.double() + (torch.arange(self.bins, device=flat.device, dtype=torch.float64) + 0.5) * (
-            width.double() / self.bins
-        )
-        # Empty bins add nothing to any candidate's error: score only the occupied ones.
-        occupied = (count > 0).nonzero().squeeze(1)
-        count, s1, s2, centers = (t.index_select(0, occupied) for t in (count, s1, s2, centers))
+        count, s1 = self.histogram(x.reshape(-1), lo, width)
         new_min, new_max = self.candidate_ranges()
         scale, zp = self.qparams_from_range(new_min, new_max)
-        c = centers.float()[None, :]
-        err = torch.cat([self.candidate_errors(c, count, s1, s2, scale[r], zp[r]) for r in self._row_blocks(c.shape[1])])
-        best = torch.argmin(err)  # a tensor index: no host-device sync
+        edges = self.level_edges(lo, width, scale, zp)
+        best = torch.argmin(self.candidate_errors(count, s1, edges, scale, zp))  # no host-device sync
         return new_min[best], new_max[best]
 
-    def _row_blocks(self, bins: int) -> list[slice]:
-        """Rows of the error table per step: about ``table_elements`` entries, never a lone row
-        (a one-row sum would be split across threads and add in another order)."""
-        n = self.candidates
-        step = min(n, max(2, self.table_elements // max(bins, 1)))
-        starts = list(range(0, n, step))
-        if len(starts) > 1 and n - starts[-1] == 1:
-            starts.pop()
-        return [slice(a, b) for a, b in zip(starts, starts[1:] + [n])]
+    def level_edges(self, lo: torch.Tensor, width: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
+        """Per candidate, the first bin of every level: shape ``(candidates, levels + 1)``.
+
+        Column ``k`` is the first bin whose centre fake-quantizes to level ``qmin + k`` or
+        above (0 for ``k = 0``, ``bins`` past the last level). The seed's rounding
+        ``round(c / s + zp)`` never decreases along the bins, so an edge is the one bin where
+        that float32 expression first reaches the level. The real-valued boundary
+        ``(q - 0.5 - zp) * s`` gives the bin directly (the bins are uniform); float32
+        rounding can put the edge one bin off, so the exact expression is checked on both
+        sides and the edge moved; a binary search over all bins takes over should a few steps
+        not settle it (a safeguard: where float32 centres are coarser than the bins, the range
+        lies far from zero and every bin is at one level).
+        """
+        centers = self.centers(lo, width)
+        q = torch.arange(self.qmin + 1, self.qmax + 1, device=centers.device, dtype=torch.float32)
+        s, z = scale[:, None], zp[:, None]
+
+        def reached(i: torch.Tensor) -> torch.Tensor:  # bin i (clamped) is at level q or above
+            return torch.div(centers[i.clamp(0, self.bins - 1)], s).add_(z).round_() >= q
+
+        bounds = (q.double() - 0.5 - z.double()) * s.double()
+        position = (bounds - lo.double()) * (self.bins / width.double()) - 0.5
+        first = position.ceil_().clamp_(0, self.bins).long()
+        for _ in range(self.edge_steps):
+            early = reached(first - 1) & (first > 0)  # the bin before is at the level already
+            late = ~reached(first) & (first < self.bins)  # this bin is not there yet
+            if not bool((early | late).any()):
+                break
+            first = first - early.long() + late.long()
+        else:
+            first = self._bisect_edges(reached, first.shape, centers.device)
+        ends = (torch.zeros_like(first[:, :1]), first, torch.full_like(first[:, :1], self.bins))
+        return torch.cat(ends, dim=1)
+
+    edge_steps = 3
+    """Checks of the computed edges before the binary search takes over."""
+
+    def _bisect_edges(self, reached: Callable[[torch.Tensor], torch.Tensor], shape: torch.Size, device: torch.device) -> torch.Tensor:
+        """The edges by binary search over all bins (``reached`` never decreases along them)."""
+        first = torch.zeros(shape, dtype=torch.int64, device=device)
+        past = torch.full(shape, self.bins, dtype=torch.int64, device=device)
+        for _ in range(self.bins.bit_length()):
+            mid = torch.div(first + past, 2, rounding_mode="floor")
+            hit = reached(mid)
+            searching = first < past
+            past = torch.where(searching & hit, mid, past)
+            first = torch.where(searching & ~hit, mid + 1, first)
+        return first
 
     def candidate_errors(
         self,
-        c: torch.Tensor,
         count: torch.Tensor,
         s1: torch.Tensor,
-        s2: torch.Tensor,
+        edges: torch.Tensor,
         scale: torch.Tensor,
         zp: torch.Tensor,
     ) -> torch.Tensor:
-        """Squared error of each candidate ``(scale, zp)`` summed over the histogram's bins.
+        """Squared error of each candidate ``(scale, zp)``, less the candidate-independent ``sum(x^2)``.
 
-        ``level = (clamp(round(c / s + zp)) - zp) * s`` for each bin centre ``c`` (float32,
-        shape ``(1, bins)``), then ``sum(S2 - 2 level S1 + n level^2)`` in float64, computed in
-        place with the operations and the order of that expression.
+        Level ``q`` holds the bins ``edges[:, q - qmin] .. edges[:, q - qmin + 1]``, its value
+        is ``v = (q - zp) * s`` (float32); its error is ``n v^2 - 2 v S1`` in float64 from the
+        cumulative count ``n`` and sum ``S1`` of the bins.
         """
-        s, z = scale[:, None], zp[:, None]
-        level = torch.div(c, s)
-        level = level.add_(z).round_().clamp_(self.qmin, self.qmax).sub_(z).mul_(s).double()
-        err = torch.mul(level, 2).mul_(s1)
-        err = torch.sub(s2, err, out=err)
-        return err.add_(torch.mul(count, level).mul_(level)).sum(dim=1)
+        zero = torch.zeros(1, dtype=torch.float64, device=s1.device)
+        cum_n = torch.cat((zero, count.cumsum(0).double()))
+        cum_s1 = torch.cat((zero, s1.cumsum(0)))
+        n = cum_n[edges[:, 1:]] - cum_n[edges[:, :-1]]
+        sums = cum_s1[edges[:, 1:]] - cum_s1[edges[:, :-1]]
+        q = torch.arange(self.qmin, self.qmax + 1, device=s1.device, dtype=torch.float32)
+        v = ((q - zp[:, None]) * scale[:, None]).double()
+        return (n * v - 2 * sums).mul_(v).sum(dim=1)
 
 
 @register_observer("ptf")

@@ -180,6 +180,59 @@ def test_omse_searches_only_on_the_last_batch() -> None:
     assert _chosen_index(obs, running_min, running_max) == expected
 
 
+def _brute_edges(obs: OmseObserver, lo: torch.Tensor, width: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
+    """Every bin's level with the seed's float32 rounding, then the first bin of each level."""
+    levels = torch.div(obs.centers(lo, width)[None, :], scale[:, None]).add_(zp[:, None]).round_().clamp_(obs.qmin, obs.qmax)
+    q = torch.arange(obs.qmin, obs.qmax + 2, dtype=F32)
+    return torch.stack([torch.searchsorted(row.contiguous(), q) for row in levels])
+
+
+EDGE_RANGES = {
+    "around_zero": (-3.0, 7.5),
+    "positive": (0.0, 0.01),
+    "offset": (1000.0, 1e-3),  # float32 centres coarser than the bins (all at the top level)
+    "tiny": (-1e-30, 1e-30),
+}
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("steps", [0, OmseObserver.edge_steps])  # 0: the binary search alone
+@pytest.mark.parametrize("case", list(EDGE_RANGES))
+def test_omse_level_edges_are_the_first_bin_of_each_level(case: str, steps: int, bits: int, monkeypatch) -> None:
+    obs = _act_observer("omse", bits)
+    monkeypatch.setattr(obs, "edge_steps", steps)
+    lo_value, width_value = EDGE_RANGES[case]
+    obs.min_val, obs.max_val = torch.tensor(lo_value), torch.tensor(lo_value + width_value)
+    lo, width = obs.min_val, (obs.max_val - obs.min_val).clamp(min=torch.finfo(F32).tiny)
+    scale, zp = obs.qparams_from_range(*obs.candidate_ranges())
+    edges = obs.level_edges(lo, width, scale, zp)
+    assert edges.shape == (90, 2**bits + 1)
+    assert torch.equal(edges, _brute_edges(obs, lo, width, scale, zp))
+
+
+@pytest.mark.parametrize("case", list(OMSE_CASES))
+def test_omse_candidate_errors_are_the_per_bin_sums(case: str) -> None:
+    """Read from cumulative sums, each candidate's error plus sum(x^2) is the per-bin sum of
+    S2 - 2 v S1 + n v^2 with every bin at its centre's level."""
+    x = OMSE_CASES[case](5).reshape(-1)
+    obs = _act_observer("omse")
+    obs.update(x)
+    lo, width = obs.min_val, obs.max_val - obs.min_val
+    scale, zp = obs.qparams_from_range(*obs.candidate_ranges())
+    count, s1 = obs.histogram(x, lo, width)
+    errors = obs.candidate_errors(count, s1, obs.level_edges(lo, width, scale, zp), scale, zp)
+
+    idx = ((x - lo) * (obs.bins / width)).long().clamp(0, obs.bins - 1)
+    x64 = x.double()
+    assert torch.equal(count, torch.bincount(idx, minlength=obs.bins))
+    assert torch.equal(s1, torch.bincount(idx, weights=x64, minlength=obs.bins))
+    s2 = torch.bincount(idx, weights=x64 * x64, minlength=obs.bins)
+    level = torch.div(obs.centers(lo, width)[None, :], scale[:, None]).add_(zp[:, None]).round_().clamp_(0, 255)
+    v = level.sub_(zp[:, None]).mul_(scale[:, None]).double()
+    expected = (s2 - 2 * v * s1 + count * v * v).sum(dim=1)
+    torch.testing.assert_close(errors + (x64 * x64).sum(), expected, rtol=1e-9, atol=1e-9 * float(expected.abs().max()))
+
+
 # --- PTF ------------------------------------------------------------------------------------
 
 
