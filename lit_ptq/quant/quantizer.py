@@ -162,17 +162,26 @@ class WeightQuantizer(TensorQuantizer):
         self.finish_calibration()
 
     def quantized_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        """The fake-quantized ``weight``, cached between calls."""
+        """The fake-quantized ``weight``, cached between calls.
+
+        The cache is keyed on the storage and version counter of the weight and the scale.
+        Tensors made under ``torch.inference_mode`` have no version counter, so a change to
+        them could not be seen: for those the weight is fake-quantized on every call.
+        """
         self._check_calibrated()
+        if weight.is_inference() or self.scale.is_inference():
+            self._cache = self._cache_key = None
+            return self._fake_quant_weight(weight)
         key = (weight.data_ptr(), weight._version, self.scale.data_ptr(), self.scale._version, weight.dtype)
         if self._cache is None or self._cache_key != key:
-            s = self.spec
-            if s.granularity is Granularity.PER_CHANNEL:
-                wq = fake_quant_per_channel_divide(weight.detach(), self.scale, s.qmin, s.qmax)
-            else:
-                wq = fake_quant_seed(weight.detach(), self.scale, self.zero_point, s.qmin, s.qmax)
-            self._cache, self._cache_key = wq, key
+            self._cache, self._cache_key = self._fake_quant_weight(weight), key
         return self._cache
+
+    def _fake_quant_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        s = self.spec
+        if s.granularity is Granularity.PER_CHANNEL:
+            return fake_quant_per_channel_divide(weight.detach(), self.scale, s.qmin, s.qmax)
+        return fake_quant_seed(weight.detach(), self.scale, self.zero_point, s.qmin, s.qmax)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return self.quantized_weight(weight) if self.mode is QuantMode.QUANTIZE else weight

@@ -194,6 +194,22 @@ def test_quantized_weight_follows_an_in_place_weight_change(make_quantized) -> N
     assert torch.equal(after, fake_quant_per_channel_divide(linear.weight, wq.scale, -128, 127))
 
 
+def test_a_model_built_under_inference_mode_quantizes_every_forward(make_quantized, eval_images) -> None:
+    """Inference tensors have no version counter: nothing is cached, a weight change is seen."""
+    expected = _logits(make_quantized(), eval_images)
+    with torch.inference_mode():
+        model = make_quantized()  # every parameter and buffer an inference tensor
+        linear = model.blocks[4].mlp.fc1
+        assert linear.weight.is_inference()
+        assert torch.equal(model(eval_images), expected)
+        assert linear.weight_quantizer._cache is None
+        linear.weight.mul_(0.5)
+        assert torch.equal(
+            linear.weight_quantizer.quantized_weight(linear.weight),
+            fake_quant_per_channel_divide(linear.weight, linear.weight_quantizer.scale, -128, 127),
+        )
+
+
 def test_weights_are_float_outside_quantize_mode(make_quantized) -> None:
     model = set_quant_mode(make_quantized(), "float")
     linear = model.blocks[4].attn.proj
