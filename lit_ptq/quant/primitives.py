@@ -61,16 +61,22 @@ def _seed_fast_path(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tens
 
     True when ``s`` and ``zp`` share ``x``'s dtype and broadcast to ``x`` without growing it (so
     every out-of-place step would give a tensor of that shape and dtype, and in-place steps give
-    the same numbers), and no gradient is being recorded.
+    the same numbers), and no gradient is being recorded for ``s`` or ``zp`` (a gradient
+    recorded for ``x`` alone goes through :class:`_SeedFakeQuant`).
     """
     if not (x.dtype == scale.dtype == zero_point.dtype and x.is_floating_point()):
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or zero_point.requires_grad):
+    if _recording(scale) or _recording(zero_point):
         return False
     if scale.numel() == 1 and zero_point.numel() == 1 and max(scale.dim(), zero_point.dim()) <= x.dim():
         return True  # one value each (the common case): broadcasts to x whatever x's shape
     shape = x.shape
     return torch.broadcast_shapes(shape, scale.shape, zero_point.shape) == shape
+
+
+def _recording(t: torch.Tensor) -> bool:
+    """Whether autograd records the operations on ``t`` now."""
+    return t.requires_grad and torch.is_grad_enabled()
 
 
 def _seed_steps(
@@ -113,17 +119,41 @@ def _seed_into(
     return out
 
 
+class _SeedFakeQuant(torch.autograd.Function):
+    """The seed formula for an ``x`` that records a gradient, computed outside the graph.
+
+    The seed's ``round`` has a zero derivative, so the formula passes no gradient to ``x``
+    (nor does this node); computing the values with the in-place steps on one new tensor
+    gives the same numbers without six recorded operations and their saved tensors.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+        return _seed_into(x, _empty_like(x), scale, zero_point, qmin, qmax)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[None, ...]:
+        return None, None, None, None, None
+
+
+def _empty_like(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format if x.is_contiguous() else torch.preserve_format)
+
+
 def fake_quant_seed(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
     """``((round(x / s + zp)).clamp(qmin, qmax) - zp) * s`` with broadcastable ``s``, ``zp``.
 
     Computed into one new tensor with in-place steps (blockwise on CPU), which gives the
     same numbers as the six out-of-place operations of the seed at a fraction of the memory
-    traffic; ``x`` is not modified.
+    traffic; ``x`` is not modified. Gradients are the seed formula's: none to ``x`` (the
+    rounding's derivative is zero), and through the six operations when ``s`` or ``zp``
+    require one.
     """
     if not _seed_fast_path(x, scale, zero_point):
         return (torch.round(x / scale + zero_point).clamp(qmin, qmax) - zero_point) * scale
-    out = torch.empty_like(x, memory_format=torch.contiguous_format if x.is_contiguous() else torch.preserve_format)
-    return _seed_into(x, out, scale, zero_point, qmin, qmax)
+    if _recording(x):
+        return _SeedFakeQuant.apply(x, scale, zero_point, qmin, qmax)
+    return _seed_into(x, _empty_like(x), scale, zero_point, qmin, qmax)
 
 
 def fake_quant_seed_(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
@@ -131,9 +161,10 @@ def fake_quant_seed_(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Ten
 
     Returns a new tensor instead, leaving ``x`` alone, when the steps cannot run in place:
     ``x`` not contiguous, ``s`` or ``zp`` of another dtype or of a larger shape than ``x``,
-    or a gradient being recorded.
+    or a gradient being recorded (``x`` may be saved for the backward pass of the
+    operation that made it).
     """
-    if not (x.is_contiguous() and _seed_fast_path(x, scale, zero_point)):
+    if not (x.is_contiguous() and _seed_fast_path(x, scale, zero_point)) or _recording(x):
         return fake_quant_seed(x, scale, zero_point, qmin, qmax)
     return _seed_into(x, x, scale, zero_point, qmin, qmax)
 
@@ -151,7 +182,7 @@ def fake_quant_fused(
 def fake_quant_per_channel_divide(w: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
     """Symmetric per-output-channel fake quantization of a weight, dividing by the scale (seed)."""
     s = scale.reshape(-1, *([1] * (w.dim() - 1)))
-    if not _seed_fast_path(w, s, s):
+    if not _seed_fast_path(w, s, s) or _recording(w):
         return torch.round(w / s).clamp(qmin, qmax) * s
     out = torch.div(w, s)
     return out.round_().clamp_(qmin, qmax).mul_(s)

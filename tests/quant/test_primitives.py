@@ -237,6 +237,37 @@ def test_in_place_fake_quant_falls_back_to_a_new_tensor(x, scale, zp) -> None:
     assert torch.equal(out, _plain_seed(x, scale, zp, 0, 255))
 
 
+# --- gradients: the seed formula's, with or without the fast path ------------------------------
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["new", "in_place"])
+@pytest.mark.parametrize("shape", [(7, 128), (5, 1000, 128)], ids=["small", "blocks"])
+def test_fake_quant_of_an_input_that_records_a_gradient(shape, in_place: bool) -> None:
+    """Same values; no gradient reaches the input (the seed's round has a zero derivative),
+    and an input that its producer saved for backward is not overwritten."""
+    scale, zp = QPARAMS["per_tensor"]
+    logits = (_randn(*shape, seed=21) * 3).requires_grad_()
+    probs = logits.softmax(dim=-1) * 255  # softmax saves its output for backward
+    fq = fake_quant_seed_ if in_place else fake_quant_seed
+    out = fq(probs, scale, zp, 0, 255)
+    assert out is not probs and out.requires_grad
+    assert torch.equal(out, _plain_seed(probs.detach(), scale, zp, 0, 255))
+    (out.sum() + probs.sum()).backward()  # fails if probs was modified in place
+    reference = logits.detach().clone().requires_grad_()
+    ((reference.softmax(dim=-1) * 255).sum()).backward()  # the only path with a nonzero gradient
+    torch.testing.assert_close(logits.grad, reference.grad, rtol=0, atol=0)
+
+
+def test_fake_quant_gradient_to_the_scale_is_the_seed_formulas() -> None:
+    x = _randn(9, 128, seed=22) * 3
+    scale = torch.tensor([0.03], requires_grad=True)
+    zp = torch.tensor([120.0])
+    fake_quant_seed(x, scale, zp, 0, 255).pow(2).sum().backward()
+    reference = torch.tensor([0.03], requires_grad=True)
+    _plain_seed(x, reference, zp, 0, 255).pow(2).sum().backward()
+    assert torch.equal(scale.grad, reference.grad)
+
+
 @pytest.mark.parametrize(("scale", "zp"), [(6 / 255, 128.0), (0.01, 37.0), (0.5, 3.0)])
 def test_fake_quant_fused_is_torchs_kernel_and_one_step_from_the_seed(scale: float, zp: float) -> None:
     x = torch.cat([_randn(20000, seed=6) * 3, HALVES])
