@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from lit_ptq.cli import cli_main
@@ -15,15 +13,6 @@ from lit_ptq.errors import ConfigError
 from lit_ptq.tools.table import BITS, Cell, grid, main, markdown_table
 
 METRICS = ("acc1", "acc5", "loss", "num_images", "calib_images")
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny batches run faster on one thread, and an oversubscribed CI machine does not stall them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_full_grid_runs_each_distinct_setting_once() -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,15 +18,6 @@ from lit_ptq.tools.train_demo import TrainConfig, _warmup_cosine, augment, main,
 
 DEMO_VAL = Path(__file__).resolve().parents[2] / "demo_data" / "fashion_mnist" / "val"
 EVAL_CFG = model_entry("itpn_tiny")[1]
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny batches run faster on one thread, and an oversubscribed CI machine does not stall them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
