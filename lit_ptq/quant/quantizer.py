@@ -104,7 +104,8 @@ class TensorQuantizer(nn.Module):
         self.calibrated.fill_(True)
         self.ready = True
 
-    def _broadcast_qparams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def broadcast_qparams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scale, zero_point)`` shaped to broadcast against ``x`` (per channel along ``channel_axis``)."""
         if self.scale.numel() == 1:
             return self.scale, self.zero_point
         shape = [1] * x.dim()
@@ -116,7 +117,7 @@ class TensorQuantizer(nn.Module):
         s = self.spec
         if self.arithmetic is Arithmetic.FUSED:
             return fake_quant_fused(x, self.scale, self.zero_point, s.qmin, s.qmax, self.channel_axis)
-        scale, zero_point = self._broadcast_qparams(x)
+        scale, zero_point = self.broadcast_qparams(x)
         return fake_quant_seed(x, scale, zero_point, s.qmin, s.qmax)
 
     def _check_calibrated(self) -> None:
@@ -134,7 +135,7 @@ class TensorQuantizer(nn.Module):
             return x
         self._check_calibrated()
         if self.inplace and self.arithmetic is Arithmetic.SEED:
-            scale, zero_point = self._broadcast_qparams(x)
+            scale, zero_point = self.broadcast_qparams(x)
             return fake_quant_seed_(x, scale, zero_point, self.spec.qmin, self.spec.qmax)
         return self.fake_quant(x)
 

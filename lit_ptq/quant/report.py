@@ -71,11 +71,7 @@ class _Accumulator:
 
 
 def _clip_mask(q: TensorQuantizer, x: torch.Tensor) -> torch.Tensor:
-    scale, zp = q.scale, q.zero_point
-    if scale.numel() > 1:
-        shape = [1] * x.dim()
-        shape[q.channel_axis] = -1
-        scale, zp = scale.view(shape), zp.view(shape)
+    scale, zp = q.broadcast_qparams(x)
     lo = (q.spec.qmin - 0.5 - zp) * scale
     hi = (q.spec.qmax + 0.5 - zp) * scale
     return (x < lo) | (x > hi)

@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchvision import transforms
 
 from lit_ptq.data import eval_transform
-from lit_ptq.errors import DataError, UserError
+from lit_ptq.errors import UserError
 from lit_ptq.io import atomic_path, check_writable
 from lit_ptq.models import EvalConfig, create_model, model_entry
 from lit_ptq.tools.make_demo_data import CLASS_FOLDERS, DEFAULT_SOURCE
