@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -10,39 +9,17 @@ from collections.abc import Iterator
 from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
 from pytorch_lightning import Callback, LightningModule, Trainer
 from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.utilities import rank_zero_only
 
-from .errors import CheckpointError, ConfigError
-from .io import atomic_path, check_writable
-from .quant import QuantizerStats, calibrate, quant_report, quantizers, set_quant_mode
+from .errors import ConfigError
+from .io import check_writable
+from .quant import QuantizerStats, broadcast_quant_state, calibrate, load_quant_state, quant_report, save_quant_state
 
-__all__ = ["CalibrationCallback", "weights_fingerprint"]
+__all__ = ["CalibrationCallback"]
 
 log = logging.getLogger(__name__)
-
-STATE_FORMAT = "lit_ptq.quant_state"
-STATE_VERSION = 1
-
-
-def weights_fingerprint(model: torch.nn.Module) -> str:
-    """SHA-256 of the model's float parameters (names, shapes and bytes), to tie a state to its weights."""
-    h = hashlib.sha256()
-    for name, p in model.named_parameters():
-        h.update(name.encode())
-        h.update(str(tuple(p.shape)).encode())
-        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def _quant_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    state = {}
-    for name, q in quantizers(model):
-        for key, buf in q.named_buffers():
-            state[f"{name}.{key}"] = buf.detach().cpu().clone()
-    return state
 
 
 class CalibrationCallback(Callback):
@@ -86,7 +63,7 @@ class CalibrationCallback(Callback):
             self._load(pl_module)
         else:
             self._calibrate(trainer, pl_module)
-        _broadcast_quant_state(pl_module.model)
+        broadcast_quant_state(pl_module.model)
         if self.save_state is not None and trainer.is_global_zero:
             self._save(pl_module)
         self.seconds = time.perf_counter() - start
@@ -113,58 +90,20 @@ class CalibrationCallback(Callback):
             bar.close()
         self.report = quant_report(pl_module.model, last[0].to(pl_module.device))
 
-    def _state_meta(self, pl_module: LightningModule) -> dict[str, Any]:
-        summary = pl_module.run_summary()
-        summary.pop("checkpoint", None)
-        summary["overrides"] = dict(pl_module.hparams.get("overrides") or {})
-        summary["img_size"] = pl_module.hparams.get("img_size")
-        summary["weights_sha256"] = weights_fingerprint(pl_module.model)
-        return summary
+    @staticmethod
+    def _state_meta(pl_module: LightningModule) -> dict[str, Any]:
+        """What the state file is tied to besides the quantization config and the weights."""
+        hp = pl_module.hparams
+        return dict(model=hp.model_name, num_classes=hp.num_classes, img_size=hp.get("img_size"), model_kwargs=dict(hp.get("model_kwargs") or {}))
 
     @rank_zero_only
     def _save(self, pl_module: LightningModule) -> None:
-        payload = dict(
-            format=STATE_FORMAT,
-            version=STATE_VERSION,
-            meta=self._state_meta(pl_module),
-            state=_quant_state(pl_module.model),
-        )
-        with atomic_path(self.save_state) as tmp:
-            torch.save(payload, tmp)
+        save_quant_state(pl_module.model, self.save_state, self._state_meta(pl_module))
         log.info("saved quantizer state to %s", self.save_state)
 
     def _load(self, pl_module: LightningModule) -> None:
-        path = self.load_state
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # the unpickler fails on foreign bytes in many ways
-            raise CheckpointError(f"calibration.load_state={path} is not a lit_ptq quantizer state ({type(err).__name__})") from None
-        if not isinstance(payload, dict) or payload.get("format") != STATE_FORMAT:
-            raise CheckpointError(f"calibration.load_state={path} is not a lit_ptq quantizer state file")
-        want, have = self._state_meta(pl_module), payload.get("meta", {})
-        diff = [f"{k}: file {have.get(k)!r}, run {want[k]!r}" for k in want if have.get(k) != want[k]]
-        if diff:
-            raise CheckpointError(
-                f"calibration.load_state={path} was made for another model or config ({'; '.join(diff)}); "
-                "calibrate again or use the matching state file"
-            )
-        own = _quant_state(pl_module.model)
-        state = payload["state"]
-        if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
-            raise CheckpointError(f"calibration.load_state={path} does not hold this model's quantizers")
-        pl_module.model.load_state_dict(state, strict=False)
-        set_quant_mode(pl_module.model, "quantize")
+        load_quant_state(pl_module.model, self.load_state, self._state_meta(pl_module), option="calibration.load_state")
         self.calib_images = 0
-
-
-def _broadcast_quant_state(model: torch.nn.Module) -> None:
-    """Make every rank's quantizer buffers equal to rank 0's."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    for _, q in quantizers(model):
-        for buf in q.buffers():
-            if buf.is_floating_point():
-                dist.broadcast(buf, src=0)
 
 
 def _progress(trainer: Trainer, total: int) -> Optional[Any]:

@@ -19,8 +19,9 @@ from .errors import ConfigError
 from .io import atomic_path, check_writable
 from .module import PTQModule
 from .quant import QuantizerStats
+from .results import report_markdown, results_record
 
-__all__ = ["LitPTQCLI", "results_record", "report_markdown"]
+__all__ = ["LitPTQCLI", "cli_main"]
 
 log = logging.getLogger(__name__)
 
@@ -31,37 +32,6 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     },
     "enable_checkpointing": False,
 }
-
-
-def report_markdown(report: list[QuantizerStats]) -> str:
-    """The per-quantizer report as a markdown table."""
-    lines = [
-        "| quantizer | role | bits | min | max | scale | clipped % | SQNR dB |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in report:
-        lines.append(
-            f"| {r.name} | {r.role} | {r.bits} | {r.min_val:.4g} | {r.max_val:.4g} | {r.scale:.4g} | "
-            f"{100 * r.clipped:.3f} | {r.sqnr_db:.2f} |"
-        )
-    return "\n".join(lines)
-
-
-def results_record(
-    module: PTQModule, metrics: dict[str, float], calib: CalibrationCallback, extra: dict[str, Any]
-) -> dict[str, Any]:
-    """One run's result, as written to ``--results_path`` (acc1 / acc5 in percent)."""
-    summary = module.run_summary()
-    return dict(
-        **summary,
-        calib_images=calib.calib_images,
-        calibration_seconds=round(calib.seconds, 3),
-        acc1=round(100.0 * metrics["val/acc1"], 4),  # torchmetrics computes in float32: keep its digits
-        acc5=round(100.0 * metrics["val/acc5"], 4),
-        loss=metrics["val/loss"],
-        num_images=int(round(metrics["val/num_images"])),
-        **extra,
-    )
 
 
 class LitPTQCLI(LightningCLI):

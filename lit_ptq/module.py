@@ -1,4 +1,4 @@
-"""The LightningModule: a float or fake-quantized iTPN evaluated with torchmetrics."""
+"""The LightningModule: a float or fake-quantized vision transformer evaluated with torchmetrics."""
 
 from __future__ import annotations
 
@@ -18,17 +18,18 @@ __all__ = ["PTQModule"]
 
 
 class PTQModule(LightningModule):
-    """An iTPN from the registry, optionally fake-quantized, evaluated on top-1 / top-5 / loss.
+    """A model from the registry, optionally fake-quantized, evaluated on top-1 / top-5 / loss.
 
     Calibration is not done here: :class:`lit_ptq.callbacks.CalibrationCallback` calibrates
     the quantizers before validation.
 
     Args:
-        model_name: registered model (``itpn_base``, ``itpn_large``, ``itpn_tiny``).
+        model_name: registered model (``itpn_base``, ``deit_small_patch16_224``, ...; see
+            ``lit_ptq.models.list_models``).
         checkpoint: path of the float weights (see ``lit_ptq.models.load_checkpoint``).
         num_classes: classifier width; must match the checkpoint and the dataset.
         img_size: input side (defaults to the registered one).
-        overrides: architecture sizes passed to ``create_model`` (``embed_dim``, ``depth``, ...).
+        model_kwargs: architecture arguments passed to ``create_model`` (``embed_dim``, ``depth``, ...).
         method: activation observer (``minmax``, ``ema``, ``percentile``, ``omse``); None
             evaluates the float model.
         placement: ``seed`` or ``full``.
@@ -36,6 +37,8 @@ class PTQModule(LightningModule):
         ptf: power-of-two factors for LayerNorm inputs (FQ-ViT).
         lis: log-int-softmax (FQ-ViT).
         arithmetic: ``seed`` (exact, as the seed) or ``fused`` (torch's fused kernel).
+        overrides: per-layer quantization settings, ``{pattern: null | {bits, observer,
+            granularity}}`` in order, later entries winning (see ``QuantConfig.overrides``).
     """
 
     def __init__(
@@ -44,23 +47,26 @@ class PTQModule(LightningModule):
         checkpoint: Optional[str] = None,
         num_classes: int = 1000,
         img_size: Optional[int] = None,
-        overrides: Optional[dict[str, Any]] = None,
+        model_kwargs: Optional[dict[str, Any]] = None,
         method: Optional[str] = None,
         placement: str = "seed",
         bits: str = "8/8/8",
         ptf: bool = False,
         lis: bool = False,
         arithmetic: str = "seed",
+        overrides: Optional[dict[str, Optional[dict[str, Any]]]] = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.quant_config = (
-            QuantConfig(method=method, placement=placement, bits=bits, ptf=ptf, lis=lis, arithmetic=arithmetic)
+            QuantConfig(
+                method=method, placement=placement, bits=bits, ptf=ptf, lis=lis, arithmetic=arithmetic, overrides=overrides
+            )
             if method is not None
             else None
         )
         self.model = create_model(
-            model_name, num_classes=num_classes, img_size=img_size, checkpoint=checkpoint, **(overrides or {})
+            model_name, num_classes=num_classes, img_size=img_size, checkpoint=checkpoint, **(model_kwargs or {})
         )
         if self.quant_config is not None:
             quantize_(self.model, self.quant_config)

@@ -9,7 +9,8 @@ import torch
 from pytorch_lightning import Callback, Trainer
 from pytorch_lightning.callbacks import TQDMProgressBar
 
-from lit_ptq.callbacks import STATE_FORMAT, CalibrationCallback, weights_fingerprint
+from lit_ptq.callbacks import CalibrationCallback
+from lit_ptq.quant.state import STATE_FORMAT, weights_fingerprint
 from lit_ptq.data import ImageNetDataModule
 from lit_ptq.errors import CheckpointError, ConfigError
 from lit_ptq.models import create_model
@@ -216,7 +217,8 @@ class TestStateFile:
             (dict(method="ema"), r"method: file 'minmax', run 'ema'"),
             (dict(bits="8/8/4"), r"bits: file '8/8/8', run '8/8/4'"),
             (dict(placement="full"), r"placement: file 'seed', run 'full'"),
-            (dict(overrides={"norm_eps": 1e-5}), r"overrides: file \{\}, run \{'norm_eps': 1e-05\}"),
+            (dict(model_kwargs={"norm_eps": 1e-5}), r"model_kwargs: file \{\}, run \{'norm_eps': 1e-05\}"),
+            (dict(overrides={"head*": None}), r"overrides: file '<missing>', run \{'head\*': None\}"),
         ],
     )
     def test_refuses_a_state_made_for_another_config(self, saved_state, fmnist_root, tiny_checkpoint, kwargs, match):

@@ -33,6 +33,11 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+CROSS_CPU_POINTS = 0.05
+"""How far (in top-1 points: 5 of 10,000 images) a quantized demo run on another CPU may land
+from the figure README.md documents."""
+
+
 def documented_top1(label: str) -> float:
     """The top-1 figure README.md gives for ``label``, in a line ``- <label> top-1 ...: **89.12 %**``."""
     text = (REPO / "README.md").read_text()
@@ -62,7 +67,10 @@ def test_quantized_top1_is_documented_and_within_half_a_point_of_float(
     record = run_demo("configs/demo.yaml", tmp_path / "q.json", monkeypatch)
     assert (record["method"], record["placement"], record["bits"]) == ("minmax", "seed", "8/8/8")
     assert record["num_images"] == TEST_IMAGES and record["calib_images"] == 1000
-    assert round(record["acc1"], 2) == documented_top1("8/8/8 MinMax (seed placement)")
+    # README's figure was measured on an AMD EPYC; another CPU's matrix kernels change the last
+    # bits of some activations, and the few that sit on a rounding boundary move one level:
+    # on an Intel Xeon (AVX-512, AMX) one of the 10,000 images flips (90.09). Five may.
+    assert abs(record["acc1"] - documented_top1("8/8/8 MinMax (seed placement)")) <= CROSS_CPU_POINTS
     assert abs(record["acc1"] - documented_top1("Float (fp32)")) <= 0.5
 
 

@@ -1,15 +1,27 @@
-"""Fake quantization of float iTPN models (no Lightning): config, observers, quantizers,
-quantized modules, the in-place ``quantize_`` entry point, calibration and reports."""
+"""Fake quantization of float vision transformers (no Lightning, no model names).
 
-from .config import METHODS, PLACEMENTS, Arithmetic, Granularity, QuantConfig, QuantSpec, parse_bits
+Config, arithmetic, observers, quant points, generic quantized layers, the in-place
+``quantize_`` entry point, calibration, state files and reports. Model families are
+plugins (``lit_ptq.quant.plugins``), loaded when this package is imported.
+"""
+
+from .config import METHODS, PLACEMENTS, Arithmetic, Granularity, PointOverride, QuantConfig, QuantSpec, parse_bits
 from .observers import OBSERVERS, Observer, build_observer, register_observer
-from .quantize import CalibrationError, calibrate, is_quantized, quantize_, quantizers, set_quant_mode
-from .quantizer import LogSoftmaxQuantizer, NotCalibratedError, QuantMode, TensorQuantizer, WeightQuantizer
+from .quantize import CalibrationError, calibrate, is_quantized, quant_points, quantize_, quantizers, set_quant_mode
+from .quantizer import LogSoftmaxQuantizer, NotCalibratedError, QuantMode, QuantPoint, TensorQuantizer, WeightQuantizer
+from .registry import FAMILIES, Family, PointFactory, Site, family_of, register_family
 from .report import QuantizerStats, quant_report
+from .state import broadcast_quant_state, load_quant_state, quant_state, save_quant_state, state_meta, weights_fingerprint
+from . import layers  # noqa: F401  (registers the generic quantized layers)
+from .plugins import load_plugins
+
+load_plugins()
 
 __all__ = [
     "Arithmetic",
     "CalibrationError",
+    "FAMILIES",
+    "Family",
     "Granularity",
     "LogSoftmaxQuantizer",
     "METHODS",
@@ -17,19 +29,32 @@ __all__ = [
     "OBSERVERS",
     "Observer",
     "PLACEMENTS",
+    "PointFactory",
+    "PointOverride",
     "QuantConfig",
     "QuantMode",
+    "QuantPoint",
     "QuantSpec",
     "QuantizerStats",
+    "Site",
     "TensorQuantizer",
     "WeightQuantizer",
+    "broadcast_quant_state",
     "build_observer",
     "calibrate",
+    "family_of",
     "is_quantized",
+    "load_quant_state",
     "parse_bits",
+    "quant_points",
     "quant_report",
+    "quant_state",
     "quantize_",
     "quantizers",
+    "register_family",
     "register_observer",
+    "save_quant_state",
     "set_quant_mode",
+    "state_meta",
+    "weights_fingerprint",
 ]

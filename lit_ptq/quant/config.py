@@ -4,12 +4,17 @@
 other field has the default of the PTQ-for-iTPN seed (FQ-ViT's arithmetic): weights int8
 symmetric per output channel with MinMax, activations uint8 asymmetric per tensor with the
 chosen observer, the softmax output quantized like an activation (or log2 with LIS).
+Per-layer settings are ordered ``overrides``: module-name patterns mapped to a partial
+setting, or to ``None`` to leave the matching quant points float (see ``docs/quantization.md``).
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+import fnmatch
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Optional, Union
 
 from ..errors import ConfigError
 
@@ -18,6 +23,7 @@ __all__ = [
     "Arithmetic",
     "QuantSpec",
     "QuantConfig",
+    "PointOverride",
     "METHODS",
     "PLACEMENTS",
     "parse_bits",
@@ -88,6 +94,62 @@ class QuantSpec:
         return 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
 
 
+@dataclass(frozen=True)
+class PointOverride:
+    """A partial setting for the quant points whose names match one pattern.
+
+    Attributes:
+        enabled: ``False`` leaves the matching points float (``null`` in YAML).
+        bits: bit width, or ``None`` to keep the role's width.
+        observer: observer name, or ``None`` to keep the role's observer.
+        granularity: per tensor or per channel, or ``None`` to keep the role's.
+    """
+
+    enabled: bool = True
+    bits: Optional[int] = None
+    observer: Optional[str] = None
+    granularity: Optional[Granularity] = None
+
+    FIELDS = ("bits", "observer", "granularity")
+
+    @classmethod
+    def parse(cls, pattern: str, value: Union[None, "PointOverride", Mapping[str, Any]]) -> "PointOverride":
+        """Read one override entry (``None`` or a mapping of :attr:`FIELDS`), with one-line errors."""
+        if value is None:
+            return cls(enabled=False)
+        if isinstance(value, PointOverride):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(
+                f"overrides[{pattern!r}]={value!r} must be null or a mapping of {', '.join(cls.FIELDS)}"
+            )
+        unknown = sorted(set(value) - set(cls.FIELDS))
+        if unknown:
+            raise ConfigError(f"overrides[{pattern!r}] has unknown field(s) {', '.join(unknown)}; use {', '.join(cls.FIELDS)}")
+        bits, observer, granularity = (value.get(k) for k in cls.FIELDS)
+        if bits is not None and (not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 16):
+            raise ConfigError(f"overrides[{pattern!r}].bits={bits!r} is outside the supported range 2..16")
+        if observer is not None:
+            from .observers import OBSERVERS
+
+            _choice(f"overrides[{pattern!r}].observer", observer, tuple(sorted(OBSERVERS)))
+        if granularity is not None:
+            _choice(f"overrides[{pattern!r}].granularity", str(getattr(granularity, "value", granularity)), tuple(g.value for g in Granularity))
+            granularity = Granularity(granularity)
+        return cls(True, bits, observer, granularity)
+
+    def apply(self, spec: QuantSpec) -> QuantSpec:
+        """``spec`` with the fields this override sets."""
+        changes = {k: getattr(self, k) for k in self.FIELDS if getattr(self, k) is not None}
+        return replace(spec, **changes) if changes else spec
+
+    def describe(self) -> Optional[dict[str, Any]]:
+        """The override as it is written in a config: ``None`` or the fields it sets."""
+        if not self.enabled:
+            return None
+        return {k: getattr(getattr(self, k), "value", getattr(self, k)) for k in self.FIELDS if getattr(self, k) is not None}
+
+
 def parse_bits(bits: str) -> tuple[int, int, int]:
     """Parse ``"W/A/Attn"`` (e.g. ``"8/8/4"``) into three integers in 2..16."""
     parts = str(bits).split("/")
@@ -115,7 +177,12 @@ class QuantConfig:
         ptf: FQ-ViT's power-of-two factors for LayerNorm inputs (only ``full`` quantizes them).
         lis: FQ-ViT's log-int-softmax: the softmax output as a log2 code of ``attention`` bits.
         arithmetic: ``seed`` (exact division, as the seed) or ``fused`` (torch's fused kernel)
-            for activations; weights always divide (see REFERENCE section 4).
+            for activations; weights always divide (see ``docs/quantization.md``).
+        overrides: ordered ``{pattern: setting}``; each pattern (``fnmatch``) is matched against
+            the full name of every quant point (``blocks.0.attn.qkv_output``,
+            ``head.weight_quantizer``), and every matching entry applies in order, so later
+            entries win. A setting is ``None`` (leave the point float) or a mapping of
+            ``bits``, ``observer``, ``granularity``. Stored as ``(pattern, PointOverride)`` pairs.
         weight: derived from ``bits``; int, symmetric, per channel, MinMax.
         act: derived; uint, asymmetric, per tensor, observer ``method``.
         attn: derived; the softmax output.
@@ -128,6 +195,7 @@ class QuantConfig:
     ptf: bool = False
     lis: bool = False
     arithmetic: Arithmetic = Arithmetic.SEED
+    overrides: Any = ()
     weight: QuantSpec = field(init=False)
     act: QuantSpec = field(init=False)
     attn: QuantSpec = field(init=False)
@@ -144,6 +212,7 @@ class QuantConfig:
             ) from None
         w, a, s = parse_bits(self.bits)
         set_ = object.__setattr__
+        set_(self, "overrides", _parse_overrides(self.overrides))
         set_(self, "weight", QuantSpec(w, True, Granularity.PER_CHANNEL, "minmax"))
         set_(self, "act", QuantSpec(a, False, Granularity.PER_TENSOR, self.method))
         set_(self, "attn", QuantSpec(s, False, Granularity.PER_TENSOR, "minmax" if self.lis else self.method))
@@ -153,9 +222,18 @@ class QuantConfig:
             QuantSpec(a, False, Granularity.PER_CHANNEL, "ptf") if self.ptf else QuantSpec(a, False, observer=self.method),
         )
 
+    def spec_for(self, role: str, name: str) -> Optional[QuantSpec]:
+        """The spec of the quant point ``name`` of ``role`` (``weight``, ``act``, ``attn``,
+        ``norm``) after the overrides that match ``name``; ``None`` when one leaves it float."""
+        spec: Optional[QuantSpec] = getattr(self, role)
+        for pattern, override in self.overrides:
+            if fnmatch.fnmatchcase(name, pattern):
+                spec = override.apply(getattr(self, role) if spec is None else spec) if override.enabled else None
+        return spec
+
     def describe(self) -> dict[str, object]:
-        """The user-facing fields, for logs and result files."""
-        return dict(
+        """The user-facing fields, for logs and result files (``overrides`` only when set)."""
+        fields: dict[str, object] = dict(
             method=self.method,
             placement=self.placement,
             bits=self.bits,
@@ -163,3 +241,22 @@ class QuantConfig:
             lis=self.lis,
             arithmetic=self.arithmetic.value,
         )
+        if self.overrides:
+            fields["overrides"] = {pattern: o.describe() for pattern, o in self.overrides}
+        return fields
+
+
+def _parse_overrides(value: Any) -> tuple[tuple[str, PointOverride], ...]:
+    if value is None:
+        return ()
+    items = value.items() if isinstance(value, Mapping) else value
+    try:
+        pairs = [(pattern, setting) for pattern, setting in items]
+    except (TypeError, ValueError):
+        raise ConfigError(f"overrides={value!r} must be a mapping from module-name patterns to settings") from None
+    out = []
+    for pattern, setting in pairs:
+        if not isinstance(pattern, str) or not pattern:
+            raise ConfigError(f"overrides: the pattern {pattern!r} must be a non-empty string such as 'blocks.0.*'")
+        out.append((pattern, PointOverride.parse(pattern, setting)))
+    return tuple(out)

@@ -1,86 +1,93 @@
 """``quantize_`` (swap modules in place), ``set_quant_mode`` and ``calibrate``.
 
-Placements:
-
-- ``seed`` (PTQ-for-iTPN): the weights of every Linear except ``head``; the outputs of
-  ``qkv``, the logits, the softmax, ``attn @ v``, ``proj``, the GELU, ``fc2`` and
-  PatchMerge's ``reduction``. Patch embedding, LayerNorms and ``head`` stay float.
-- ``full`` (FQ-ViT style): the seed's points plus the weights of ``head`` and the patch
-  embedding, the input of every Linear and Conv whose input is not already quantized
-  (the image, and the LayerNorm outputs feeding ``qkv``, ``fc1``, ``reduction`` and
-  ``head``), and every LayerNorm input.
+Which modules are swapped and which quant points they create is the business of the model
+family's plugin (``lit_ptq/quant/plugins/``); nothing here names a model.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn as nn
 
 from ..errors import UserError
 from .config import QuantConfig
-from .modules import QUANT_MODULES, QuantConv2d, QuantLayerNorm, QuantLinear
-from .quantizer import LogSoftmaxQuantizer, QuantMode, TensorQuantizer, WeightQuantizer
+from .quantizer import QuantMode, QuantPoint, TensorQuantizer, WeightQuantizer
+from .registry import PointFactory, family_of
 
-__all__ = ["quantize_", "set_quant_mode", "calibrate", "quantizers", "is_quantized", "CalibrationError"]
+__all__ = [
+    "quantize_",
+    "set_quant_mode",
+    "calibrate",
+    "quantizers",
+    "quant_points",
+    "is_quantized",
+    "as_input",
+    "owner_weight",
+    "CalibrationError",
+]
 
-_INPUT_QUANTIZED_LINEARS = ("qkv", "fc1", "reduction", "head")
+FilterFn = Callable[[nn.Module, str], bool]
+"""``filter_fn(module, name)``: whether ``quantize_`` may swap this module (torchao's convention)."""
 
 
 class CalibrationError(UserError, ValueError):
     """Calibration could not produce quantization parameters (no data, NaN or Inf)."""
 
 
-def _setup(module: nn.Module, name: str, config: QuantConfig) -> None:
-    full = config.placement == "full"
-    leaf = name.rsplit(".", 1)[-1]
-    if isinstance(module, QuantLinear):
-        module.setup_quant(config, quant_weight=full or leaf != "head", quant_input=full and leaf in _INPUT_QUANTIZED_LINEARS)
-    elif isinstance(module, QuantConv2d):
-        module.setup_quant(config, quant_weight=full, quant_input=full)
-    elif isinstance(module, QuantLayerNorm):
-        module.setup_quant(config, quant_input=full)
-    else:
-        module.setup_quant(config)
-
-
-def quantize_(model: nn.Module, config: QuantConfig) -> nn.Module:
+def quantize_(model: nn.Module, config: QuantConfig, filter_fn: Optional[FilterFn] = None) -> nn.Module:
     """Swap the float modules of ``model`` for their quantized subclasses, in place.
 
-    Parameters are kept (the class of each module changes, as in modelopt); the new
-    quantizers are in ``FLOAT`` mode until :func:`calibrate` or :func:`set_quant_mode`.
+    The model's family plugin (found by the model's class) says which module types are
+    swapped and, through its placement ``config.placement``, which quant points each one
+    creates; ``config.overrides`` then changes or removes points by name. Parameters are kept
+    (the class of each module changes, as in modelopt); the new quant points are in
+    ``FLOAT`` mode until :func:`calibrate` or :func:`set_quant_mode`.
 
     Args:
-        model: a float model (for example from ``lit_ptq.models.create_model``).
+        model: a float model of a registered family (for example from
+            ``lit_ptq.models.create_model``).
         config: what to quantize and how.
+        filter_fn: ``filter_fn(module, name)``; a module for which it returns False stays
+            float (its class is not swapped), as in torchao's ``quantize_``.
 
     Returns:
         ``model``, with ``model.quant_config`` set.
 
     Raises:
         ValueError: the model is already quantized.
+        ConfigError: no plugin handles the model, or its family lacks the placement.
     """
     if is_quantized(model):
         raise ValueError("the model is already quantized; build a fresh float model to quantize it again")
+    family = family_of(model)
+    placement = family.placement(config.placement)
+    table = family.swap_table()
     device = next(model.parameters()).device
-    for name, module in model.named_modules():
-        qcls = QUANT_MODULES.get(type(module))
-        if qcls is None:
+    for name, module in list(model.named_modules()):
+        qcls = table.get(type(module))
+        if qcls is None or (filter_fn is not None and not filter_fn(module, name)):
             continue
         module.__class__ = qcls
-        _setup(module, name, config)
-    for name, module in model.named_modules():
-        if isinstance(module, (TensorQuantizer, LogSoftmaxQuantizer)):
-            module.qualname = name
+        module.setup_quant(PointFactory(config, placement, name, module))
+    for name, point in quant_points(model):
+        point.qualname = name
     model.quant_config = config
     return model.to(device)
 
 
 def is_quantized(model: nn.Module) -> bool:
     """Whether ``quantize_`` has been applied to ``model``."""
-    return any(isinstance(m, (TensorQuantizer, LogSoftmaxQuantizer)) for m in model.modules())
+    return any(isinstance(m, QuantPoint) for m in model.modules())
+
+
+def quant_points(model: nn.Module) -> Iterator[tuple[str, QuantPoint]]:
+    """``(name, point)`` for every quant point of ``model`` (stateless ones too), in module order."""
+    for name, module in model.named_modules():
+        if isinstance(module, QuantPoint):
+            yield name, module
 
 
 def quantizers(model: nn.Module) -> Iterator[tuple[str, TensorQuantizer]]:
@@ -93,13 +100,13 @@ def quantizers(model: nn.Module) -> Iterator[tuple[str, TensorQuantizer]]:
 def set_quant_mode(model: nn.Module, mode: Union[QuantMode, str]) -> nn.Module:
     """Put every quantizer of ``model`` in ``float``, ``calibrate`` or ``quantize`` mode."""
     mode = QuantMode(mode)
-    for module in model.modules():
-        if isinstance(module, (TensorQuantizer, LogSoftmaxQuantizer)):
-            module.set_mode(mode)
+    for _, point in quant_points(model):
+        point.set_mode(mode)
     return model
 
 
-def _as_input(batch: object) -> torch.Tensor:
+def as_input(batch: object) -> torch.Tensor:
+    """The image tensor of a batch: the batch itself, or the first element of a tuple/list."""
     if isinstance(batch, torch.Tensor):
         return batch
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
@@ -143,13 +150,13 @@ def calibrate(model: nn.Module, batches: Iterable[object]) -> int:
         following = next(it, None)
         for q in acts:
             q.last_batch = following is None
-        model(_as_input(current).to(device, non_blocking=True))
+        model(as_input(current).to(device, non_blocking=True))
         seen += 1
         current = following
     try:
         for name, q in quantizers(model):
             if isinstance(q, WeightQuantizer):
-                q.calibrate_weight(_owner_weight(model, name))
+                q.calibrate_weight(owner_weight(model, name))
             else:
                 q.finish_calibration()
     except ValueError as err:
@@ -160,6 +167,7 @@ def calibrate(model: nn.Module, batches: Iterable[object]) -> int:
     return seen
 
 
-def _owner_weight(model: nn.Module, quantizer_name: str) -> torch.Tensor:
+def owner_weight(model: nn.Module, quantizer_name: str) -> torch.Tensor:
+    """The ``weight`` of the module that owns the weight quantizer ``quantizer_name``."""
     owner = model.get_submodule(quantizer_name.rsplit(".", 1)[0]) if "." in quantizer_name else model
     return owner.weight

@@ -1,8 +1,10 @@
 """Quantizer modules: scale and zero point in buffers, three modes switched by one helper.
 
-A :class:`TensorQuantizer` passes its input through (``FLOAT``), records it with its
-observer (``CALIBRATE``), or fake-quantizes it (``QUANTIZE``). Its qparams are registered
-buffers, so ``state_dict``, ``.to(device)`` and DDP broadcasts carry them.
+Every quant point of a model is a :class:`QuantPoint`: a uniform :class:`TensorQuantizer`
+(per tensor or per channel), a :class:`WeightQuantizer`, or the log2
+:class:`LogSoftmaxQuantizer`. A quant point passes its input through (``FLOAT``), records
+it (``CALIBRATE``), or fake-quantizes it (``QUANTIZE``). Qparams are registered buffers,
+so ``state_dict``, ``.to(device)`` and DDP broadcasts carry them.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from .config import Arithmetic, Granularity, QuantSpec
 from .observers import build_observer
 from .primitives import fake_quant_fused, fake_quant_per_channel_divide, fake_quant_seed, fake_quant_seed_, log_int_softmax
 
-__all__ = ["QuantMode", "TensorQuantizer", "WeightQuantizer", "LogSoftmaxQuantizer", "NotCalibratedError"]
+__all__ = ["QuantMode", "QuantPoint", "TensorQuantizer", "WeightQuantizer", "LogSoftmaxQuantizer", "NotCalibratedError"]
 
 
 class QuantMode(str, enum.Enum):
@@ -32,7 +34,42 @@ class NotCalibratedError(RuntimeError):
     """A quantizer was asked to quantize before it was calibrated or loaded."""
 
 
-class TensorQuantizer(nn.Module):
+class QuantPoint(nn.Module):
+    """Base class of every quant point: a mode, a report role, and its name in the model.
+
+    Subclasses implement ``forward``; code that walks a model finds its quant points with
+    ``isinstance(m, QuantPoint)`` and never lists quantizer classes.
+
+    Attributes:
+        mode: what ``forward`` does (see :class:`QuantMode`).
+        role: a short label for reports (``act``, ``attn``, ``norm``, ``weight``).
+        qualname: the point's module path in the model (set by ``quantize_``).
+        bits: the bit width of its integer grid.
+    """
+
+    bits: int
+
+    def __init__(self, role: str) -> None:
+        super().__init__()
+        self.role = role
+        self.mode = QuantMode.FLOAT
+        self.qualname = ""
+
+    def set_mode(self, mode: QuantMode) -> None:
+        """Switch between pass-through, calibration and fake quantization."""
+        self.mode = QuantMode(mode)
+
+    def error_terms(self, args: tuple, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For a report: from the arguments and output of a ``FLOAT``-mode call, the float
+        tensor, its fake-quantized copy and a mask of the values the grid saturates."""
+        raise NotImplementedError
+
+    def range_summary(self) -> tuple[float, float, float]:
+        """For a report: the calibrated ``(min, max, scale)`` (min and max over channels, mean scale)."""
+        return 0.0, 1.0, float("nan")
+
+
+class TensorQuantizer(QuantPoint):
     """Fake-quantizes an activation with a calibrated scale and zero point.
 
     Args:
@@ -56,8 +93,8 @@ class TensorQuantizer(nn.Module):
         arithmetic: Arithmetic = Arithmetic.SEED,
         inplace: bool = False,
     ) -> None:
-        super().__init__()
-        self.spec, self.role, self.channel_axis = spec, role, channel_axis
+        super().__init__(role)
+        self.spec, self.channel_axis = spec, channel_axis
         self.arithmetic = Arithmetic(arithmetic)
         self.inplace = inplace
         per_channel = spec.granularity is Granularity.PER_CHANNEL
@@ -68,18 +105,21 @@ class TensorQuantizer(nn.Module):
         self.register_buffer("max_val", torch.zeros(size))
         self.register_buffer("calibrated", torch.tensor(False))
         self.observer = build_observer(spec.observer, spec.qmin, spec.qmax, spec.signed, per_channel, channel_axis)
-        self.mode = QuantMode.FLOAT
         self.last_batch = False
         self.ready = False  # mirrors the `calibrated` buffer without a device sync in forward
-        self.qualname = ""
+
+    @property
+    def bits(self) -> int:  # type: ignore[override]
+        """The bit width of the spec."""
+        return self.spec.bits
 
     def extra_repr(self) -> str:
         s = self.spec
         return f"role={self.role}, bits={s.bits}, signed={s.signed}, {s.granularity.value}, observer={s.observer}"
 
     def set_mode(self, mode: QuantMode) -> None:
-        """Switch between pass-through, calibration and fake quantization."""
-        self.mode = QuantMode(mode)
+        """Switch between pass-through, calibration (observer reset) and fake quantization."""
+        super().set_mode(mode)
         if self.mode is QuantMode.CALIBRATE:
             self.observer.reset()
             self.last_batch = False
@@ -111,6 +151,22 @@ class TensorQuantizer(nn.Module):
         shape = [1] * x.dim()
         shape[self.channel_axis] = -1
         return self.scale.view(shape), self.zero_point.view(shape)
+
+    def clip_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """Where ``x`` lies more than half a step outside the grid (saturated, not merely rounded)."""
+        scale, zp = self.broadcast_qparams(x)
+        lo = (self.spec.qmin - 0.5 - zp) * scale
+        hi = (self.spec.qmax + 0.5 - zp) * scale
+        return (x < lo) | (x > hi)
+
+    def error_terms(self, args: tuple, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The input, its fake-quantized copy and its clip mask."""
+        x = args[0].detach().float()
+        return x, self.fake_quant(x), self.clip_mask(x)
+
+    def range_summary(self) -> tuple[float, float, float]:
+        """``(min over channels, max over channels, mean scale)`` of the calibrated buffers."""
+        return float(self.min_val.min()), float(self.max_val.max()), float(self.scale.mean())
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         """Fake-quantize ``x`` with the calibrated buffers (``x`` is left unchanged)."""
@@ -188,7 +244,7 @@ class WeightQuantizer(TensorQuantizer):
         return self.quantized_weight(weight) if self.mode is QuantMode.QUANTIZE else weight
 
 
-class LogSoftmaxQuantizer(nn.Module):
+class LogSoftmaxQuantizer(QuantPoint):
     """FQ-ViT's log-int-softmax (LIS): softmax of quantized logits as a ``bits``-bit log2 code.
 
     It needs the scale of the logits quantizer that feeds it (see
@@ -196,18 +252,16 @@ class LogSoftmaxQuantizer(nn.Module):
     """
 
     def __init__(self, bits: int) -> None:
-        super().__init__()
+        super().__init__("attn")
         self.bits = bits
-        self.mode = QuantMode.FLOAT
-        self.role = "attn"
-        self.qualname = ""
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}"
 
-    def set_mode(self, mode: QuantMode) -> None:
-        """Switch between float softmax and log-int-softmax."""
-        self.mode = QuantMode(mode)
+    def error_terms(self, args: tuple, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The float softmax, its log2-coded copy, and where the code underflows to 0."""
+        fq = log_int_softmax(args[0], args[1], self.bits)
+        return out.float(), fq, fq == 0
 
     def forward(self, logits: torch.Tensor, logits_scale: torch.Tensor) -> torch.Tensor:
         if self.mode is not QuantMode.QUANTIZE:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Union
+from typing import Any
 
 import torch
 import torch.nn as nn
 
-from .primitives import log_int_softmax
-from .quantize import _as_input, _owner_weight
-from .quantizer import LogSoftmaxQuantizer, QuantMode, TensorQuantizer, WeightQuantizer
+from .quantize import as_input, quant_points
+from .quantizer import QuantMode, QuantPoint
 
 __all__ = ["QuantizerStats", "quant_report"]
 
@@ -70,25 +69,10 @@ class _Accumulator:
         return 10.0 * math.log10(self.signal / self.noise)
 
 
-def _clip_mask(q: TensorQuantizer, x: torch.Tensor) -> torch.Tensor:
-    scale, zp = q.broadcast_qparams(x)
-    lo = (q.spec.qmin - 0.5 - zp) * scale
-    hi = (q.spec.qmax + 0.5 - zp) * scale
-    return (x < lo) | (x > hi)
-
-
-def _measure(q: TensorQuantizer, acc: _Accumulator, x: torch.Tensor) -> None:
-    x = x.detach().float()
-    acc.add(x, q.fake_quant(x), _clip_mask(q, x))
-
-
-def _stats(name: str, q: Union[TensorQuantizer, LogSoftmaxQuantizer], acc: _Accumulator) -> QuantizerStats:
-    if isinstance(q, LogSoftmaxQuantizer):
-        lo, hi, scale, bits = 0.0, 1.0, float("nan"), q.bits
-    else:
-        lo, hi, scale, bits = float(q.min_val.min()), float(q.max_val.max()), float(q.scale.mean()), q.spec.bits
+def _stats(name: str, q: QuantPoint, acc: _Accumulator) -> QuantizerStats:
+    lo, hi, scale = q.range_summary()
     clipped = acc.clipped / acc.numel if acc.numel else 0.0
-    return QuantizerStats(name, q.role, bits, lo, hi, scale, clipped, acc.sqnr(), acc.numel)
+    return QuantizerStats(name, q.role, q.bits, lo, hi, scale, clipped, acc.sqnr(), acc.numel)
 
 
 @torch.no_grad()
@@ -96,8 +80,8 @@ def quant_report(model: nn.Module, batch: object) -> list[QuantizerStats]:
     """Measure every quant point of a calibrated model on one batch.
 
     The model runs in float, so each quantizer sees the tensor the float model produces and
-    its error is its own (not accumulated from earlier quant points); weights are measured
-    on the weights. The model's quant mode is restored afterwards.
+    its error is its own (not accumulated from earlier quant points); each point measures
+    what it would do to what it sees (:meth:`QuantPoint.error_terms`). The model's quant mode is restored afterwards.
 
     Args:
         model: a calibrated model (see ``calibrate``).
@@ -106,35 +90,21 @@ def quant_report(model: nn.Module, batch: object) -> list[QuantizerStats]:
     Returns:
         One :class:`QuantizerStats` per quant point, in module order.
     """
-    points = [
-        (name, m)
-        for name, m in model.named_modules()
-        if isinstance(m, (TensorQuantizer, LogSoftmaxQuantizer))
-    ]
+    points = list(quant_points(model))
     modes = {name: m.mode for name, m in points}
     accs = {name: _Accumulator() for name, _ in points}
     hooks = []
     for name, m in points:
-        if isinstance(m, WeightQuantizer):
-            _measure(m, accs[name], _owner_weight(model, name))
-        elif isinstance(m, LogSoftmaxQuantizer):
 
-            def lis_hook(mod: nn.Module, args: tuple, out: torch.Tensor, acc: _Accumulator = accs[name]) -> None:
-                fq = log_int_softmax(args[0], args[1], mod.bits)
-                acc.add(out.float(), fq, fq == 0)
+        def hook(mod: QuantPoint, args: tuple, out: torch.Tensor, acc: _Accumulator = accs[name]) -> None:
+            acc.add(*mod.error_terms(args, out))
 
-            hooks.append(m.register_forward_hook(lis_hook))
-        else:
-
-            def hook(mod: nn.Module, args: tuple, out: torch.Tensor, acc: _Accumulator = accs[name]) -> None:
-                _measure(mod, acc, args[0])
-
-            hooks.append(m.register_forward_hook(hook))
+        hooks.append(m.register_forward_hook(hook))
     try:
         for _, m in points:
             m.set_mode(QuantMode.FLOAT)
         device = next(model.parameters()).device
-        model(_as_input(batch).to(device))
+        model(as_input(batch).to(device))
     finally:
         for h in hooks:
             h.remove()

@@ -40,7 +40,7 @@ import yaml
 from pytorch_lightning import Trainer, seed_everything
 
 from lit_ptq.callbacks import CalibrationCallback
-from lit_ptq.cli import results_record
+from lit_ptq.results import results_record
 from lit_ptq.data import ImageNetDataModule
 from lit_ptq.errors import ConfigError, UserError
 from lit_ptq.io import atomic_path, check_writable

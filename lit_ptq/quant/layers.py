@@ -1,0 +1,83 @@
+"""Generic quantized layers: ``nn.Linear``, ``nn.Conv2d`` and ``nn.LayerNorm`` with optional
+quant points, swapped in place by ``quantize_`` for every model family.
+
+Each class creates its points in ``setup_quant`` through a
+:class:`~lit_ptq.quant.registry.PointFactory` (``None`` where the placement leaves a point
+out) and, with its points in ``FLOAT`` mode, computes exactly what its float parent computes.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .quantizer import QuantMode, QuantPoint, TensorQuantizer, WeightQuantizer
+from .registry import GENERIC_MODULES, PointFactory
+
+__all__ = ["QuantLinear", "QuantConv2d", "QuantLayerNorm", "maybe_quant", "module_mode"]
+
+
+def maybe_quant(point: Optional[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """``point(x)``, or ``x`` when the point is not placed (``None``)."""
+    return point(x) if point is not None else x
+
+
+def module_mode(module: nn.Module) -> QuantMode:
+    """The mode of the quant points a module owns directly (``FLOAT`` when it owns none).
+
+    ``set_quant_mode`` puts every point of a model in one mode, so the first one tells.
+    """
+    for child in module.children():
+        if isinstance(child, QuantPoint):
+            return child.mode
+    return QuantMode.FLOAT
+
+
+class QuantLinear(nn.Linear):
+    """``nn.Linear`` with an optional input point and an optional weight point."""
+
+    input_quantizer: Optional[TensorQuantizer]
+    weight_quantizer: Optional[WeightQuantizer]
+
+    def setup_quant(self, points: PointFactory) -> None:
+        """Create the points the placement asks for."""
+        self.input_quantizer = points.act("input_quantizer", channels=self.in_features)
+        self.weight_quantizer = points.weight("weight_quantizer", self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(maybe_quant(self.input_quantizer, x), maybe_quant(self.weight_quantizer, self.weight), self.bias)
+
+
+class QuantConv2d(nn.Conv2d):
+    """``nn.Conv2d`` with an optional input point and an optional weight point."""
+
+    input_quantizer: Optional[TensorQuantizer]
+    weight_quantizer: Optional[WeightQuantizer]
+
+    def setup_quant(self, points: PointFactory) -> None:
+        """Create the points the placement asks for."""
+        self.input_quantizer = points.act("input_quantizer")
+        self.weight_quantizer = points.weight("weight_quantizer", self.out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = maybe_quant(self.weight_quantizer, self.weight)
+        return self._conv_forward(maybe_quant(self.input_quantizer, x), weight, self.bias)
+
+
+class QuantLayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` whose input is quantized (per channel with power-of-two factors under PTF)."""
+
+    input_quantizer: Optional[TensorQuantizer]
+
+    def setup_quant(self, points: PointFactory) -> None:
+        """Create the input point when the placement quantizes LayerNorm inputs."""
+        self.input_quantizer = points.norm("input_quantizer", self.normalized_shape[-1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(maybe_quant(self.input_quantizer, x), self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+GENERIC_MODULES.update({nn.Linear: QuantLinear, nn.Conv2d: QuantConv2d, nn.LayerNorm: QuantLayerNorm})

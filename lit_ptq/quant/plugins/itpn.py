@@ -1,0 +1,116 @@
+"""iTPN (Tian et al., "Integrally Pre-Trained Transformer Pyramid Networks", CVPR 2023;
+sunsmarterjie/iTPN) as a quantization plugin: quantized Attention, Mlp and PatchMerge, and
+the ``seed`` and ``full`` placements (``docs/quantization.md``).
+
+- ``seed`` (PTQ-for-iTPN): the weights of every Linear except ``head``; the outputs of
+  ``qkv``, the logits, the softmax, ``attn @ v``, ``proj``, the GELU, ``fc2`` and
+  PatchMerge's ``reduction``. Patch embedding, LayerNorms and ``head`` stay float.
+- ``full`` (FQ-ViT style): the seed's points plus the weights of ``head`` and the patch
+  embedding, the input of every Linear and Conv whose input is not already quantized
+  (the image, and the LayerNorm outputs feeding ``qkv``, ``fc1``, ``reduction`` and
+  ``head``), and every LayerNorm input.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from ...errors import ConfigError
+from ...models.itpn import Attention, Mlp, PatchMerge, iTPN
+from ..layers import maybe_quant, module_mode
+from ..quantizer import LogSoftmaxQuantizer, QuantMode
+from ..registry import PointFactory, Site, register_family
+
+__all__ = ["FAMILY", "QuantAttention", "QuantMlp", "QuantPatchMerge"]
+
+_OWN_POINTS = (Attention, Mlp, PatchMerge)
+_INPUT_QUANTIZED_LINEARS = ("qkv", "fc1", "reduction", "head")
+
+
+def seed_placement(site: Site) -> bool:
+    """PTQ-for-iTPN's points: block outputs, and every Linear weight except the head's."""
+    if isinstance(site.module, _OWN_POINTS):
+        return True
+    return site.role == "weight" and isinstance(site.module, nn.Linear) and site.module_name != "head"
+
+
+def full_placement(site: Site) -> bool:
+    """Every point, except the inputs of Linears that read an already quantized tensor."""
+    if site.point == "input_quantizer" and isinstance(site.module, nn.Linear):
+        return site.leaf in _INPUT_QUANTIZED_LINEARS
+    return True
+
+
+FAMILY = register_family("itpn", (iTPN,), {"seed": seed_placement, "full": full_placement})
+
+
+@FAMILY.quant_module(Attention)
+class QuantAttention(Attention):
+    """Attention with the seed's five quant points.
+
+    ``qkv_output`` (q, k and v), ``logits`` (``(q @ k^T) * scale`` before the position bias),
+    ``softmax_output`` (uniform, or log2 under LIS), ``context`` (``attn @ v``) and
+    ``proj_output``. Outside ``FLOAT`` mode the logits are computed as the seed does,
+    ``(q @ k^T) * scale``; in ``FLOAT`` mode as the official model, ``(q * scale) @ k^T``.
+    """
+
+    def setup_quant(self, points: PointFactory) -> None:
+        """Create the five quant points."""
+        self.qkv_output = points.act("qkv_output", inplace=True)
+        self.logits = points.act("logits", inplace=True)
+        self.softmax_output = points.softmax("softmax_output")
+        self.context = points.act("context", inplace=True)
+        self.proj_output = points.act("proj_output", inplace=True)
+        if isinstance(self.softmax_output, LogSoftmaxQuantizer) and self.logits is None:
+            raise ConfigError(f"log-int-softmax at {points.module_name} needs its logits quant point, which is left float")
+
+    def attention_probs(self, attn: torch.Tensor) -> torch.Tensor:
+        """Softmax of the biased logits, through the softmax quant point."""
+        if isinstance(self.softmax_output, LogSoftmaxQuantizer):
+            return self.softmax_output(attn, self.logits.scale)
+        return maybe_quant(self.softmax_output, attn.softmax(dim=-1))
+
+    def forward(self, x: torch.Tensor, rpe_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        N = x.shape[1]
+        q, k, v = self.split_heads(maybe_quant(self.qkv_output, self.qkv(x)))
+        float_mode = module_mode(self) is QuantMode.FLOAT
+        if float_mode:
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+        else:
+            attn = (q @ k.transpose(-2, -1)).mul_(self.scale)  # (q @ k^T) * scale, one tensor fewer
+        attn = maybe_quant(self.logits, attn)  # an identity in FLOAT mode, still seen by hooks (quant_report)
+        bias = self.position_bias(rpe_index, N)
+        if bias is not None:
+            attn = attn + bias if float_mode else attn.add_(bias)
+        attn = self.attn_drop(self.attention_probs(attn))
+        x = maybe_quant(self.context, self.merge_heads(attn @ v))
+        return self.proj_drop(maybe_quant(self.proj_output, self.proj(x)))
+
+
+@FAMILY.quant_module(Mlp)
+class QuantMlp(Mlp):
+    """MLP with the seed's quant points: the GELU output (``act_output``) and ``fc2_output``."""
+
+    def setup_quant(self, points: PointFactory) -> None:
+        """Create the two quant points."""
+        self.act_output = points.act("act_output", inplace=True)
+        self.fc2_output = points.act("fc2_output", inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.drop1(maybe_quant(self.act_output, self.act(self.fc1(x))))
+        return self.drop2(maybe_quant(self.fc2_output, self.fc2(x)))
+
+
+@FAMILY.quant_module(PatchMerge)
+class QuantPatchMerge(PatchMerge):
+    """PatchMerge with the seed's quant point on the output of ``reduction``."""
+
+    def setup_quant(self, points: PointFactory) -> None:
+        """Create the output quant point."""
+        self.reduction_output = points.act("reduction_output", inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return maybe_quant(self.reduction_output, self.reduction(self.norm(self.gather(x))))

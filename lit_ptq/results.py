@@ -1,0 +1,44 @@
+"""One run's results: the record written to ``--results_path`` and the per-quantizer report table."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .quant import QuantizerStats
+
+if TYPE_CHECKING:
+    from .callbacks import CalibrationCallback
+    from .module import PTQModule
+
+__all__ = ["results_record", "report_markdown"]
+
+
+def report_markdown(report: list[QuantizerStats]) -> str:
+    """The per-quantizer report as a markdown table."""
+    lines = [
+        "| quantizer | role | bits | min | max | scale | clipped % | SQNR dB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report:
+        lines.append(
+            f"| {r.name} | {r.role} | {r.bits} | {r.min_val:.4g} | {r.max_val:.4g} | {r.scale:.4g} | "
+            f"{100 * r.clipped:.3f} | {r.sqnr_db:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def results_record(
+    module: "PTQModule", metrics: dict[str, float], calib: "CalibrationCallback", extra: dict[str, Any]
+) -> dict[str, Any]:
+    """One run's result, as written to ``--results_path`` (acc1 / acc5 in percent)."""
+    summary = module.run_summary()
+    return dict(
+        **summary,
+        calib_images=calib.calib_images,
+        calibration_seconds=round(calib.seconds, 3),
+        acc1=round(100.0 * metrics["val/acc1"], 4),  # torchmetrics computes in float32: keep its digits
+        acc5=round(100.0 * metrics["val/acc5"], 4),
+        loss=metrics["val/loss"],
+        num_images=int(round(metrics["val/num_images"])),
+        **extra,
+    )
