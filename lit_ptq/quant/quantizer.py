@@ -123,6 +123,8 @@ class TensorQuantizer(QuantPoint):
         if self.mode is QuantMode.CALIBRATE:
             self.observer.reset()
             self.last_batch = False
+            self.calibrated.fill_(False)
+            self.ready = False
 
     def finish_calibration(self) -> None:
         """Turn the observer's statistics into buffers.
@@ -188,6 +190,8 @@ class TensorQuantizer(QuantPoint):
             return x
         if self.mode is QuantMode.CALIBRATE:
             self.observer.update(x, last=self.last_batch)
+            if self.last_batch:  # as FQ-ViT: the qparams exist as soon as the last batch has passed
+                self.finish_calibration()
             return x
         self._check_calibrated()
         if self.inplace and self.arithmetic is Arithmetic.SEED:
@@ -247,8 +251,10 @@ class WeightQuantizer(TensorQuantizer):
 class LogSoftmaxQuantizer(QuantPoint):
     """FQ-ViT's log-int-softmax (LIS): softmax of quantized logits as a ``bits``-bit log2 code.
 
-    It needs the scale of the logits quantizer that feeds it (see
-    :func:`lit_ptq.quant.primitives.log_int_softmax`); it has no state of its own.
+    It is called with the logits quantizer that feeds it and uses that quantizer's scale (see
+    :func:`lit_ptq.quant.primitives.log_int_softmax`); it has no state of its own. As in
+    FQ-ViT, it is already applied during calibration once the logits quantizer has its
+    scale, that is on the last calibration batch, so the points after it see its output there.
     """
 
     def __init__(self, bits: int) -> None:
@@ -260,10 +266,10 @@ class LogSoftmaxQuantizer(QuantPoint):
 
     def error_terms(self, args: tuple, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The float softmax, its log2-coded copy, and where the code underflows to 0."""
-        fq = log_int_softmax(args[0], args[1], self.bits)
+        fq = log_int_softmax(args[0], args[1].scale, self.bits)
         return out.float(), fq, fq == 0
 
-    def forward(self, logits: torch.Tensor, logits_scale: torch.Tensor) -> torch.Tensor:
-        if self.mode is not QuantMode.QUANTIZE:
-            return logits.softmax(dim=-1)
-        return log_int_softmax(logits, logits_scale, self.bits)
+    def forward(self, logits: torch.Tensor, source: TensorQuantizer) -> torch.Tensor:
+        if self.mode is QuantMode.QUANTIZE or (self.mode is QuantMode.CALIBRATE and source.ready):
+            return log_int_softmax(logits, source.scale, self.bits)
+        return logits.softmax(dim=-1)

@@ -70,7 +70,7 @@ class QuantAttention(Attention):
     def attention_probs(self, attn: torch.Tensor) -> torch.Tensor:
         """Softmax of the biased logits, through the softmax quant point."""
         if isinstance(self.softmax_output, LogSoftmaxQuantizer):
-            return self.softmax_output(attn, self.logits.scale)
+            return self.softmax_output(attn, self.logits)
         return maybe_quant(self.softmax_output, attn.softmax(dim=-1))
 
     def forward(self, x: torch.Tensor, rpe_index: Optional[torch.Tensor] = None) -> torch.Tensor:
