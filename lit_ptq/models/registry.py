@@ -132,7 +132,8 @@ def create_model(
         raise ConfigError(f"pass either pretrained=True or checkpoint={checkpoint!r} for {name}, not both")
     if pretrained and not _REGISTRY[name].has_pretrained:
         raise ConfigError(
-            f"model {name!r} has no published weights that lit_ptq can download; pass checkpoint= the path of a local file"
+            f"model {name!r} has no published weights that lit_ptq can download; "
+            "pass checkpoint= the path of a local file"
         )
     if pretrained:
         overrides["pretrained"] = True
