@@ -116,6 +116,31 @@ def test_img_size_overrides_the_registered_input_side(tmp_path: Path):
     assert dm.transform(_drawn_image(1, (100, 80))).shape == (3, 64, 64)
 
 
+@pytest.mark.parametrize(
+    ("model_name", "mean"),
+    [
+        ("deit_tiny_patch16_224", (0.485, 0.456, 0.406)),
+        ("vit_base_patch16_224", (0.5, 0.5, 0.5)),
+        ("swin_tiny_patch4_window7_224", (0.485, 0.456, 0.406)),
+    ],
+)
+def test_timm_models_get_timms_eval_transform(model_name: str, mean: tuple, tmp_path: Path):
+    import timm
+    from timm.data import create_transform, resolve_data_config
+
+    from lit_ptq.models import WEIGHT_TAGS
+
+    dm = ImageNetDataModule(root=str(tmp_path), model_name=model_name)
+    resize, crop, _, normalize = dm.transform.transforms
+    assert isinstance(resize, Resize) and resize.size == 248 and resize.interpolation == InterpolationMode.BICUBIC
+    assert isinstance(crop, CenterCrop) and crop.size == (224, 224)
+    assert tuple(normalize.mean) == mean
+    cfg = timm.models.get_pretrained_cfg(f"{model_name}.{WEIGHT_TAGS[model_name]}").to_dict()
+    reference = create_transform(**resolve_data_config(pretrained_cfg=cfg))
+    img = _drawn_image(3, (320, 250))
+    torch.testing.assert_close(dm.transform(img), reference(img), atol=0, rtol=0)
+
+
 def test_itpn_tiny_transform_normalizes_with_its_own_statistics():
     cfg = model_entry("itpn_tiny")[1]
     img = Image.new("RGB", (28, 28), (73, 73, 73))

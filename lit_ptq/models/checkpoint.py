@@ -4,6 +4,10 @@ Accepted: the official ``{'model': state_dict, ...}``, ``{'model_ema': state_dic
 Lightning's ``{'state_dict': ...}`` with its ``model.`` prefix, a bare state dict, keys
 prefixed with ``module.`` (DDP), and ``.safetensors`` files. Pickles are always read with
 ``torch.load(..., weights_only=True)``: nothing in a checkpoint is executed.
+
+A model family whose published checkpoints use another key layout than its modules registers
+a converter with :func:`register_layout_converter` (``timm_models`` does so for the original
+Swin Transformer layout); :func:`load_checkpoint` applies it before the strict key check.
 """
 
 from __future__ import annotations
@@ -14,14 +18,18 @@ import pickle
 import re
 import warnings
 from collections.abc import Mapping
-from typing import Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn as nn
 
 from ..errors import CheckpointError
 
-__all__ = ["read_state_dict", "load_checkpoint", "CheckpointError"]
+__all__ = ["read_state_dict", "load_checkpoint", "register_layout_converter", "CheckpointError"]
+
+LayoutConverter = Callable[[dict[str, torch.Tensor], nn.Module], tuple[dict[str, torch.Tensor], Optional[str]]]
+_CONVERTERS: list[tuple[type, LayoutConverter]] = []
+_HEAD_KEYS = ("head.weight", "head.fc.weight")
 
 _CONTAINER_KEYS = ("model", "model_ema", "state_dict", "module")
 _PREFIXES = ("module.", "model.", "_orig_mod.")
@@ -106,6 +114,26 @@ def read_state_dict(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
     return _strip_prefixes(_unwrap(obj, path))
 
 
+def register_layout_converter(model_type: type, convert: LayoutConverter) -> None:
+    """Register a function that rewrites foreign checkpoint layouts for models of a class.
+
+    Args:
+        model_type: the model class (instances of subclasses are converted too).
+        convert: ``convert(state_dict, model)`` returns the state dict in the model's own layout
+            and the name of the layout it recognized (for error messages), or the state dict
+            unchanged and ``None`` when it is already in the model's layout. It must not resize
+            tensors: a strict load reports shape mismatches instead.
+    """
+    _CONVERTERS.append((model_type, convert))
+
+
+def _convert_layout(model: nn.Module, sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Optional[str]]:
+    for model_type, convert in _CONVERTERS:
+        if isinstance(model, model_type):
+            return convert(sd, model)
+    return sd, None
+
+
 def _listing(title: str, keys: list[str]) -> str:
     shown = ", ".join(keys[:_SHOW]) + (", ..." if len(keys) > _SHOW else "")
     return f"{len(keys)} {title} ({shown})"
@@ -127,7 +155,7 @@ def load_checkpoint(model: nn.Module, path: Union[str, os.PathLike], strict: boo
             the message lists the first few offending keys of each kind with their counts and,
             for a head of another size, the ``num_classes`` that would fit.
     """
-    sd = read_state_dict(path)
+    sd, layout = _convert_layout(model, read_state_dict(path))
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
@@ -143,11 +171,14 @@ def load_checkpoint(model: nn.Module, path: Union[str, os.PathLike], strict: boo
                 _listing("wrong-shape keys", [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in wrong])
             )
         hints = []
-        if "head.weight" in wrong and sd["head.weight"].shape[1:] == own["head.weight"].shape[1:]:
-            classes = sd["head.weight"].shape[0]
-            hints.append(f"its head has {classes} classes: pass num_classes={classes}")
+        for head in _HEAD_KEYS:
+            if head in wrong and sd[head].shape[1:] == own[head].shape[1:]:
+                classes = sd[head].shape[0]
+                hints.append(f"its head has {classes} classes: pass num_classes={classes}")
         if len(missing) + len(wrong) > len(own) // 2:
             hints.append("it looks like a checkpoint of another architecture")
+        if layout is not None:
+            hints.append(f"keys read from {layout} and renamed to the model's")
         name = getattr(model, "model_name", type(model).__name__)
         raise CheckpointError(f"checkpoint {os.fspath(path)} does not fit {name}: " + "; ".join(parts + hints))
     if not strict:

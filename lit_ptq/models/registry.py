@@ -1,4 +1,9 @@
-"""Model registry: names -> factories that carry their evaluation metadata (timm style)."""
+"""Model registry: names -> factories that carry their evaluation metadata (timm style).
+
+The registry follows timm's ``register_model`` / ``create_model`` pattern
+(https://github.com/huggingface/pytorch-image-models): a factory is registered under a name
+together with the :class:`EvalConfig` its evaluation transform is built from.
+"""
 
 from __future__ import annotations
 
@@ -38,16 +43,31 @@ class EvalConfig:
 class _Entry:
     factory: Callable[..., nn.Module]
     eval_cfg: EvalConfig
+    has_pretrained: bool = False
 
 
 _REGISTRY: dict[str, _Entry] = {}
 
 
-def register_model(name: str, eval_cfg: EvalConfig) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Decorator that registers a model factory under ``name`` with its evaluation metadata."""
+def register_model(
+    name: str, eval_cfg: EvalConfig, *, has_pretrained: bool = False
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator that registers a model factory under ``name`` with its evaluation metadata.
+
+    Args:
+        name: the name :func:`create_model` accepts.
+        eval_cfg: how the model's evaluation images are prepared.
+        has_pretrained: the factory accepts ``pretrained=True`` and then downloads published
+            weights; without it, ``create_model(name, pretrained=True)`` is refused.
+
+    Returns:
+        A decorator that registers the factory and returns it unchanged. The factory is called
+        with ``num_classes``, ``img_size``, the architecture overrides and, only when asked for,
+        ``pretrained=True``.
+    """
 
     def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        _REGISTRY[name] = _Entry(fn, eval_cfg)
+        _REGISTRY[name] = _Entry(fn, eval_cfg, has_pretrained)
         return fn
 
     return wrap
@@ -77,6 +97,7 @@ def create_model(
     img_size: Optional[int] = None,
     checkpoint: Union[str, None] = None,
     strict: bool = True,
+    pretrained: bool = False,
     **overrides: Any,
 ) -> nn.Module:
     """Build a registered model, optionally loading a checkpoint.
@@ -87,16 +108,35 @@ def create_model(
         img_size: input side; defaults to the registered input size.
         checkpoint: path of a checkpoint to load (see :func:`lit_ptq.models.load_checkpoint`).
         strict: refuse missing, unexpected or wrong-shape keys.
-        **overrides: architecture sizes (``embed_dim``, ``mlp_depth``, ``depth``, ``num_heads``,
-            ``mlp_ratio``, ``bridge_mlp_ratio``, ``patch_size``, ...).
+        pretrained: download the model's published weights (timm models only; needs a network
+            or a filled download cache).
+        **overrides: architecture sizes, passed to the factory (iTPN: ``embed_dim``,
+            ``mlp_depth``, ``depth``, ``num_heads``, ``mlp_ratio``, ``bridge_mlp_ratio``,
+            ``patch_size``, ...; timm models: any keyword of the timm model class, such as
+            ``depth``, ``depths``, ``embed_dim``, ``num_heads``, ``window_size``).
 
     Returns:
         The model in eval mode, with ``model.eval_cfg`` (an :class:`EvalConfig`) and
         ``model.model_name`` set.
+
+    Raises:
+        ConfigError: an unknown name or architecture argument, ``pretrained=True`` together with
+            ``checkpoint``, or ``pretrained=True`` for a model without published weights.
+        CheckpointError: the checkpoint does not load, or the pretrained weights could not be
+            downloaded.
     """
     from .checkpoint import load_checkpoint
 
     factory, eval_cfg = model_entry(name)
+    if pretrained and checkpoint is not None:
+        raise ConfigError(f"pass either pretrained=True or checkpoint={checkpoint!r} for {name}, not both")
+    if pretrained and not _REGISTRY[name].has_pretrained:
+        raise ConfigError(
+            f"model {name!r} has no published weights that lit_ptq can download; "
+            "pass checkpoint= the path of a local file"
+        )
+    if pretrained:
+        overrides["pretrained"] = True
     img_size = img_size or eval_cfg.input_size[-1]
     try:
         model = factory(num_classes=num_classes, img_size=img_size, **overrides)
