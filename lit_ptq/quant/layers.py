@@ -14,15 +14,36 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .quantizer import QuantMode, QuantPoint, TensorQuantizer, WeightQuantizer
+from .quantizer import LogSoftmaxQuantizer, QuantMode, QuantPoint, TensorQuantizer, WeightQuantizer
 from .registry import GENERIC_MODULES, PointFactory
 
-__all__ = ["QuantLinear", "QuantConv2d", "QuantLayerNorm", "maybe_quant", "module_mode"]
+__all__ = ["QuantLinear", "QuantConv2d", "QuantLayerNorm", "maybe_quant", "module_mode", "quantized_softmax", "check_softmax_source"]
 
 
 def maybe_quant(point: Optional[nn.Module], x: torch.Tensor) -> torch.Tensor:
     """``point(x)``, or ``x`` when the point is not placed (``None``)."""
     return point(x) if point is not None else x
+
+
+def quantized_softmax(
+    softmax_point: Optional[QuantPoint], logits_point: Optional[TensorQuantizer], attn: torch.Tensor
+) -> torch.Tensor:
+    """Softmax over the last dimension through the softmax-output point.
+
+    A :class:`LogSoftmaxQuantizer` (FQ-ViT's log-int-softmax) computes the softmax itself from
+    the logits and the scale of ``logits_point``; a uniform point quantizes the float softmax.
+    """
+    if isinstance(softmax_point, LogSoftmaxQuantizer):
+        return softmax_point(attn, logits_point)
+    return maybe_quant(softmax_point, attn.softmax(dim=-1))
+
+
+def check_softmax_source(softmax_point: Optional[QuantPoint], logits_point: Optional[TensorQuantizer], where: str) -> None:
+    """Refuse a log-int-softmax whose logits point an override left float (it needs its scale)."""
+    if isinstance(softmax_point, LogSoftmaxQuantizer) and logits_point is None:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"log-int-softmax at {where} needs its logits quant point, which an override leaves float")
 
 
 def module_mode(module: nn.Module) -> QuantMode:

@@ -71,7 +71,7 @@ def quantize_(model: nn.Module, config: QuantConfig, filter_fn: Optional[FilterF
         if qcls is None or (filter_fn is not None and not filter_fn(module, name)):
             continue
         module.__class__ = qcls
-        module.setup_quant(PointFactory(config, placement, name, module))
+        module.setup_quant(PointFactory(config, placement, name, module, model))
     for name, point in quant_points(model):
         point.qualname = name
     model.quant_config = config

@@ -35,12 +35,14 @@ class Site:
         point: attribute name of the point in that module (``qkv_output``, ``weight_quantizer``).
         module: the owning module (already of its quantized class).
         role: ``weight``, ``act``, ``attn`` (softmax output) or ``norm`` (LayerNorm input).
+        root: the whole model (for rules that depend on the model's variant).
     """
 
     module_name: str
     point: str
     module: nn.Module
     role: str
+    root: nn.Module
 
     @property
     def name(self) -> str:
@@ -144,15 +146,18 @@ class PointFactory:
         placement: the family's rule for ``config.placement``.
         module_name: path of the module in the model.
         module: the module (of its quantized class).
+        root: the whole model.
     """
 
-    def __init__(self, config: QuantConfig, placement: Placement, module_name: str, module: nn.Module) -> None:
+    def __init__(
+        self, config: QuantConfig, placement: Placement, module_name: str, module: nn.Module, root: nn.Module
+    ) -> None:
         self.config, self.placement = config, placement
-        self.module_name, self.module = module_name, module
+        self.module_name, self.module, self.root = module_name, module, root
 
     def spec(self, point: str, role: str) -> Optional[QuantSpec]:
         """The spec of ``point`` when it is placed and not disabled, else ``None``."""
-        site = Site(self.module_name, point, self.module, role)
+        site = Site(self.module_name, point, self.module, role, self.root)
         if not self.placement(site):
             return None
         return self.config.spec_for(role, site.name)

@@ -18,10 +18,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ...errors import ConfigError
 from ...models.itpn import Attention, Mlp, PatchMerge, iTPN
-from ..layers import maybe_quant, module_mode
-from ..quantizer import LogSoftmaxQuantizer, QuantMode
+from ..layers import check_softmax_source, maybe_quant, module_mode, quantized_softmax
+from ..quantizer import QuantMode
 from ..registry import PointFactory, Site, register_family
 
 __all__ = ["FAMILY", "QuantAttention", "QuantMlp", "QuantPatchMerge"]
@@ -64,14 +63,11 @@ class QuantAttention(Attention):
         self.softmax_output = points.softmax("softmax_output")
         self.context = points.act("context", inplace=True)
         self.proj_output = points.act("proj_output", inplace=True)
-        if isinstance(self.softmax_output, LogSoftmaxQuantizer) and self.logits is None:
-            raise ConfigError(f"log-int-softmax at {points.module_name} needs its logits quant point, which is left float")
+        check_softmax_source(self.softmax_output, self.logits, points.module_name)
 
     def attention_probs(self, attn: torch.Tensor) -> torch.Tensor:
         """Softmax of the biased logits, through the softmax quant point."""
-        if isinstance(self.softmax_output, LogSoftmaxQuantizer):
-            return self.softmax_output(attn, self.logits)
-        return maybe_quant(self.softmax_output, attn.softmax(dim=-1))
+        return quantized_softmax(self.softmax_output, self.logits, attn)
 
     def forward(self, x: torch.Tensor, rpe_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         N = x.shape[1]

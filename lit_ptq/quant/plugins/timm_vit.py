@@ -1,0 +1,161 @@
+"""timm's ViT and DeiT (``timm.models.vision_transformer.VisionTransformer``) as a
+quantization plugin, with FQ-ViT's quant points (``docs/quantization.md``).
+
+``full`` is FQ-ViT's placement (Lin et al., "FQ-ViT: Post-Training Quantization for Fully
+Quantized Vision Transformer", IJCAI 2022; megvii-research/FQ-ViT, ``models/vit_quant.py``),
+point for point: the image (DeiT only, as FQ-ViT's ``input_quant``), the patch embedding
+output, the class token + patch tokens, the position embedding itself, their sum, in every
+block the LayerNorm outputs (the inputs of ``qkv`` and ``fc1``), ``qkv``, ``(q @ k^T) * scale``,
+the softmax (log2 under LIS), ``attn @ v``, ``proj``, the GELU, ``fc2`` and both residual sums
+(the LayerNorm inputs, per channel under PTF), the final norm's output (the head's input) and
+the head's output; every weight, per output channel. FQ-ViT quantizes the residual stream
+itself, so the sums are points of the block, not inputs of the LayerNorms.
+
+``seed`` maps PTQ-for-iTPN's points to the same roles: ``qkv``, logits, softmax, ``attn @ v``,
+``proj``, GELU and ``fc2`` outputs, and the weights of every Linear but the head.
+
+With every point in ``FLOAT`` mode the modules compute what timm's do (timm's own
+``forward`` where it differs, e.g. its fused attention kernel).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from timm.layers import Attention, Mlp, PatchEmbed
+from timm.models.vision_transformer import Block, VisionTransformer
+
+from ...errors import ConfigError
+from ..layers import check_softmax_source, maybe_quant, module_mode, quantized_softmax
+from ..quantizer import QuantMode
+from ..registry import PointFactory, Site, register_family
+from ._timm_layers import QuantTimmMlp, QuantTimmPatchEmbed
+
+__all__ = ["FAMILY", "QuantTimmAttention", "QuantTimmBlock", "QuantVisionTransformer"]
+
+_INPUT_QUANTIZED_LINEARS = ("qkv", "fc1", "head")
+
+
+def _quantizes_image(root: nn.Module) -> bool:
+    """FQ-ViT quantizes the input image of its DeiT models and not of its ViT models."""
+    name = getattr(root, "model_name", None) or getattr(root, "pretrained_cfg", {}).get("architecture", "")
+    return str(name).startswith("deit")
+
+
+def seed_placement(site: Site) -> bool:
+    """PTQ-for-iTPN's roles: attention and MLP outputs, every Linear weight except the head's."""
+    if isinstance(site.module, (Attention, Mlp)):
+        return True
+    return site.role == "weight" and isinstance(site.module, nn.Linear) and site.module_name != "head"
+
+
+def full_placement(site: Site) -> bool:
+    """FQ-ViT's points (see the module docstring)."""
+    module = site.module
+    if isinstance(module, nn.LayerNorm):
+        return False  # the LayerNorm inputs are the residual-stream points
+    if site.point == "input_quantizer":
+        if isinstance(module, nn.Conv2d):
+            return _quantizes_image(site.root)
+        return site.leaf in _INPUT_QUANTIZED_LINEARS
+    if site.point == "proj_output" and isinstance(module, PatchEmbed):
+        return not isinstance(module.norm, nn.Identity)
+    return True
+
+
+FAMILY = register_family("timm_vit", (VisionTransformer,), {"seed": seed_placement, "full": full_placement})
+FAMILY.quant_module(Mlp)(QuantTimmMlp)
+FAMILY.quant_module(PatchEmbed)(QuantTimmPatchEmbed)
+
+
+@FAMILY.quant_module(Attention)
+class QuantTimmAttention(Attention):
+    """timm's ``Attention`` with FQ-ViT's five points: ``qkv_output``, ``logits``
+    (``(q @ k^T) * scale``), ``softmax_output``, ``context`` (``attn @ v``), ``proj_output``."""
+
+    def setup_quant(self, points: PointFactory) -> None:
+        """Create the five quant points."""
+        if self.gate is not None:
+            raise ConfigError(f"{points.module_name}: gated attention is not supported by the timm_vit plugin")
+        self.qkv_output = points.act("qkv_output", inplace=True)
+        self.logits = points.act("logits", inplace=True)
+        self.softmax_output = points.softmax("softmax_output")
+        self.context = points.act("context", inplace=True)
+        self.proj_output = points.act("proj_output", inplace=True)
+        check_softmax_source(self.softmax_output, self.logits, points.module_name)
+
+    def forward(
+        self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        if module_mode(self) is QuantMode.FLOAT:
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        if attn_mask is not None or is_causal:
+            raise ValueError("quantized timm attention takes no attention mask")
+        B, N, _ = x.shape
+        qkv = maybe_quant(self.qkv_output, self.qkv(x))
+        q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        attn = maybe_quant(self.logits, (q @ k.transpose(-2, -1)).mul_(self.scale))
+        attn = self.attn_drop(quantized_softmax(self.softmax_output, self.logits, attn))
+        x = maybe_quant(self.context, (attn @ v).transpose(1, 2).reshape(B, N, self.attn_dim))
+        return self.proj_drop(maybe_quant(self.proj_output, self.proj(self.norm(x))))
+
+
+@FAMILY.quant_module(Block)
+class QuantTimmBlock(Block):
+    """timm's ViT ``Block`` with the residual stream quantized after each sum (FQ-ViT's
+    ``qact2`` / ``qact4``): ``attn_residual`` and ``mlp_residual``, the next LayerNorms' inputs."""
+
+    def setup_quant(self, points: PointFactory) -> None:
+        """Create the two residual-sum points (per channel under PTF)."""
+        dim = self.norm1.normalized_shape[-1]
+        self.attn_residual = points.norm("attn_residual", dim)
+        self.mlp_residual = points.norm("mlp_residual", dim)
+
+    def forward(
+        self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        attn = self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)
+        x = maybe_quant(self.attn_residual, x + self.drop_path1(self.ls1(attn)))
+        return maybe_quant(self.mlp_residual, x + self.drop_path2(self.ls2(self.mlp(self.norm2(x)))))
+
+
+@FAMILY.quant_module(VisionTransformer)
+class QuantVisionTransformer(VisionTransformer):
+    """timm's ``VisionTransformer`` with FQ-ViT's model-level points: ``tokens`` (class token
+    and patch tokens), ``pos_embed_output`` (the position embedding), ``embed_output`` (their
+    sum, the first LayerNorm's input) and ``head_output`` (the logits)."""
+
+    def setup_quant(self, points: PointFactory) -> None:
+        """Create the model-level points; refuse ViT variants FQ-ViT's layout does not cover."""
+        unsupported = [
+            what
+            for what, present in (
+                ("register tokens", self.reg_token is not None),
+                ("no class token", self.cls_token is None),
+                ("no_embed_class", self.no_embed_class),
+                ("dynamic_img_size", self.dynamic_img_size),
+                ("no position embedding", self.pos_embed is None),
+            )
+            if present
+        ]
+        if unsupported:
+            raise ConfigError(f"the timm_vit plugin does not quantize ViTs with {', '.join(unsupported)}")
+        dim = self.embed_dim
+        self.tokens = points.act("tokens")
+        self.pos_embed_output = points.act("pos_embed_output")
+        self.embed_output = points.norm("embed_output", dim)
+        self.head_output = points.act("head_output", inplace=True)
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        if module_mode(self) is QuantMode.FLOAT:
+            return super()._pos_embed(x)
+        x = maybe_quant(self.tokens, torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1))
+        x = x + maybe_quant(self.pos_embed_output, self.pos_embed)
+        return self.pos_drop(maybe_quant(self.embed_output, x))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = super().forward_head(x, pre_logits=pre_logits)
+        return x if pre_logits else maybe_quant(self.head_output, x)
