@@ -27,6 +27,7 @@ class PTQModule(LightningModule):
         model_name: registered model (``itpn_base``, ``deit_small_patch16_224``, ...; see
             ``lit_ptq.models.list_models``).
         checkpoint: path of the float weights (see ``lit_ptq.models.load_checkpoint``).
+        pretrained: download the registered weights with timm (timm families only; needs a network).
         num_classes: classifier width; must match the checkpoint and the dataset.
         img_size: input side (defaults to the registered one).
         model_kwargs: architecture arguments passed to ``create_model`` (``embed_dim``, ``depth``, ...).
@@ -45,6 +46,7 @@ class PTQModule(LightningModule):
         self,
         model_name: str = "itpn_base",
         checkpoint: Optional[str] = None,
+        pretrained: bool = False,
         num_classes: int = 1000,
         img_size: Optional[int] = None,
         model_kwargs: Optional[dict[str, Any]] = None,
@@ -66,7 +68,8 @@ class PTQModule(LightningModule):
             else None
         )
         self.model = create_model(
-            model_name, num_classes=num_classes, img_size=img_size, checkpoint=checkpoint, **(model_kwargs or {})
+            model_name, num_classes=num_classes, img_size=img_size, checkpoint=checkpoint, pretrained=pretrained,
+            **(model_kwargs or {}),
         )
         if self.quant_config is not None:
             quantize_(self.model, self.quant_config)

@@ -117,14 +117,14 @@ def test_img_size_overrides_the_registered_input_side(tmp_path: Path):
 
 
 @pytest.mark.parametrize(
-    ("model_name", "mean"),
+    ("model_name", "mean", "resize_to"),
     [
-        ("deit_tiny_patch16_224", (0.485, 0.456, 0.406)),
-        ("vit_base_patch16_224", (0.5, 0.5, 0.5)),
-        ("swin_tiny_patch4_window7_224", (0.485, 0.456, 0.406)),
+        ("deit_tiny_patch16_224", (0.485, 0.456, 0.406), 256),  # crop 0.875, as DeiT and FQ-ViT evaluate
+        ("vit_base_patch16_224", (0.5, 0.5, 0.5), 248),
+        ("swin_tiny_patch4_window7_224", (0.485, 0.456, 0.406), 248),
     ],
 )
-def test_timm_models_get_timms_eval_transform(model_name: str, mean: tuple, tmp_path: Path):
+def test_timm_models_get_timms_eval_transform(model_name: str, mean: tuple, resize_to: int, tmp_path: Path):
     import timm
     from timm.data import create_transform, resolve_data_config
 
@@ -132,11 +132,11 @@ def test_timm_models_get_timms_eval_transform(model_name: str, mean: tuple, tmp_
 
     dm = ImageNetDataModule(root=str(tmp_path), model_name=model_name)
     resize, crop, _, normalize = dm.transform.transforms
-    assert isinstance(resize, Resize) and resize.size == 248 and resize.interpolation == InterpolationMode.BICUBIC
+    assert isinstance(resize, Resize) and resize.size == resize_to and resize.interpolation == InterpolationMode.BICUBIC
     assert isinstance(crop, CenterCrop) and crop.size == (224, 224)
     assert tuple(normalize.mean) == mean
     cfg = timm.models.get_pretrained_cfg(f"{model_name}.{WEIGHT_TAGS[model_name]}").to_dict()
-    reference = create_transform(**resolve_data_config(pretrained_cfg=cfg))
+    reference = create_transform(**resolve_data_config(pretrained_cfg={**cfg, "crop_pct": dm.eval_cfg.crop_pct}))
     img = _drawn_image(3, (320, 250))
     torch.testing.assert_close(dm.transform(img), reference(img), atol=0, rtol=0)
 

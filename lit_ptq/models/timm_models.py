@@ -23,7 +23,8 @@ tag (``deit_tiny_patch16_224.fb_in1k``):
   ImageNet-1k release ``ms_in1k``.
 
 The evaluation metadata (input size, mean, std, crop fraction, interpolation) is read, offline,
-from timm's pretrained config of that tag. ``pretrained=True`` downloads the tagged weights
+from timm's pretrained config of that tag, except DeiT's crop fraction at 224: 0.875 (resize
+256), as DeiT's own evaluation and FQ-ViT use, where timm's config says 0.9. ``pretrained=True`` downloads the tagged weights
 with timm's own loader.
 
 Checkpoints (``checkpoint=``) load strictly in these layouts:
@@ -39,6 +40,7 @@ Checkpoints (``checkpoint=``) load strictly in these layouts:
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Optional
 
 import timm
@@ -52,6 +54,7 @@ from .checkpoint import register_layout_converter
 from .registry import EvalConfig, register_model
 
 __all__ = [
+    "CROP_PCT",
     "WEIGHT_TAGS",
     "convert_swin_state_dict",
     "deit_base_patch16_224",
@@ -109,9 +112,20 @@ def timm_eval_config(tagged_name: str) -> EvalConfig:
     )
 
 
+#: Crop fractions that differ from timm's config: DeiT's own evaluation and FQ-ViT's
+#: ``test_quant.py`` resize DeiT to 256 (crop 0.875), where timm's config says 0.9.
+CROP_PCT: dict[str, float] = {
+    "deit_tiny_patch16_224": 0.875,
+    "deit_small_patch16_224": 0.875,
+    "deit_base_patch16_224": 0.875,
+}
+
+
 def _register(name: str):
-    tagged = f"{name}.{WEIGHT_TAGS[name]}"
-    return register_model(name, timm_eval_config(tagged), has_pretrained=True)
+    eval_cfg = timm_eval_config(f"{name}.{WEIGHT_TAGS[name]}")
+    if name in CROP_PCT:
+        eval_cfg = replace(eval_cfg, crop_pct=CROP_PCT[name])
+    return register_model(name, eval_cfg, has_pretrained=True)
 
 
 def _create(name: str, *, pretrained: bool = False, **kwargs: Any) -> nn.Module:

@@ -225,11 +225,13 @@ class QuantConfig:
     def spec_for(self, role: str, name: str) -> Optional[QuantSpec]:
         """The spec of the quant point ``name`` of ``role`` (``weight``, ``act``, ``attn``,
         ``norm``) after the overrides that match ``name``; ``None`` when one leaves it float."""
-        spec: Optional[QuantSpec] = getattr(self, role)
+        spec: QuantSpec = getattr(self, role)
+        enabled = True
         for pattern, override in self.overrides:
             if fnmatch.fnmatchcase(name, pattern):
-                spec = override.apply(getattr(self, role) if spec is None else spec) if override.enabled else None
-        return spec
+                enabled = override.enabled
+                spec = override.apply(spec)
+        return spec if enabled else None
 
     def describe(self) -> dict[str, object]:
         """The user-facing fields, for logs and result files (``overrides`` only when set)."""

@@ -1,7 +1,7 @@
 """Observers: collect statistics of a tensor during calibration, then turn them into a range.
 
 The four activation observers of PTQ-for-iTPN / FQ-ViT, with the seed's arithmetic
-(REFERENCE section 4), and FQ-ViT's power-of-two-factor observer for LayerNorm inputs:
+(``docs/quantization.md``), and FQ-ViT's power-of-two-factor observer for LayerNorm inputs:
 
 - ``minmax``: running min / max over all calibration batches.
 - ``ema``: the first batch sets min / max, then ``m <- m + 0.01 * (cur - m)``.

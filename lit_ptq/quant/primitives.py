@@ -1,6 +1,6 @@
 """The arithmetic of fake quantization, in one place: every observer and quantizer calls these.
 
-The formulas are those of FQ-ViT / PTQ-for-iTPN (REFERENCE section 4), kept to the bit:
+The formulas are those of FQ-ViT / PTQ-for-iTPN (``docs/quantization.md``), kept to the bit:
 float32 throughout, ``torch.round`` (half to even), the scale clamped to float32 epsilon.
 """
 

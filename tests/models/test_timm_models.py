@@ -23,6 +23,7 @@ from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 
 from lit_ptq.errors import CheckpointError, ConfigError
+from lit_ptq.models.timm_models import CROP_PCT
 from lit_ptq.models import WEIGHT_TAGS, EvalConfig, convert_swin_state_dict, create_model, list_models, model_entry
 
 FQVIT_MODELS = [
@@ -59,9 +60,9 @@ FQVIT_URLS = {
 
 # name -> (timm class, parameters, state-dict keys, input side, mean/std, crop_pct)
 ARCHITECTURES = {
-    "deit_tiny_patch16_224": (VisionTransformer, 5_717_416, 152, 224, IMAGENET, 0.9),
-    "deit_small_patch16_224": (VisionTransformer, 22_050_664, 152, 224, IMAGENET, 0.9),
-    "deit_base_patch16_224": (VisionTransformer, 86_567_656, 152, 224, IMAGENET, 0.9),
+    "deit_tiny_patch16_224": (VisionTransformer, 5_717_416, 152, 224, IMAGENET, 0.875),
+    "deit_small_patch16_224": (VisionTransformer, 22_050_664, 152, 224, IMAGENET, 0.875),
+    "deit_base_patch16_224": (VisionTransformer, 86_567_656, 152, 224, IMAGENET, 0.875),
     "deit_base_patch16_384": (VisionTransformer, 86_859_496, 152, 384, IMAGENET, 1.0),
     "vit_tiny_patch16_224": (VisionTransformer, 5_717_416, 152, 224, INCEPTION, 0.9),
     "vit_small_patch16_224": (VisionTransformer, 22_050_664, 152, 224, INCEPTION, 0.9),
@@ -175,11 +176,12 @@ def test_eval_config_is_timms_pretrained_config(name: str) -> None:
     expected = EvalConfig(input_size=(3, side, side), mean=mean, std=std, crop_pct=crop_pct, interpolation="bicubic")
     assert model_entry(name)[1] == expected
     cfg = timm.models.get_pretrained_cfg(f"{name}.{WEIGHT_TAGS[name]}")
+    timm_crop = 0.9 if name in CROP_PCT else expected.crop_pct  # DeiT: 0.875 as DeiT and FQ-ViT evaluate
     assert (cfg.input_size, cfg.mean, cfg.std, cfg.crop_pct, cfg.interpolation) == (
         expected.input_size,
         expected.mean,
         expected.std,
-        expected.crop_pct,
+        timm_crop,
         expected.interpolation,
     )
 

@@ -1,4 +1,4 @@
-"""The arithmetic of fake quantization (REFERENCE section 4), checked against numbers worked
+"""The arithmetic of fake quantization (docs/quantization.md), checked against numbers worked
 out by hand and against plain element-by-element float32 references."""
 
 from __future__ import annotations

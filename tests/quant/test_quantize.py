@@ -1,5 +1,5 @@
 """quantize_ / calibrate / quant_report on itpn_tiny: where each placement puts its quant points
-(written out by hand from REFERENCE section 3), the calibration loop, and the report.
+(written out by hand from docs/quantization.md), the calibration loop, and the report.
 
 itpn_tiny (mlp_depth=1, depth=6) has ``blocks.0`` MLP-only, ``blocks.1`` PatchMerge,
 ``blocks.2`` MLP-only, ``blocks.3`` PatchMerge, ``blocks.4`` to ``blocks.9`` attention blocks.
