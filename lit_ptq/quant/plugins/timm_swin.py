@@ -44,7 +44,7 @@ from timm.models.swin_transformer import PatchMerging, SwinTransformer, SwinTran
 
 from ...errors import ConfigError
 from ..layers import check_softmax_source, maybe_quant, module_mode, quantized_softmax
-from ..quantizer import QuantMode
+from ..quantizer import QuantMode, TensorQuantizer
 from ..registry import PointFactory, Site, register_family
 from ._timm_layers import QuantTimmMlp, QuantTimmPatchEmbed
 
@@ -111,7 +111,7 @@ class QuantWindowAttention(WindowAttention):
         self.proj_output = points.act("proj_output", inplace=True)
         check_softmax_source(self.softmax_output, self.softmax_source(), points.module_name)
 
-    def softmax_source(self):
+    def softmax_source(self) -> Optional[TensorQuantizer]:
         """The point whose scale a log-int-softmax uses: ``biased_logits``, else ``logits``."""
         return self.biased_logits if self.biased_logits is not None else self.logits
 
