@@ -1,0 +1,191 @@
+"""timm's Swin Transformer (``timm.models.swin_transformer.SwinTransformer``; Liu et al.,
+"Swin Transformer: Hierarchical Vision Transformer using Shifted Windows", ICCV 2021) as a
+quantization plugin, with FQ-ViT's quant points (``docs/quantization.md``).
+
+``full`` is FQ-ViT's placement for Swin (Lin et al., "FQ-ViT: Post-Training Quantization for
+Fully Quantized Vision Transformer", IJCAI 2022; megvii-research/FQ-ViT,
+``models/swin_quant.py``), point for point:
+
+- model level: the image (the patch embedding conv's input), the conv output before the
+  patch embedding's LayerNorm and that LayerNorm's output (both per tensor, also under PTF),
+  the final LayerNorm's output, the pooled features (the head's input) and the logits;
+- in every block: the first LayerNorm's output (the input of ``qkv``), ``qkv``,
+  ``(q * scale) @ k^T`` (scaled before the product, as Swin computes it), the relative
+  position bias table itself (before it is gathered by the position index), the logits plus
+  the gathered bias (before the shift mask, which is added afterwards and never quantized;
+  the log-int-softmax uses this point's scale under LIS), the softmax (log2 under LIS),
+  ``attn @ v``, ``proj``, both residual sums (the next LayerNorms' inputs, per channel under
+  PTF), the second LayerNorm's output (the input of ``fc1``), the GELU and ``fc2``;
+- in every PatchMerging: its LayerNorm's output (the input of ``reduction``) and the
+  ``reduction`` output (the next block's LayerNorm input, per channel under PTF);
+- every weight, per output channel.
+
+Swin-T has 168 activation points: 6 at model level, 13 per block, 2 per PatchMerging. timm
+runs PatchMerging at the start of stage ``i + 1`` (``layers.{i+1}.downsample``) where
+FQ-ViT has it at the end of stage ``i``: the tensors are the same. timm keeps feature maps
+as ``(B, H, W, C)``; per-channel points use the last dimension, as FQ-ViT does on ``(B, L, C)``.
+
+``seed`` maps PTQ-for-iTPN's points to the same roles: ``qkv``, the logits (before the
+position bias), the softmax, ``attn @ v``, ``proj``, GELU and ``fc2`` outputs, the
+PatchMerging ``reduction`` output, and the weights of every Linear but the head's.
+
+With every point in ``FLOAT`` mode the modules compute what timm's do (timm's own
+``forward`` where it differs).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from timm.layers import Mlp, PatchEmbed
+from timm.models.swin_transformer import PatchMerging, SwinTransformer, SwinTransformerBlock, WindowAttention
+
+from ...errors import ConfigError
+from ..layers import check_softmax_source, maybe_quant, module_mode, quantized_softmax
+from ..quantizer import QuantMode, TensorQuantizer
+from ..registry import PointFactory, Site, register_family
+from ._timm_layers import QuantTimmMlp, QuantTimmPatchEmbed
+
+__all__ = [
+    "FAMILY",
+    "QuantWindowAttention",
+    "QuantSwinTransformerBlock",
+    "QuantPatchMerging",
+    "QuantSwinTransformer",
+]
+
+_INPUT_QUANTIZED_LINEARS = ("qkv", "fc1", "reduction", "fc")
+_SEED_ATTENTION_POINTS = ("qkv_output", "logits", "softmax_output", "context", "proj_output")
+
+
+def seed_placement(site: Site) -> bool:
+    """PTQ-for-iTPN's roles: attention, MLP and PatchMerging outputs, every Linear weight except the head's."""
+    module = site.module
+    if isinstance(module, WindowAttention):
+        return site.point in _SEED_ATTENTION_POINTS
+    if isinstance(module, Mlp) or (isinstance(module, PatchMerging) and site.point == "reduction_output"):
+        return True
+    return site.role == "weight" and isinstance(module, nn.Linear) and site.module_name != "head.fc"
+
+
+def full_placement(site: Site) -> bool:
+    """FQ-ViT's points (see the module docstring)."""
+    module = site.module
+    if isinstance(module, nn.LayerNorm):
+        return False  # the LayerNorm inputs are the residual-stream and reduction-output points
+    if site.point == "input_quantizer":
+        if isinstance(module, nn.Conv2d):
+            return True  # FQ-ViT quantizes the image of its Swin models
+        return site.leaf in _INPUT_QUANTIZED_LINEARS
+    if site.point == "proj_output" and isinstance(module, PatchEmbed):
+        return not isinstance(module.norm, nn.Identity)
+    return True
+
+
+FAMILY = register_family("timm_swin", (SwinTransformer,), {"seed": seed_placement, "full": full_placement})
+FAMILY.quant_module(Mlp)(QuantTimmMlp)
+FAMILY.quant_module(PatchEmbed)(QuantTimmPatchEmbed)
+
+
+@FAMILY.quant_module(WindowAttention)
+class QuantWindowAttention(WindowAttention):
+    """timm's ``WindowAttention`` with FQ-ViT's seven points.
+
+    ``qkv_output``, ``logits`` (``(q * scale) @ k^T``), ``bias_table`` (the
+    ``relative_position_bias_table`` parameter, before the gather), ``biased_logits`` (logits
+    plus the relative position bias, before the shift mask), ``softmax_output`` (uniform, or
+    log2 under LIS from ``biased_logits``' scale, or ``logits``' when that point is not
+    placed), ``context`` (``attn @ v``) and ``proj_output``.
+    """
+
+    def setup_quant(self, points: PointFactory) -> None:
+        """Create the seven quant points."""
+        self.qkv_output = points.act("qkv_output", inplace=True)
+        self.logits = points.act("logits", inplace=True)
+        self.bias_table = points.act("bias_table")
+        self.biased_logits = points.act("biased_logits", inplace=True)
+        self.softmax_output = points.softmax("softmax_output")
+        self.context = points.act("context", inplace=True)
+        self.proj_output = points.act("proj_output", inplace=True)
+        check_softmax_source(self.softmax_output, self.softmax_source(), points.module_name)
+
+    def softmax_source(self) -> Optional[TensorQuantizer]:
+        """The point whose scale a log-int-softmax uses: ``biased_logits``, else ``logits``."""
+        return self.biased_logits if self.biased_logits is not None else self.logits
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if module_mode(self) is QuantMode.FLOAT:
+            return super().forward(x, mask=mask)
+        B_, N, _ = x.shape
+        qkv = maybe_quant(self.qkv_output, self.qkv(x))
+        q, k, v = qkv.reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = maybe_quant(self.logits, (q * self.scale) @ k.transpose(-2, -1))
+        table = maybe_quant(self.bias_table, self.relative_position_bias_table)
+        bias = table[self.relative_position_index.view(-1)].view(self.window_area, self.window_area, -1)
+        attn = maybe_quant(self.biased_logits, attn.add_(bias.permute(2, 0, 1).unsqueeze(0)))
+        if mask is not None:
+            num_win = mask.shape[0]
+            attn = attn.view(-1, num_win, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
+            attn = attn.view(-1, self.num_heads, N, N)
+        attn = self.attn_drop(quantized_softmax(self.softmax_output, self.softmax_source(), attn))
+        x = maybe_quant(self.context, (attn @ v).transpose(1, 2).reshape(B_, N, -1))
+        return self.proj_drop(maybe_quant(self.proj_output, self.proj(x)))
+
+
+@FAMILY.quant_module(SwinTransformerBlock)
+class QuantSwinTransformerBlock(SwinTransformerBlock):
+    """timm's ``SwinTransformerBlock`` with the residual stream quantized after each sum
+    (FQ-ViT's ``qact2`` / ``qact4``): ``attn_residual`` and ``mlp_residual``, the next
+    LayerNorms' inputs (per channel, along the last dimension, under PTF)."""
+
+    def setup_quant(self, points: PointFactory) -> None:
+        """Create the two residual-sum points."""
+        dim = self.norm1.normalized_shape[-1]
+        self.attn_residual = points.norm("attn_residual", dim)
+        self.mlp_residual = points.norm("mlp_residual", dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        x = maybe_quant(self.attn_residual, x + self.drop_path1(self._attn(self.norm1(x))))
+        x = x.reshape(B, -1, C)
+        x = maybe_quant(self.mlp_residual, x + self.drop_path2(self.mlp(self.norm2(x))))
+        return x.reshape(B, H, W, C)
+
+
+@FAMILY.quant_module(PatchMerging)
+class QuantPatchMerging(PatchMerging):
+    """timm's ``PatchMerging`` with a point on the ``reduction`` output (``reduction_output``,
+    FQ-ViT's ``downsample.qact2``): the next block's LayerNorm input, per channel under PTF.
+    The LayerNorm output is the input point of ``reduction``."""
+
+    def setup_quant(self, points: PointFactory) -> None:
+        """Create the output point."""
+        self.reduction_output = points.norm("reduction_output", self.out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return maybe_quant(self.reduction_output, super().forward(x))
+
+
+@FAMILY.quant_module(SwinTransformer)
+class QuantSwinTransformer(SwinTransformer):
+    """timm's ``SwinTransformer`` with FQ-ViT's model-level points: ``norm_output`` (the final
+    LayerNorm's output, before pooling) and ``head_output`` (the logits). The image and the
+    pooled features are the input points of ``patch_embed.proj`` and ``head.fc``."""
+
+    def setup_quant(self, points: PointFactory) -> None:
+        """Create the model-level points; refuse heads FQ-ViT's layout does not cover."""
+        if self.global_pool != "avg":
+            raise ConfigError(
+                f"the timm_swin plugin quantizes Swin models with average pooling, not global_pool={self.global_pool!r}"
+            )
+        self.norm_output = points.act("norm_output")
+        self.head_output = points.act("head_output", inplace=True)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return maybe_quant(self.norm_output, super().forward_features(x))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = super().forward_head(x, pre_logits=pre_logits)
+        return x if pre_logits else maybe_quant(self.head_output, x)
