@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from lit_ptq.data import ImageNetDataModule
 from lit_ptq.errors import CheckpointError, ConfigError
 from lit_ptq.models import create_model
 from lit_ptq.module import PTQModule
-from lit_ptq.quant import QuantMode, quantizers
+from lit_ptq.quant import QuantMode, calibrate, quantizers
 
 CALIB_BATCH_SIZE = 16
 CALIB_BATCHES = 2
@@ -59,17 +60,17 @@ def _module(checkpoint: Path, method: str | None = "minmax", **kwargs) -> PTQMod
     return PTQModule(model_name="itpn_tiny", num_classes=10, checkpoint=str(checkpoint), method=method, **kwargs)
 
 
-def _run(module: PTQModule, root: Path, *callbacks: Callback, inference_mode: bool = True) -> dict[str, float]:
-    trainer = Trainer(
+def _run(module: PTQModule, root: Path, *callbacks: Callback, **trainer_kwargs: Any) -> dict[str, float]:
+    """``Trainer.validate`` on ``root`` (one CPU process unless ``trainer_kwargs`` say otherwise)."""
+    options = dict(
         accelerator="cpu",
         devices=1,
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
-        inference_mode=inference_mode,
-        callbacks=list(callbacks),
     )
+    trainer = Trainer(**{**options, **trainer_kwargs}, callbacks=list(callbacks))
     (metrics,) = trainer.validate(module, datamodule=_datamodule(root), verbose=False)
     return metrics
 
@@ -80,6 +81,22 @@ def _buffers(module: PTQModule) -> dict[str, torch.Tensor]:
 
 def _metrics_only(metrics: dict[str, float]) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if k.startswith("val/")}
+
+
+class RankOneCalibratesOtherImages(Callback):
+    """Test-only, for a two-process run: rank 1 calibrates on another shuffle of ``train/`` (data
+    seed 1), so that its quantizer buffers differ from rank 0's until the broadcast; after
+    validation each rank saves its buffers to ``folder/rank{r}.pt``."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        if trainer.global_rank == 1:
+            trainer.datamodule.seed = 1
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        torch.save(_buffers(pl_module), self.folder / f"rank{trainer.global_rank}.pt")
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +182,31 @@ class TestCalibration:
         assert _metrics_only(metrics) == _metrics_only(saved_state[1])
 
 
+class TestTwoProcesses:
+    def test_every_rank_ends_with_rank_zeros_state(
+        self, saved_state, fmnist_root, tiny_checkpoint, tmp_path, monkeypatch
+    ):
+        """Rank 1 calibrates on other images than rank 0; after the broadcast both ranks hold rank 0's
+        buffers (those of the one-process run) and the metrics are the one-process run's."""
+        monkeypatch.delenv("MASTER_PORT", raising=False)  # Lightning picks a free one and leaves it set
+        _, reference, buffers, *_ = saved_state
+        alone = _module(tiny_checkpoint)
+        other_images = _datamodule(fmnist_root)
+        other_images.seed = 1
+        calibrate(alone.model, other_images.calib_dataloader())
+        assert not all(torch.equal(b, buffers[k]) for k, b in _buffers(alone).items())  # rank 1's own state
+
+        module = _module(tiny_checkpoint)
+        ranks = RankOneCalibratesOtherImages(tmp_path)
+        # forked ranks (gloo): nothing to pickle or re-import, so the run takes about a second
+        metrics = _run(module, fmnist_root, ranks, CalibrationCallback(), strategy="ddp_fork", devices=2)
+        assert _metrics_only(metrics) == _metrics_only(reference)
+        for rank in (0, 1):
+            state = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+            assert set(state) == set(buffers)
+            assert all(torch.equal(state[k], v) for k, v in buffers.items()), rank
+
+
 class TestStateFile:
     def test_save_writes_a_tagged_state(self, saved_state, tiny_checkpoint):
         path, _, buffers, *_ = saved_state
@@ -227,6 +269,24 @@ class TestStateFile:
         refused = rf"calibration.load_state=.* was made for another model or config \(.*{match}"
         with pytest.raises(CheckpointError, match=refused):
             _run(module, fmnist_root, CalibrationCallback(load_state=str(path)))
+
+    @pytest.mark.parametrize(
+        "key",
+        [
+            "model", "num_classes", "method", "placement", "bits",
+            "ptf", "lis", "arithmetic", "overrides", "weights_sha256",
+        ],
+    )  # fmt: skip
+    def test_refuses_a_state_missing_a_meta_key(self, saved_state, fmnist_root, tiny_checkpoint, tmp_path, key):
+        """A state whose meta lacks a key (forged here by deleting it) is refused and the key named;
+        a state that does not name the weights it was calibrated for is not loaded either."""
+        payload = torch.load(saved_state[0], map_location="cpu", weights_only=True)
+        del payload["meta"][key]
+        forged = tmp_path / "forged.qstate"
+        torch.save(payload, forged)
+        refused = rf"calibration.load_state=.* was made for another model or config \((.*; )?{key}: file "
+        with pytest.raises(CheckpointError, match=refused):
+            _run(_module(tiny_checkpoint), fmnist_root, CalibrationCallback(load_state=str(forged)))
 
     def test_refuses_a_state_made_for_other_weights(self, saved_state, fmnist_root, tmp_path):
         torch.manual_seed(123)

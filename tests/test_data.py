@@ -368,6 +368,27 @@ def test_calibration_is_the_seeded_shuffle_of_train(root: Path):
     torch.testing.assert_close(batches[0][0][1], train[expected[1]][0], atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("model_name", ["itpn_tiny", "itpn_base"])
+def test_calibration_images_are_the_evaluation_transform_of_the_files(tmp_path: Path, model_name: str):
+    """Calibration reads each chosen train/ image as evaluation reads an image: the model's
+    evaluation transform (resize the shorter edge, centre crop, normalize), no train-time resize
+    or crop. The files are 45x37, neither square nor of the input size, so any other resize or
+    crop gives other pixels."""
+    root = tmp_path / "imagenet"
+    for split, per_class in (("train", 5), ("val", 1)):
+        for c, name in enumerate(("a", "b")):
+            (root / split / name).mkdir(parents=True)
+            for j in range(per_class):
+                _drawn_image(7 * c + j, (45, 37)).save(root / split / name / f"{j:04d}.png")
+    dm = datamodule(root, model_name=model_name, calib_batches=2, calib_batch_size=4)
+    transform = eval_transform(model_entry(model_name)[1])
+    paths = [dm.train_dataset.samples[i][0] for i in dm.calib_indices()]
+    expected = torch.stack([transform(load_rgb(path)) for path in paths])
+    images = torch.cat([x for x, _ in dm.calib_dataloader()])
+    assert images.shape == expected.shape == (8, *model_entry(model_name)[1].input_size)
+    assert torch.equal(images, expected)
+
+
 def test_calibration_batches_repeat_for_a_seed_and_change_with_it(root: Path):
     first = _calib(root, seed=0)
     for again in (_calib(root, seed=0), _calib(root, seed=0, num_workers=2)):

@@ -156,9 +156,9 @@ def test_omse_picks_the_seeds_candidate(case: str, seed: int, bits: int) -> None
     obs = _act_observer("omse", bits)
     obs.update(batches[0])
     obs.update(batches[1])
-    running_min = torch.min(obs.min_val, batches[2].min())
-    running_max = torch.max(obs.max_val, batches[2].max())
     obs.update(batches[2], last=True)
+    running_min = torch.stack([b.min() for b in batches]).min()  # the range of all three batches
+    running_max = torch.stack([b.max() for b in batches]).max()
 
     expected, scores = _seed_omse(batches[2], running_min, running_max, 0, 2**bits - 1)
     chosen = _chosen_index(obs, running_min, running_max)

@@ -56,6 +56,13 @@ def _reference_fake_quant(x: torch.Tensor, scale: float, zp: float, qmin: int, q
         (-0.5, 0.25, 0, 255, 0.75 / 255, 170.0),
         # 4 bits: s = 0.75/15 = 0.05; zp = round(0.5 / 0.05) = 10
         (-0.5, 0.25, 0, 15, 0.05, 10.0),
+        # min / s with a fraction below one half, where floor and round part: s = 1;
+        # zp = -round(-10.25) = 10 (floor would give 11)
+        (-10.25, 244.75, 0, 255, 1.0, 10.0),
+        # 4 bits: s = 3.75/15 = 0.25; zp = -round(-3.25) = 3 (floor would give 4)
+        (-0.8125, 2.9375, 0, 15, 0.25, 3.0),
+        # a tie: zp = -round(-2.5) = 2, half to even (floor, or rounding half away from zero, give 3)
+        (-0.625, 3.125, 0, 15, 0.25, 2.0),
         # a range above zero: zp = -round(0.5 / s) = -85 clamps to qmin (the seed does not widen to 0)
         (0.5, 2.0, 0, 255, 1.5 / 255, 0.0),
         # a range below zero: zp = round(3 * 255 / 2) = 382 clamps to qmax

@@ -27,7 +27,7 @@ from lit_ptq.quant import (
     quantizers,
     set_quant_mode,
 )
-from lit_ptq.quant.observers import OmseObserver, PtfObserver
+from lit_ptq.quant.observers import OmseObserver, PtfObserver, build_observer
 
 MLP_ONLY = [0, 2]
 MERGES = [1, 3]
@@ -260,13 +260,80 @@ COMBINATIONS = list(
 )
 
 
+def _expected_observer(name: str, method: str, ptf: bool) -> str:
+    """The observer a tensor quantizer of this name gets: MinMax for weights, PTF for LayerNorm
+    inputs under PTF, else the configured method."""
+    if name.endswith("weight_quantizer"):
+        return "minmax"
+    if ".norm" in name or name.startswith("fc_norm"):
+        return "ptf" if ptf else method
+    return method
+
+
 @pytest.mark.parametrize(("method", "placement", "ptf", "lis"), COMBINATIONS)
 def test_every_combination_runs_end_to_end(method, placement, ptf, lis, make_tiny, eval_images) -> None:
+    """Each configuration has its placement's quant points with the configured observers, calibrates
+    them on the float model's tensors, and keeps its logits within 15% (in norm) of the float ones."""
     model = quantize_(make_tiny(), QuantConfig(method=method, placement=placement, ptf=ptf, lis=lis))
-    assert calibrate(model, [eval_images[:2], eval_images[2:]]) == 2
+    points = _points(model)
+    assert set(points) == (SEED_POINTS if placement == "seed" else FULL_POINTS)
+    for name, q in points.items():
+        if lis and name.endswith("softmax_output"):
+            assert type(q) is LogSoftmaxQuantizer
+            continue
+        assert q.observer.name == _expected_observer(name, method, ptf), name
+        per_channel = name.endswith("weight_quantizer") or (ptf and q.role == "norm")
+        assert (q.scale.numel() > 1) == per_channel, name
+
+    batches = [eval_images[:2], eval_images[2:]]
+    float_model, gelu = make_tiny(), []
+    float_model.blocks[0].mlp.act.register_forward_hook(lambda module, args, out: gelu.append(out))
+    with torch.no_grad():
+        reference = float_model(eval_images)
+        gelu.clear()
+        for x in batches:
+            float_model(x)
+    assert calibrate(model, batches) == 2
+    assert all(q.mode is QuantMode.QUANTIZE for q in points.values())
+    assert all(bool(q.calibrated) for _, q in quantizers(model))
+    # a value: the first GELU's quant point holds what a `method` observer makes of the float GELU outputs
+    observer = build_observer(method, 0, 255, signed=False, per_channel=False, channel_axis=-1)
+    observer.update(gelu[0])
+    observer.update(gelu[1], last=True)
+    point = model.blocks[0].mlp.act_output
+    for buffer, value in zip((point.scale, point.zero_point, point.min_val, point.max_val), observer.compute()):
+        assert torch.equal(buffer, value.reshape(1))
     with torch.no_grad():
         logits = model(eval_images)
-    assert logits.shape == (4, 10) and torch.isfinite(logits).all()
+    assert logits.shape == (4, 10)
+    # measured: at most 0.112 of the float logits' norm (full placement with PTF and LIS)
+    assert (logits - reference).norm() < 0.15 * reference.norm()
+
+
+@pytest.mark.parametrize("placement", ["seed", "full"])
+def test_logits_are_quantized_before_the_position_bias(placement, make_quantized, calib_batches) -> None:
+    """The logits quant point sees ``(q @ k^T) * scale`` without the relative position bias: its
+    MinMax range is that of ``(q @ k^T) * scale`` over the calibration batches (q, k from ``qkv``)."""
+    model = make_quantized(calibrated=False, placement=placement, method="minmax")
+    qkv: dict[int, list[torch.Tensor]] = {i: [] for i in ATTENTION}
+    for i in ATTENTION:
+        model.blocks[i].attn.qkv.register_forward_hook(lambda module, args, out, i=i: qkv[i].append(out.clone()))
+    calibrate(model, calib_batches)
+    grid, tokens = 4, 16  # a 32x32 input in patches of 8
+    rpe_index = model.rpe_index(grid)
+    for i in ATTENTION:
+        attn = model.blocks[i].attn
+        logits = []
+        for out in qkv[i]:
+            B, N, C3 = out.shape
+            heads = attn.num_heads
+            q, k, _ = out.reshape(B, N, 3, heads, C3 // (3 * heads)).permute(2, 0, 3, 1, 4)
+            logits.append((q @ k.transpose(-2, -1)) * attn.scale)
+        logits = torch.cat(logits)
+        assert torch.equal(attn.logits.min_val, logits.min().reshape(1)), i
+        assert torch.equal(attn.logits.max_val, logits.max().reshape(1)), i
+        biased = logits + attn.position_bias(rpe_index, tokens)  # what the point would see after the bias
+        assert not torch.equal(torch.stack([biased.min(), biased.max()]), torch.stack([logits.min(), logits.max()]))
 
 
 # --- report ---------------------------------------------------------------------------------

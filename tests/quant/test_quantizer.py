@@ -8,6 +8,7 @@ import torch
 
 from lit_ptq.models import create_model
 from lit_ptq.quant import (
+    Arithmetic,
     CalibrationError,
     Granularity,
     NotCalibratedError,
@@ -15,6 +16,7 @@ from lit_ptq.quant import (
     QuantMode,
     QuantSpec,
     TensorQuantizer,
+    WeightQuantizer,
     calibrate,
     quantize_,
     quantizers,
@@ -238,7 +240,24 @@ def test_fused_arithmetic_calibrates_the_same_and_differs_less_than_the_quantiza
     assert seed_state.keys() == fused_state.keys()
     assert all(torch.equal(seed_state[k], fused_state[k]) for k in seed_state)
 
+    activations = [q for _, q in quantizers(fused) if not isinstance(q, WeightQuantizer)]
+    assert activations and all(q.arithmetic is Arithmetic.FUSED for q in activations)  # weights always divide
+
     x = calib_batches[-1]
     reference, seed_out, fused_out = _logits(make_tiny(), x), _logits(seed, x), _logits(fused, x)
-    assert not torch.equal(seed_out, fused_out)
     assert (fused_out - seed_out).norm() < (seed_out - reference).norm()
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize(("arithmetic", "expected"), [("seed", 3.0), ("fused", 6.0)])
+def test_the_two_arithmetics_round_a_tie_by_hand(arithmetic: str, expected: float, inplace: bool) -> None:
+    """Calibrated on [-9, 756]: s = 765 / 255 = 3 and zp = -round(-9 / 3) = 3. For x = 4.5, x / s = 1.5.
+    ``seed`` rounds x / s + zp = 4.5 to the even code 4: (4 - 3) * 3 = 3. ``fused`` rounds x / s = 1.5
+    to 2 before adding zp: code 5, (5 - 3) * 3 = 6."""
+    q = TensorQuantizer(QuantConfig().act, "act", arithmetic=Arithmetic(arithmetic), inplace=inplace)
+    q.set_mode(QuantMode.CALIBRATE)
+    q(torch.tensor([-9.0, 756.0]))
+    q.finish_calibration()
+    assert (q.scale.item(), q.zero_point.item()) == (3.0, 3.0)
+    q.set_mode(QuantMode.QUANTIZE)
+    assert torch.equal(q(torch.tensor([4.5])), torch.tensor([expected]))
