@@ -273,8 +273,8 @@ class TestStateFile:
     @pytest.mark.parametrize(
         "key",
         [
-            "model", "num_classes", "method", "placement", "bits",
-            "ptf", "lis", "arithmetic", "overrides", "weights_sha256",
+            "model", "num_classes", "img_size", "model_kwargs", "method", "placement", "bits",
+            "ptf", "lis", "arithmetic", "weights_sha256",
         ],
     )  # fmt: skip
     def test_refuses_a_state_missing_a_meta_key(self, saved_state, fmnist_root, tiny_checkpoint, tmp_path, key):
