@@ -33,16 +33,10 @@ def seeded(*shape: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture(scope="session")
-def tiny_float() -> nn.Module:
-    """An ``itpn_tiny(num_classes=10)`` with trained-like, seeded weights, in eval mode.
-
-    The default initialization (std 0.02) leaves every attention row nearly uniform, which no
-    trained model does; here each matrix is ``noise / sqrt(fan_in)`` so activations are of
-    unit scale and attention is peaked, LayerNorm weights ``1 + 0.1 noise`` and biases
-    ``0.1 noise``. Tests get copies (see ``make_tiny``); this one is never modified.
-    """
-    model = create_model("itpn_tiny", num_classes=10).eval()
+def trained_like_(model: nn.Module) -> nn.Module:
+    """Fill ``model``'s float tensors in place with trained-like seeded values (generator seed 0,
+    in state-dict order) and return it: each matrix ``noise / sqrt(fan_in)``, LayerNorm weights
+    ``1 + 0.1 noise``, biases ``0.1 noise``."""
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for key, tensor in model.state_dict().items():
@@ -54,6 +48,24 @@ def tiny_float() -> nn.Module:
             else:
                 tensor.copy_(noise * tensor[0].numel() ** -0.5)
     return model
+
+
+@pytest.fixture(scope="session")
+def trained_like() -> Callable[[nn.Module], nn.Module]:
+    """:func:`trained_like_`, for test modules that build their own models."""
+    return trained_like_
+
+
+@pytest.fixture(scope="session")
+def tiny_float() -> nn.Module:
+    """An ``itpn_tiny(num_classes=10)`` with trained-like, seeded weights, in eval mode.
+
+    The default initialization (std 0.02) leaves every attention row nearly uniform, which no
+    trained model does; here each matrix is ``noise / sqrt(fan_in)`` so activations are of
+    unit scale and attention is peaked, LayerNorm weights ``1 + 0.1 noise`` and biases
+    ``0.1 noise``. Tests get copies (see ``make_tiny``); this one is never modified.
+    """
+    return trained_like_(create_model("itpn_tiny", num_classes=10).eval())
 
 
 @pytest.fixture

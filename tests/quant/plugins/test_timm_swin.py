@@ -91,25 +91,10 @@ def _points(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, (TensorQuantizer, LogSoftmaxQuantizer))}
 
 
-def _seeded(*shape: int, seed: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
 @pytest.fixture(scope="module")
-def swin_float() -> nn.Module:
+def swin_float(trained_like: Callable[[nn.Module], nn.Module]) -> nn.Module:
     """The small Swin with trained-like seeded weights (as ``tiny_float``), in eval mode; never modified."""
-    model = create_model("swin_tiny_patch4_window7_224", **SMALL).eval()
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for key, tensor in model.state_dict().items():
-            if not tensor.is_floating_point():
-                continue
-            noise = torch.randn(tensor.shape, generator=generator)
-            if tensor.ndim == 1:
-                tensor.copy_(1.0 + 0.1 * noise if key.endswith("weight") else 0.1 * noise)
-            else:
-                tensor.copy_(noise * tensor[0].numel() ** -0.5)
-    return model
+    return trained_like(create_model("swin_tiny_patch4_window7_224", **SMALL).eval())
 
 
 @pytest.fixture
@@ -118,26 +103,14 @@ def swin(swin_float: nn.Module) -> nn.Module:
     return copy.deepcopy(swin_float)
 
 
-@pytest.fixture(scope="module")
-def batches() -> list[torch.Tensor]:
-    """Two calibration batches of three 32x32 images."""
-    return [_seeded(3, 3, 32, 32, seed=1), _seeded(3, 3, 32, 32, seed=2)]
-
-
-@pytest.fixture(scope="module")
-def images() -> torch.Tensor:
-    """Two evaluation images."""
-    return _seeded(2, 3, 32, 32, seed=3)
-
-
 @pytest.fixture
-def make_quantized(swin_float: nn.Module, batches: list[torch.Tensor]) -> Callable[..., nn.Module]:
+def make_quantized(swin_float: nn.Module, calib_batches: list[torch.Tensor]) -> Callable[..., nn.Module]:
     """``make_quantized(calibrated=True, **config_fields)``: a fresh small Swin, quantized (and calibrated)."""
 
     def make(calibrated: bool = True, **fields: object) -> nn.Module:
         model = quantize_(copy.deepcopy(swin_float), QuantConfig(**fields))
         if calibrated:
-            calibrate(model, batches)
+            calibrate(model, calib_batches)
         return model
 
     return make
@@ -229,16 +202,16 @@ def test_other_pooling_is_refused() -> None:
 
 
 @pytest.mark.parametrize(("placement", "lis"), [("seed", False), ("full", False), ("full", True)])
-def test_float_mode_computes_what_timm_computes(placement, lis, swin, swin_float, images) -> None:
+def test_float_mode_computes_what_timm_computes(placement, lis, swin, swin_float, eval_images) -> None:
     model = quantize_(swin, QuantConfig(placement=placement, lis=lis, bits="8/8/4" if lis else "8/8/8"))
     with torch.no_grad():
-        assert torch.equal(model(images), swin_float(images))
+        assert torch.equal(model(eval_images), swin_float(eval_images))
 
 
-def test_float_mode_after_calibration_is_timm_again(make_quantized, swin_float, images) -> None:
+def test_float_mode_after_calibration_is_timm_again(make_quantized, swin_float, eval_images) -> None:
     model = set_quant_mode(make_quantized(placement="full"), QuantMode.FLOAT)
     with torch.no_grad():
-        assert torch.equal(model(images), swin_float(images))
+        assert torch.equal(model(eval_images), swin_float(eval_images))
 
 
 # --- calibration ----------------------------------------------------------------------------
@@ -255,12 +228,12 @@ COMBINATIONS = [
 
 
 @pytest.mark.parametrize(("method", "placement", "ptf", "lis"), COMBINATIONS)
-def test_calibrated_model_quantizes_and_stays_finite(method, placement, ptf, lis, make_quantized, swin_float, images) -> None:
+def test_calibrated_model_quantizes_and_stays_finite(method, placement, ptf, lis, make_quantized, swin_float, eval_images) -> None:
     model = make_quantized(method=method, placement=placement, ptf=ptf, lis=lis, bits="8/8/4" if lis else "8/8/8")
     assert all(q.ready for _, q in quantizers(model))
     with torch.no_grad():
-        out, ref = model(images), swin_float(images)
-    assert out.shape == (2, 10) and torch.isfinite(out).all()
+        out, ref = model(eval_images), swin_float(eval_images)
+    assert out.shape == (len(eval_images), 10) and torch.isfinite(out).all()
     assert not torch.equal(out, ref)
 
 
@@ -273,10 +246,10 @@ def test_bias_table_point_sees_the_parameter_itself(make_quantized) -> None:
     assert torch.equal(q.scale.reshape(()), expected.clamp(min=torch.finfo(torch.float32).eps))
 
 
-def test_state_dict_round_trip(make_quantized, images) -> None:
+def test_state_dict_round_trip(make_quantized, eval_images) -> None:
     calibrated = make_quantized(placement="full", ptf=True, lis=True, bits="8/8/4")
     fresh = make_quantized(calibrated=False, placement="full", ptf=True, lis=True, bits="8/8/4")
     fresh.load_state_dict(calibrated.state_dict())
     set_quant_mode(fresh, QuantMode.QUANTIZE)
     with torch.no_grad():
-        assert torch.equal(fresh(images), calibrated(images))
+        assert torch.equal(fresh(eval_images), calibrated(eval_images))

@@ -72,49 +72,20 @@ def _points(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, (TensorQuantizer, LogSoftmaxQuantizer))}
 
 
-def _seeded(*shape: int, seed: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-def _trained_like(model: nn.Module) -> nn.Module:
-    """Seeded trained-like weights (as ``tiny_float``): ``noise / sqrt(fan_in)``, norms ``1 + 0.1 noise``."""
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for key, tensor in model.state_dict().items():
-            noise = torch.randn(tensor.shape, generator=generator)
-            if tensor.ndim == 1:
-                tensor.copy_(1.0 + 0.1 * noise if key.endswith("weight") else 0.1 * noise)
-            else:
-                tensor.copy_(noise * tensor[0].numel() ** -0.5)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
-def floats() -> dict[str, nn.Module]:
+def floats(trained_like: Callable[[nn.Module], nn.Module]) -> dict[str, nn.Module]:
     """The small DeiT and ViT with seeded weights, in eval mode; never modified."""
-    return {name: _trained_like(create_model(name, **SMALL)) for name in (DEIT, VIT)}
-
-
-@pytest.fixture(scope="module")
-def batches() -> list[torch.Tensor]:
-    """Two calibration batches of three 32x32 images."""
-    return [_seeded(3, 3, 32, 32, seed=1), _seeded(3, 3, 32, 32, seed=2)]
-
-
-@pytest.fixture(scope="module")
-def images() -> torch.Tensor:
-    """Two evaluation images."""
-    return _seeded(2, 3, 32, 32, seed=3)
+    return {name: trained_like(create_model(name, **SMALL)).eval() for name in (DEIT, VIT)}
 
 
 @pytest.fixture
-def make_quantized(floats: dict[str, nn.Module], batches: list[torch.Tensor]) -> Callable[..., nn.Module]:
+def make_quantized(floats: dict[str, nn.Module], calib_batches: list[torch.Tensor]) -> Callable[..., nn.Module]:
     """``make_quantized(name, calibrated=True, **config_fields)``: a fresh small model, quantized (and calibrated)."""
 
     def make(name: str, calibrated: bool = True, **fields: object) -> nn.Module:
         model = quantize_(copy.deepcopy(floats[name]), QuantConfig(**fields))
         if calibrated:
-            calibrate(model, batches)
+            calibrate(model, calib_batches)
         return model
 
     return make
@@ -193,16 +164,16 @@ def test_unsupported_variants_are_refused(variant) -> None:
 
 @pytest.mark.parametrize("name", [DEIT, VIT])
 @pytest.mark.parametrize(("placement", "lis"), [("seed", False), ("full", False), ("full", True)])
-def test_float_mode_computes_what_timm_computes(name, placement, lis, make_quantized, floats, images) -> None:
+def test_float_mode_computes_what_timm_computes(name, placement, lis, make_quantized, floats, eval_images) -> None:
     model = make_quantized(name, calibrated=False, placement=placement, lis=lis, bits="8/8/4" if lis else "8/8/8")
     with torch.no_grad():
-        assert torch.equal(model(images), floats[name](images))
+        assert torch.equal(model(eval_images), floats[name](eval_images))
 
 
-def test_float_mode_after_calibration_is_timm_again(make_quantized, floats, images) -> None:
+def test_float_mode_after_calibration_is_timm_again(make_quantized, floats, eval_images) -> None:
     model = set_quant_mode(make_quantized(DEIT, placement="full"), QuantMode.FLOAT)
     with torch.no_grad():
-        assert torch.equal(model(images), floats[DEIT](images))
+        assert torch.equal(model(eval_images), floats[DEIT](eval_images))
 
 
 # --- calibration ----------------------------------------------------------------------------
@@ -219,13 +190,13 @@ COMBINATIONS = [
 
 
 @pytest.mark.parametrize(("method", "placement", "ptf", "lis"), COMBINATIONS)
-def test_calibrated_model_quantizes_and_stays_finite(method, placement, ptf, lis, make_quantized, floats, images) -> None:
+def test_calibrated_model_quantizes_and_stays_finite(method, placement, ptf, lis, make_quantized, floats, eval_images) -> None:
     model = make_quantized(DEIT, method=method, placement=placement, ptf=ptf, lis=lis, bits="8/8/4" if lis else "8/8/8")
     assert all(q.ready for _, q in quantizers(model))
     with torch.no_grad():
-        out = model(images)
-    assert out.shape == (2, 10) and torch.isfinite(out).all()
-    assert not torch.equal(out, floats[DEIT](images))
+        out = model(eval_images)
+    assert out.shape == (len(eval_images), 10) and torch.isfinite(out).all()
+    assert not torch.equal(out, floats[DEIT](eval_images))
 
 
 def test_pos_embed_point_sees_the_parameter_itself(make_quantized) -> None:
@@ -234,10 +205,10 @@ def test_pos_embed_point_sees_the_parameter_itself(make_quantized) -> None:
     assert torch.equal(model.pos_embed_output.scale.reshape(()), (pos.max() - pos.min()) / 255)
 
 
-def test_state_dict_round_trip(make_quantized, images) -> None:
+def test_state_dict_round_trip(make_quantized, eval_images) -> None:
     calibrated = make_quantized(DEIT, placement="full", ptf=True, lis=True, bits="8/8/4")
     fresh = make_quantized(DEIT, calibrated=False, placement="full", ptf=True, lis=True, bits="8/8/4")
     fresh.load_state_dict(calibrated.state_dict())
     set_quant_mode(fresh, QuantMode.QUANTIZE)
     with torch.no_grad():
-        assert torch.equal(fresh(images), calibrated(images))
+        assert torch.equal(fresh(eval_images), calibrated(eval_images))
