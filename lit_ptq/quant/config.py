@@ -4,6 +4,9 @@
 other field has the default of the PTQ-for-iTPN seed (FQ-ViT's arithmetic): weights int8
 symmetric per output channel with MinMax, activations uint8 asymmetric per tensor with the
 chosen observer, the softmax output quantized like an activation (or log2 with LIS).
+Low-bit recipes (``recipe="repq"``, ``"repq_gptq"``, ``"recon"``; ``docs/quantization.md``)
+switch the weights to asymmetric per-channel ranges found by an MSE clip search and the
+softmax output to a log-sqrt2 code, and add the transforms of ``lit_ptq.quant.transforms``.
 Per-layer settings are ordered ``overrides``: module-name patterns mapped to a partial
 setting, or to ``None`` to leave the matching quant points float (see ``docs/quantization.md``).
 """
@@ -24,13 +27,19 @@ __all__ = [
     "QuantSpec",
     "QuantConfig",
     "PointOverride",
+    "ReconSettings",
     "METHODS",
     "PLACEMENTS",
+    "RECIPES",
+    "SOFTMAX_QUANTIZERS",
     "parse_bits",
 ]
 
-METHODS = ("minmax", "ema", "percentile", "omse")
-PLACEMENTS = ("seed", "full")
+METHODS = ("minmax", "ema", "percentile", "omse", "mse")
+PLACEMENTS = ("seed", "full", "matmul")
+RECIPES = ("repq", "repq_gptq", "recon")
+"""Named low-bit presets; what each one runs is ``lit_ptq.quant.recipes.RECIPE_STEPS``."""
+SOFTMAX_QUANTIZERS = ("uniform", "log2", "log_sqrt2")
 
 
 class Granularity(str, enum.Enum):
@@ -150,6 +159,62 @@ class PointOverride:
         return {k: getattr(getattr(self, k), "value", getattr(self, k)) for k in self.FIELDS if getattr(self, k) is not None}
 
 
+@dataclass(frozen=True)
+class ReconSettings:
+    """Block reconstruction (BRECQ / QDrop with AdaRound) settings.
+
+    Attributes:
+        iters: optimizer steps per block.
+        batch_size: images per step.
+        images: calibration images used (``None``: all of them).
+        weight_lr: Adam learning rate of the rounding variables.
+        act_lr: Adam learning rate of the activation step sizes (0 keeps them fixed).
+        round_weight: weight of AdaRound's rounding regularizer.
+        drop_prob: QDrop's probability of keeping an activation float during a step.
+        seed: seed of the image sampling and of QDrop's masks.
+    """
+
+    iters: int = 1000
+    batch_size: int = 32
+    images: Optional[int] = None
+    weight_lr: float = 1e-3
+    act_lr: float = 4e-5
+    round_weight: float = 0.01
+    drop_prob: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("iters", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"recon.{name}={value!r} must be a positive integer")
+        if self.images is not None and (not isinstance(self.images, int) or self.images < 1):
+            raise ConfigError(f"recon.images={self.images!r} must be a positive integer or null")
+        for name in ("weight_lr", "act_lr", "round_weight"):
+            if not float(getattr(self, name)) >= 0:
+                raise ConfigError(f"recon.{name}={getattr(self, name)!r} must be >= 0")
+        if not 0.0 <= float(self.drop_prob) < 1.0:
+            raise ConfigError(f"recon.drop_prob={self.drop_prob!r} must be in [0, 1)")
+
+    @classmethod
+    def parse(cls, value: Any) -> "ReconSettings":
+        """Settings from ``None`` (the defaults), an instance, or a mapping of field names."""
+        if value is None:
+            return cls()
+        if isinstance(value, ReconSettings):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"recon={value!r} must be a mapping of {', '.join(cls.__dataclass_fields__)}")
+        unknown = sorted(set(value) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ConfigError(f"recon has unknown field(s) {', '.join(unknown)}; use {', '.join(cls.__dataclass_fields__)}")
+        return cls(**value)
+
+    def describe(self) -> dict[str, Any]:
+        """The settings as a plain mapping."""
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
 def parse_bits(bits: str) -> tuple[int, int, int]:
     """Parse ``"W/A/Attn"`` (e.g. ``"8/8/4"``) into three integers in 2..16."""
     parts = str(bits).split("/")
@@ -183,10 +248,20 @@ class QuantConfig:
             ``head.weight_quantizer``), and every matching entry applies in order, so later
             entries win. A setting is ``None`` (leave the point float) or a mapping of
             ``bits``, ``observer``, ``granularity``. Stored as ``(pattern, PointOverride)`` pairs.
-        weight: derived from ``bits``; int, symmetric, per channel, MinMax.
+        recipe: a low-bit preset (``repq``, ``repq_gptq``, ``recon``; needs ``placement="matmul"``):
+            RepQ-ViT's LayerNorm reparameterization, then GPTQ/ridge weight correction, or
+            block reconstruction (see ``lit_ptq.quant.recipes``).
+        softmax: the softmax-output quantizer, ``uniform``, ``log2`` or ``log_sqrt2``
+            (RepQ-ViT); ``None`` picks ``log_sqrt2`` with a recipe and ``uniform`` without.
+        recon: block-reconstruction settings (a mapping of :class:`ReconSettings` fields) for
+            ``recipe="recon"``.
+        weight: derived from ``bits``; int, symmetric, per channel, MinMax (with a recipe:
+            asymmetric per channel, MSE clip search).
         act: derived; uint, asymmetric, per tensor, observer ``method``.
         attn: derived; the softmax output.
         norm: derived; LayerNorm inputs (per channel with PTF).
+        image: derived; the input of the patch-embedding convolution (8 bits at least in the
+            ``matmul`` placement, as RepQ-ViT; the activation spec otherwise).
     """
 
     method: str = "minmax"
@@ -196,10 +271,14 @@ class QuantConfig:
     lis: bool = False
     arithmetic: Arithmetic = Arithmetic.SEED
     overrides: Any = ()
+    recipe: Optional[str] = None
+    softmax: Optional[str] = None
+    recon: Any = None
     weight: QuantSpec = field(init=False)
     act: QuantSpec = field(init=False)
     attn: QuantSpec = field(init=False)
     norm: QuantSpec = field(init=False)
+    image: QuantSpec = field(init=False)
 
     def __post_init__(self) -> None:
         _choice("method", self.method, METHODS)
@@ -212,8 +291,14 @@ class QuantConfig:
             ) from None
         w, a, s = parse_bits(self.bits)
         set_ = object.__setattr__
+        self._check_recipe()
+        set_(self, "softmax", self.softmax or ("log_sqrt2" if self.recipe else "uniform"))
+        set_(self, "recon", ReconSettings.parse(self.recon) if self.recipe == "recon" else None)
         set_(self, "overrides", _parse_overrides(self.overrides))
-        set_(self, "weight", QuantSpec(w, True, Granularity.PER_CHANNEL, "minmax"))
+        if self.recipe:
+            set_(self, "weight", QuantSpec(w, False, Granularity.PER_CHANNEL, "mse"))
+        else:
+            set_(self, "weight", QuantSpec(w, True, Granularity.PER_CHANNEL, "minmax"))
         set_(self, "act", QuantSpec(a, False, Granularity.PER_TENSOR, self.method))
         set_(self, "attn", QuantSpec(s, False, Granularity.PER_TENSOR, "minmax" if self.lis else self.method))
         set_(
@@ -221,6 +306,21 @@ class QuantConfig:
             "norm",
             QuantSpec(a, False, Granularity.PER_CHANNEL, "ptf") if self.ptf else QuantSpec(a, False, observer=self.method),
         )
+        set_(self, "image", QuantSpec(max(a, 8), False, observer=self.method) if self.placement == "matmul" else self.act)
+
+    def _check_recipe(self) -> None:
+        if self.recipe is not None:
+            _choice("recipe", self.recipe, RECIPES)
+            if self.placement != "matmul":
+                raise ConfigError(f"recipe={self.recipe!r} needs placement='matmul' (got {self.placement!r})")
+            if self.ptf or self.lis:
+                raise ConfigError(f"recipe={self.recipe!r} cannot be combined with FQ-ViT's ptf or lis")
+        if self.softmax is not None:
+            _choice("softmax", self.softmax, SOFTMAX_QUANTIZERS)
+            if self.lis and self.softmax != "uniform":
+                raise ConfigError(f"softmax={self.softmax!r} and lis=True both quantize the softmax output; pick one")
+        if self.recon is not None and self.recipe != "recon":
+            raise ConfigError(f"recon settings are for recipe='recon' (got recipe={self.recipe!r})")
 
     def spec_for(self, role: str, name: str) -> Optional[QuantSpec]:
         """The spec of the quant point ``name`` of ``role`` (``weight``, ``act``, ``attn``,
@@ -243,6 +343,12 @@ class QuantConfig:
             lis=self.lis,
             arithmetic=self.arithmetic.value,
         )
+        if self.recipe:
+            fields["recipe"] = self.recipe
+        if self.softmax != "uniform":
+            fields["softmax"] = self.softmax
+        if self.recon is not None:
+            fields["recon"] = self.recon.describe()
         if self.overrides:
             fields["overrides"] = {pattern: o.describe() for pattern, o in self.overrides}
         return fields

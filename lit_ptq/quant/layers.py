@@ -73,14 +73,18 @@ class QuantLinear(nn.Linear):
 
 
 class QuantConv2d(nn.Conv2d):
-    """``nn.Conv2d`` with an optional input point and an optional weight point."""
+    """``nn.Conv2d`` with an optional input point and an optional weight point.
+
+    In every supported family the only convolution is the patch embedding, so its input
+    point is the image's (role ``image``).
+    """
 
     input_quantizer: Optional[TensorQuantizer]
     weight_quantizer: Optional[WeightQuantizer]
 
     def setup_quant(self, points: PointFactory) -> None:
         """Create the points the placement asks for."""
-        self.input_quantizer = points.act("input_quantizer")
+        self.input_quantizer = points.image("input_quantizer")
         self.weight_quantizer = points.weight("weight_quantizer", self.out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,12 @@ The four activation observers of PTQ-for-iTPN / FQ-ViT, with the seed's arithmet
 - ``percentile``: per batch the 1e-5 and 1 - 1e-5 quantiles, smoothed like ``ema``.
 - ``omse``: running min / max, then on the *last* calibration batch the range
   ``(min, max) * (1 - 0.01 i)``, i = 0..89, with the lowest quantization MSE.
+- ``mse``: running min / max, then on the last batch, per tensor or per channel, the range
+  ``(min, max) * (1 - 0.01 i)`` of least squared error (the clip search of PTQ4ViT, RepQ-ViT
+  and GPTQ for activations and weights at low bit widths).
+- ``log2`` / ``log_sqrt2``: the scale ``delta`` of RepQ-ViT's logarithmic softmax quantizer:
+  the running maximum or one of the 0.999 / 0.9999 / 0.99999 quantiles of the last batch,
+  whichever quantizes it with the least squared error.
 - ``ptf``: FQ-ViT's power-of-two factor (Lin et al., "FQ-ViT: Post-Training Quantization
   for Fully Quantized Vision Transformer", IJCAI 2022): one base scale, each channel picks
   ``2**a`` times ``s / 8`` with ``a`` in 0..3 by least squared error on the last batch.
@@ -23,7 +29,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .primitives import affine_qparams, fake_quant_seed, quantile_pair, symmetric_qparams
+from .primitives import affine_qparams, fake_quant_log, fake_quant_seed, quantile, quantile_pair, symmetric_qparams
 
 __all__ = ["Observer", "OBSERVERS", "register_observer", "build_observer", "QParams"]
 
@@ -363,3 +369,96 @@ class PtfObserver(MinMaxObserver):
         s, zp = self.base_qparams()
         scale = (s / 2 ** (self.factors - 1)) * (2.0 ** self.exponent.float())
         return scale, zp.expand_as(scale).clone(), self.min_val, self.max_val
+
+
+@register_observer("mse")
+class MseObserver(MinMaxObserver):
+    """Running min / max; on the last batch, the shrunken range of least squared error.
+
+    Candidates are ``(min, max) * (1 - 0.01 i)``, i = 0..``candidates - 1``, chosen per
+    channel (per row of a weight) or for the whole tensor, by the squared error between the
+    last batch and its fake-quantized copy. A tensor with more than ``sample`` values per
+    channel is searched on an evenly strided subset of them (the running range is exact).
+    """
+
+    candidates = 80
+    sample = 1 << 18
+
+    def update(self, x: torch.Tensor, last: bool = False) -> None:
+        super().update(x, last)
+        if last:
+            self.min_val, self.max_val = self.search(x.detach().float())
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as ``(channels, values)`` (one row for a per-tensor observer), subsampled."""
+        if not self.per_channel:
+            rows = x.reshape(1, -1)
+        elif self.channel_axis % x.dim() == 0:
+            rows = x.reshape(x.shape[0], -1)
+        else:
+            rows = x.movedim(self.channel_axis, -1).reshape(-1, x.shape[self.channel_axis]).t()
+        stride = max(1, -(-rows.shape[1] * rows.shape[0] // self.sample))
+        return rows[:, ::stride]
+
+    def search(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row, the candidate range with the least squared error (the widest on ties)."""
+        rows = self.rows(x)
+        lo, hi = self.min_val.reshape(-1, 1), self.max_val.reshape(-1, 1)
+        best_err = torch.full_like(lo, float("inf"))
+        best_lo, best_hi = lo.clone(), hi.clone()
+        for i in range(self.candidates):
+            factor = 1.0 - 0.01 * i
+            c_lo, c_hi = lo * factor, hi * factor
+            scale, zp = self.qparams_from_range(c_lo, c_hi)
+            err = fake_quant_seed(rows, scale, zp, self.qmin, self.qmax).sub_(rows).pow_(2).sum(dim=1, keepdim=True)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_lo, best_hi = torch.where(better, c_lo, best_lo), torch.where(better, c_hi, best_hi)
+        return best_lo.reshape(self.min_val.shape), best_hi.reshape(self.max_val.shape)
+
+
+@register_observer("log_sqrt2")
+class LogSqrt2Observer(MinMaxObserver):
+    """The scale ``delta`` of a log-sqrt2 code (RepQ-ViT): the running max or a quantile of
+    the last batch (0.999, 0.9999, 0.99999), whichever gives the least squared error."""
+
+    steps_per_octave = 2
+    quantiles = (0.999, 0.9999, 0.99999)
+
+    def __init__(self, qmin: int, qmax: int, signed: bool, per_channel: bool, channel_axis: int) -> None:
+        if per_channel:
+            raise ValueError(f"the {self.name} observer computes one scale per tensor, not per channel")
+        super().__init__(qmin, qmax, signed, False, channel_axis)
+        self.delta: Optional[torch.Tensor] = None
+
+    def reset(self) -> None:
+        super().reset()
+        self.delta = None
+
+    def update(self, x: torch.Tensor, last: bool = False) -> None:
+        super().update(x, last)
+        if last:
+            self.delta = self.search(x.detach().float())
+
+    def search(self, x: torch.Tensor) -> torch.Tensor:
+        """The candidate ``delta`` of least squared error (the running max first on ties)."""
+        bits = (self.qmax - self.qmin + 1).bit_length() - 1
+        candidates = [self.max_val] + [quantile(x, q) for q in self.quantiles]
+        errors = [
+            (fake_quant_log(x, d.clamp(min=torch.finfo(torch.float32).tiny), bits, self.steps_per_octave) - x).pow_(2).sum()
+            for d in candidates
+        ]
+        return candidates[int(torch.argmin(torch.stack(errors)))].clamp(min=torch.finfo(torch.float32).tiny)
+
+    def compute(self) -> QParams:
+        if self.min_val is None:
+            raise RuntimeError(f"{self.name} observer has seen no data")
+        delta = self.delta if self.delta is not None else self.max_val.clamp(min=torch.finfo(torch.float32).tiny)
+        return delta, torch.zeros_like(delta), self.min_val, self.max_val
+
+
+@register_observer("log2")
+class Log2Observer(LogSqrt2Observer):
+    """The scale ``delta`` of a log2 code, searched like ``log_sqrt2``."""
+
+    steps_per_octave = 1

@@ -22,6 +22,7 @@ __all__ = [
     "quantile",
     "quantile_pair",
     "log_int_softmax",
+    "fake_quant_log",
 ]
 
 EPS = torch.finfo(torch.float32).eps
@@ -316,3 +317,17 @@ def log_int_softmax(logits: torch.Tensor, scale: torch.Tensor, bits: int) -> tor
     levels = 2**bits
     out = 2 ** (-code.clamp(0, levels - 1))
     return out.masked_fill(code >= levels, 0.0)
+
+
+def fake_quant_log(x: torch.Tensor, delta: torch.Tensor, bits: int, steps_per_octave: int) -> torch.Tensor:
+    """Logarithmic fake quantization of a non-negative tensor (RepQ-ViT's log2 / log-sqrt2).
+
+    The code is ``q = round(-k * log2(x / delta))`` with ``k`` steps per octave (1: log2,
+    2: log-sqrt2, Li et al., "RepQ-ViT", ICCV 2023); the value is ``delta * 2**(-q / k)``
+    for ``q`` clamped to ``0 .. 2**bits - 1``, and 0 where ``q`` is past the last level
+    (zeros included).
+    """
+    levels = 2**bits
+    code = torch.log2(x / delta).mul_(-steps_per_octave).round_()
+    out = torch.exp2(code.clamp(0, levels - 1).div_(-steps_per_octave)).mul_(delta)
+    return out.masked_fill_(code >= levels, 0.0)

@@ -123,7 +123,8 @@ def calibrate(model: nn.Module, batches: Iterable[object]) -> int:
     its statistics into a scale and zero point as soon as it has seen that batch (as
     FQ-ViT and the seed do: a log-int-softmax after a calibrated logits point is already
     applied there). Then each weight quantizer reads its weight (MinMax), and the model is
-    switched to ``quantize`` mode.
+    switched to ``quantize`` mode. A config with a ``recipe`` runs the recipe's steps
+    instead (:func:`lit_ptq.quant.recipes.calibrate_with_recipe`).
 
     Args:
         model: a model prepared with :func:`quantize_`.
@@ -137,6 +138,22 @@ def calibrate(model: nn.Module, batches: Iterable[object]) -> int:
     """
     if not is_quantized(model):
         raise ValueError("calibrate() needs a model prepared with quantize_(model, config)")
+    if getattr(model.quant_config, "recipe", None):
+        from .recipes import calibrate_with_recipe
+
+        was_training = model.training
+        model.eval()
+        try:
+            seen = calibrate_with_recipe(model, batches)
+        except ValueError as err:
+            set_quant_mode(model, QuantMode.FLOAT)
+            raise CalibrationError(str(err)) from None
+        finally:
+            model.train(was_training)
+        if not seen:
+            set_quant_mode(model, QuantMode.FLOAT)
+            raise CalibrationError("calibration needs at least one batch, got none")
+        return seen
     device = next(model.parameters()).device
     acts = [q for _, q in quantizers(model) if not isinstance(q, WeightQuantizer)]
     was_training = model.training

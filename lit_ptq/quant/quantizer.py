@@ -1,8 +1,8 @@
 """Quantizer modules: scale and zero point in buffers, three modes switched by one helper.
 
 Every quant point of a model is a :class:`QuantPoint`: a uniform :class:`TensorQuantizer`
-(per tensor or per channel), a :class:`WeightQuantizer`, or the log2
-:class:`LogSoftmaxQuantizer`. A quant point passes its input through (``FLOAT``), records
+(per tensor or per channel), a :class:`WeightQuantizer`, a logarithmic
+:class:`LogQuantizer` (RepQ-ViT), or FQ-ViT's :class:`LogSoftmaxQuantizer`. A quant point passes its input through (``FLOAT``), records
 it (``CALIBRATE``), or fake-quantizes it (``QUANTIZE``). Qparams are registered buffers,
 so ``state_dict``, ``.to(device)`` and DDP broadcasts carry them.
 """
@@ -17,9 +17,24 @@ import torch.nn as nn
 
 from .config import Arithmetic, Granularity, QuantSpec
 from .observers import build_observer
-from .primitives import fake_quant_fused, fake_quant_per_channel_divide, fake_quant_seed, fake_quant_seed_, log_int_softmax
+from .primitives import (
+    fake_quant_fused,
+    fake_quant_log,
+    fake_quant_per_channel_divide,
+    fake_quant_seed,
+    fake_quant_seed_,
+    log_int_softmax,
+)
 
-__all__ = ["QuantMode", "QuantPoint", "TensorQuantizer", "WeightQuantizer", "LogSoftmaxQuantizer", "NotCalibratedError"]
+__all__ = [
+    "QuantMode",
+    "QuantPoint",
+    "TensorQuantizer",
+    "WeightQuantizer",
+    "LogQuantizer",
+    "LogSoftmaxQuantizer",
+    "NotCalibratedError",
+]
 
 
 class QuantMode(str, enum.Enum):
@@ -107,6 +122,7 @@ class TensorQuantizer(QuantPoint):
         self.observer = build_observer(spec.observer, spec.qmin, spec.qmax, spec.signed, per_channel, channel_axis)
         self.last_batch = False
         self.ready = False  # mirrors the `calibrated` buffer without a device sync in forward
+        self.sequential = False  # fake-quantize in CALIBRATE mode once calibrated (set by recipes)
 
     @property
     def bits(self) -> int:  # type: ignore[override]
@@ -192,6 +208,8 @@ class TensorQuantizer(QuantPoint):
             self.observer.update(x, last=self.last_batch)
             if self.last_batch:  # as FQ-ViT: the qparams exist as soon as the last batch has passed
                 self.finish_calibration()
+                if self.sequential:  # the points after this one calibrate on its quantized output
+                    return self.fake_quant(x)
             return x
         self._check_calibrated()
         if self.inplace and self.arithmetic is Arithmetic.SEED:
@@ -219,7 +237,7 @@ class WeightQuantizer(TensorQuantizer):
     def calibrate_weight(self, weight: torch.Tensor) -> None:
         """Compute the qparams from ``weight`` (replaces anything observed)."""
         self.observer.reset()
-        self.observer.update(weight.detach())
+        self.observer.update(weight.detach(), last=True)
         self.finish_calibration()
 
     def quantized_weight(self, weight: torch.Tensor) -> torch.Tensor:
@@ -240,12 +258,37 @@ class WeightQuantizer(TensorQuantizer):
 
     def _fake_quant_weight(self, weight: torch.Tensor) -> torch.Tensor:
         s = self.spec
-        if s.granularity is Granularity.PER_CHANNEL:
+        if s.granularity is Granularity.PER_CHANNEL and s.signed:
             return fake_quant_per_channel_divide(weight.detach(), self.scale, s.qmin, s.qmax)
-        return fake_quant_seed(weight.detach(), self.scale, self.zero_point, s.qmin, s.qmax)
+        scale, zero_point = self.broadcast_qparams(weight)
+        return fake_quant_seed(weight.detach(), scale, zero_point, s.qmin, s.qmax)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return self.quantized_weight(weight) if self.mode is QuantMode.QUANTIZE else weight
+
+
+class LogQuantizer(TensorQuantizer):
+    """A log2 or log-sqrt2 code of a non-negative tensor, the softmax output of RepQ-ViT
+    (Li et al., "RepQ-ViT: Scale Reparameterization for Post-Training Quantization of Vision
+    Transformers", ICCV 2023; zkkli/RepQ-ViT, ``quant/quantizer.py``).
+
+    ``scale`` holds ``delta``, the value of code 0 (see
+    :func:`lit_ptq.quant.primitives.fake_quant_log`); the observer is ``log2`` or ``log_sqrt2``.
+    """
+
+    def __init__(self, spec: QuantSpec) -> None:
+        if spec.observer not in ("log2", "log_sqrt2"):
+            raise ValueError(f"a LogQuantizer needs the log2 or log_sqrt2 observer, not {spec.observer!r}")
+        super().__init__(spec, "attn")
+        self.steps_per_octave = self.observer.steps_per_octave
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        """The log-coded copy of ``x``."""
+        return fake_quant_log(x, self.scale, self.spec.bits, self.steps_per_octave)
+
+    def clip_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """Where a positive ``x`` underflows to 0 or lies above ``delta`` (both saturate)."""
+        return ((self.fake_quant(x) == 0) & (x > 0)) | (x > self.scale)
 
 
 class LogSoftmaxQuantizer(QuantPoint):

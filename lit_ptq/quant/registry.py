@@ -14,14 +14,14 @@ and returns ``None`` for a point that is not placed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import torch.nn as nn
 
 from ..errors import ConfigError
 from .config import Granularity, QuantConfig, QuantSpec
-from .quantizer import LogSoftmaxQuantizer, QuantPoint, TensorQuantizer, WeightQuantizer
+from .quantizer import LogQuantizer, LogSoftmaxQuantizer, QuantPoint, TensorQuantizer, WeightQuantizer
 
 __all__ = ["Site", "Placement", "Family", "FAMILIES", "register_family", "family_of", "PointFactory", "GENERIC_MODULES"]
 
@@ -71,12 +71,20 @@ class Family:
         model_types: root model classes of the family (``isinstance`` decides).
         placements: placement name -> rule.
         modules: float module type -> quantized subclass (on top of :data:`GENERIC_MODULES`).
+        norm_linear_pairs: ``model -> [(layernorm name, linear name), ...]``: every LayerNorm
+            whose output feeds only one Linear through channel-wise-neutral operations
+            (token selection, pooling, window partition), for RepQ-ViT's reparameterization.
+        blocks: ``model -> [module name, ...]``: the units, in forward order, that
+            error correction and block reconstruction work through (transformer blocks, patch
+            merging, the head).
     """
 
     name: str
     model_types: tuple[type[nn.Module], ...]
     placements: dict[str, Placement]
     modules: dict[type[nn.Module], type[nn.Module]] = field(default_factory=dict)
+    norm_linear_pairs: Optional[Callable[[nn.Module], list[tuple[str, str]]]] = None
+    blocks: Optional[Callable[[nn.Module], list[str]]] = None
 
     def quant_module(self, float_cls: type[nn.Module]) -> Callable[[type[nn.Module]], type[nn.Module]]:
         """Class decorator: register a quantized subclass of ``float_cls`` for this family."""
@@ -110,11 +118,21 @@ FAMILIES: dict[str, Family] = {}
 """Registered families by name, in registration order."""
 
 
-def register_family(name: str, model_types: tuple[type[nn.Module], ...], placements: dict[str, Placement]) -> Family:
-    """Register a model family (called once at import by its plugin file) and return it."""
+def register_family(
+    name: str,
+    model_types: tuple[type[nn.Module], ...],
+    placements: dict[str, Placement],
+    norm_linear_pairs: Optional[Callable[[nn.Module], list[tuple[str, str]]]] = None,
+    blocks: Optional[Callable[[nn.Module], list[str]]] = None,
+) -> Family:
+    """Register a model family (called once at import by its plugin file) and return it.
+
+    ``norm_linear_pairs`` and ``blocks`` (see :class:`Family`) are what the low-bit recipes
+    need; a family without them supports the placements only.
+    """
     if name in FAMILIES:
         raise ValueError(f"a model family named {name!r} is already registered")
-    family = Family(name, tuple(model_types), dict(placements))
+    family = Family(name, tuple(model_types), dict(placements), norm_linear_pairs=norm_linear_pairs, blocks=blocks)
     FAMILIES[name] = family
     return family
 
@@ -181,12 +199,21 @@ class PointFactory:
         spec = self.spec(point, "weight")
         return WeightQuantizer(spec, out_channels) if spec is not None else None
 
+    def image(self, point: str) -> Optional[TensorQuantizer]:
+        """The input of the patch embedding (the image), with the config's ``image`` spec."""
+        return self._uniform(point, "image", False, None)
+
     def softmax(self, point: str, inplace: bool = True) -> Optional[QuantPoint]:
-        """The softmax-output point: log2 (FQ-ViT's log-int-softmax) under ``lis``, else uniform."""
-        if not self.config.lis:
+        """The softmax-output point: FQ-ViT's log-int-softmax under ``lis``, RepQ-ViT's log2 or
+        log-sqrt2 code when ``config.softmax`` says so, else uniform."""
+        if not self.config.lis and self.config.softmax == "uniform":
             return self._uniform(point, "attn", inplace, None)
         spec = self.spec(point, "attn")
-        return LogSoftmaxQuantizer(spec.bits) if spec is not None else None
+        if spec is None:
+            return None
+        if self.config.lis:
+            return LogSoftmaxQuantizer(spec.bits)
+        return LogQuantizer(replace(spec, observer=self.config.softmax, granularity=Granularity.PER_TENSOR))
 
     def _uniform(self, point: str, role: str, inplace: bool, channels: Optional[int]) -> Optional[TensorQuantizer]:
         spec = self.spec(point, role)

@@ -9,6 +9,11 @@ the ``seed`` and ``full`` placements (``docs/quantization.md``).
   embedding, the input of every Linear and Conv whose input is not already quantized
   (the image, and the LayerNorm outputs feeding ``qkv``, ``fc1``, ``reduction`` and
   ``head``), and every LayerNorm input.
+- ``matmul`` (the benchmark protocol of PTQ4ViT, RepQ-ViT, ERQ, AdaLog): the input and the
+  weight of every Linear (``qkv``, ``proj``, ``fc1``, ``fc2`` of the attention and MLP-only
+  blocks, PatchMerge's ``reduction``, the ``head``) and of the patch embedding, and the
+  operands of both attention products: q and k, the softmax output and v. LayerNorms and
+  the residual stream stay float.
 """
 
 from __future__ import annotations
@@ -29,10 +34,14 @@ _OWN_POINTS = (Attention, Mlp, PatchMerge)
 _INPUT_QUANTIZED_LINEARS = ("qkv", "fc1", "reduction", "head")
 
 
+_OPERANDS = ("query", "key", "value")
+"""Points of the ``matmul`` placement only."""
+
+
 def seed_placement(site: Site) -> bool:
     """PTQ-for-iTPN's points: block outputs, and every Linear weight except the head's."""
     if isinstance(site.module, _OWN_POINTS):
-        return True
+        return site.point not in _OPERANDS
     return site.role == "weight" and isinstance(site.module, nn.Linear) and site.module_name != "head"
 
 
@@ -40,25 +49,66 @@ def full_placement(site: Site) -> bool:
     """Every point, except the inputs of Linears that read an already quantized tensor."""
     if site.point == "input_quantizer" and isinstance(site.module, nn.Linear):
         return site.leaf in _INPUT_QUANTIZED_LINEARS
-    return True
+    return site.point not in _OPERANDS
 
 
-FAMILY = register_family("itpn", (iTPN,), {"seed": seed_placement, "full": full_placement})
+_MATMUL_OPERANDS = (*_OPERANDS, "softmax_output")
+
+
+def matmul_placement(site: Site) -> bool:
+    """Every Linear/Conv input and weight, and the operands of the two attention products."""
+    if isinstance(site.module, Attention):
+        return site.point in _MATMUL_OPERANDS
+    return isinstance(site.module, (nn.Linear, nn.Conv2d))
+
+
+def norm_linear_pairs(model: iTPN) -> list[tuple[str, str]]:
+    """Each LayerNorm and the Linear it feeds: ``norm1 -> attn.qkv``, ``norm2 -> mlp.fc1``,
+    PatchMerge's ``norm -> reduction``, ``fc_norm -> head`` (after the token mean)."""
+    pairs = []
+    for i, blk in enumerate(model.blocks):
+        if isinstance(blk, PatchMerge):
+            pairs.append((f"blocks.{i}.norm", f"blocks.{i}.reduction"))
+            continue
+        if blk.attn is not None:
+            pairs.append((f"blocks.{i}.norm1", f"blocks.{i}.attn.qkv"))
+        pairs.append((f"blocks.{i}.norm2", f"blocks.{i}.mlp.fc1"))
+    if isinstance(model.head, nn.Linear):
+        pairs.append(("fc_norm", "head"))
+    return pairs
+
+
+def blocks(model: iTPN) -> list[str]:
+    """The patch embedding, every block and PatchMerge in order, then the head."""
+    return ["patch_embed", *(f"blocks.{i}" for i in range(len(model.blocks))), "head"]
+
+
+FAMILY = register_family(
+    "itpn",
+    (iTPN,),
+    {"seed": seed_placement, "full": full_placement, "matmul": matmul_placement},
+    norm_linear_pairs=norm_linear_pairs,
+    blocks=blocks,
+)
 
 
 @FAMILY.quant_module(Attention)
 class QuantAttention(Attention):
-    """Attention with the seed's five quant points.
+    """Attention with the seed's five quant points and the three operand points.
 
     ``qkv_output`` (q, k and v), ``logits`` (``(q @ k^T) * scale`` before the position bias),
     ``softmax_output`` (uniform, or log2 under LIS), ``context`` (``attn @ v``) and
-    ``proj_output``. Outside ``FLOAT`` mode the logits are computed as the seed does,
+    ``proj_output``; ``query``, ``key`` and ``value`` are the operands of the two products
+    (per head, before the logits' scale). Outside ``FLOAT`` mode the logits are computed as the seed does,
     ``(q @ k^T) * scale``; in ``FLOAT`` mode as the official model, ``(q * scale) @ k^T``.
     """
 
     def setup_quant(self, points: PointFactory) -> None:
-        """Create the five quant points."""
+        """Create the five quant points, and ``query``, ``key``, ``value`` (the operands)."""
         self.qkv_output = points.act("qkv_output", inplace=True)
+        self.query = points.act("query")
+        self.key = points.act("key")
+        self.value = points.act("value")
         self.logits = points.act("logits", inplace=True)
         self.softmax_output = points.softmax("softmax_output")
         self.context = points.act("context", inplace=True)
@@ -72,6 +122,7 @@ class QuantAttention(Attention):
     def forward(self, x: torch.Tensor, rpe_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         N = x.shape[1]
         q, k, v = self.split_heads(maybe_quant(self.qkv_output, self.qkv(x)))
+        q, k, v = maybe_quant(self.query, q), maybe_quant(self.key, k), maybe_quant(self.value, v)
         float_mode = module_mode(self) is QuantMode.FLOAT
         if float_mode:
             attn = (q * self.scale) @ k.transpose(-2, -1)

@@ -1,0 +1,181 @@
+"""Weight error correction without gradients: ERQ's ridge regression, then GPTQ rounding.
+
+- Ridge regression (Zhong et al., "ERQ: Error Reduction for Post-Training Quantization of
+  Vision Transformers", ICML 2024; zysxmu/ERQ): with ``A`` the quantized inputs a layer
+  receives and ``X`` the float inputs, the weights and bias solve
+  ``min ||A W'^T + b' - X W^T - b||^2 + lam ||[W', b'] - [W, b]||^2`` so that they absorb
+  the error of the quantized activations: ``(A^T A + lam I) W'^T = A^T X W^T + lam W^T``
+  (with a column of ones for the bias).
+- GPTQ (Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative
+  Pre-trained Transformers", ICLR 2023): the columns of ``W'`` are rounded to the weight
+  quantizer's grid in order, each column's rounding error spread over the columns not yet
+  rounded through the inverse Hessian ``H = A^T A``.
+
+:func:`correct_weights_` runs both layer by layer through the family's blocks in forward
+order, each layer's inputs captured from the model as corrected so far, so that later
+layers see the quantized outputs of earlier ones. The corrected weights lie on the grid
+and are written into the layers' ``weight`` (the weight quantizer maps them to themselves).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..primitives import fake_quant_seed
+from ..quantize import set_quant_mode
+from ..quantizer import QuantMode, WeightQuantizer
+from .capture import capture_inputs
+
+__all__ = ["correct_weights_", "ridge_weights", "gptq_round", "RIDGE_DAMP", "GPTQ_DAMP", "GPTQ_BLOCK"]
+
+RIDGE_DAMP = 0.1
+"""Ridge strength relative to the mean diagonal of ``A^T A``."""
+GPTQ_DAMP = 0.01
+"""GPTQ's dampening of the Hessian, relative to its mean diagonal (the paper's 1%)."""
+GPTQ_BLOCK = 128
+"""Columns rounded per lazy-update block (the paper's 128)."""
+
+
+def ridge_weights(
+    weight: torch.Tensor, bias: torch.Tensor, h_aa: torch.Tensor, h_ax: torch.Tensor, s_a: torch.Tensor, s_x: torch.Tensor, n: int, damp: float = RIDGE_DAMP
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ERQ's ridge solution for ``(W', b')`` from accumulated statistics (float64).
+
+    Args:
+        weight: ``(out, in)`` float weight.
+        bias: ``(out,)`` float bias.
+        h_aa: ``A^T A``; ``h_ax``: ``A^T X``; ``s_a``, ``s_x``: column sums of ``A`` and ``X``.
+        n: number of rows of ``A``.
+        damp: ridge strength relative to the mean diagonal of ``[A 1]^T [A 1]``.
+    """
+    d = h_aa.shape[0]
+    gram = torch.empty(d + 1, d + 1, dtype=torch.float64, device=h_aa.device)
+    gram[:d, :d], gram[:d, d], gram[d, :d], gram[d, d] = h_aa, s_a, s_a, n
+    cross = torch.empty(d + 1, d + 1, dtype=torch.float64, device=h_aa.device)
+    cross[:d, :d], cross[:d, d], cross[d, :d], cross[d, d] = h_ax, s_a, s_x, n
+    w_aug = torch.cat([weight.double(), bias.double()[:, None]], dim=1)  # (out, in + 1)
+    lam = damp * gram.diagonal().mean()
+    eye = torch.eye(d + 1, dtype=torch.float64, device=h_aa.device)
+    solution = torch.linalg.solve(gram + lam * eye, cross @ w_aug.T + lam * w_aug.T).T
+    return solution[:, :d], solution[:, d]
+
+
+def gptq_round(
+    weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+    block: int = GPTQ_BLOCK, damp: float = GPTQ_DAMP,
+) -> torch.Tensor:
+    """GPTQ: ``weight`` ``(out, in)`` rounded column by column onto the per-row grid
+    ``(scale, zero_point)`` with the error compensated through ``hessian`` ``(in, in)``.
+
+    Returns:
+        The fake-quantized weight (float32, on the grid).
+    """
+    w = weight.double().clone()
+    h = hessian.double().clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += damp * h.diagonal().mean() * torch.eye(h.shape[0], dtype=torch.float64, device=h.device)
+    h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    s, z = scale.reshape(-1).float(), zero_point.reshape(-1).float()
+    q_all = torch.zeros_like(w)
+    cols = w.shape[1]
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        w1, err1, hi = w[:, i1:i2].clone(), torch.zeros_like(w[:, i1:i2]), h_inv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = w1[:, i]
+            q = fake_quant_seed(col.float(), s, z, qmin, qmax).double()
+            q_all[:, i1 + i] = q
+            err = (col - q) / hi[i, i]
+            w1[:, i:] -= err[:, None] * hi[i, i:][None, :]
+            err1[:, i] = err
+        w[:, i2:] -= err1 @ h_inv[i1:i2, i2:]
+    return q_all.float()
+
+
+def _as_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The inputs of a Linear or a Conv2d as rows that multiply the flattened weight."""
+    if isinstance(module, nn.Conv2d):
+        cols = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    return x.reshape(-1, x.shape[-1])
+
+
+class _Stats:
+    """Running ``A^T A``, ``A^T X``, column sums and row count in float64."""
+
+    def __init__(self) -> None:
+        self.h_aa = self.h_ax = self.s_a = self.s_x = None
+        self.n = 0
+
+    def add(self, a: torch.Tensor, x: torch.Tensor) -> None:
+        a, x = a.double(), x.double()
+        if self.h_aa is None:
+            self.h_aa, self.h_ax, self.s_a, self.s_x = a.T @ a, a.T @ x, a.sum(0), x.sum(0)
+        else:
+            self.h_aa += a.T @ a
+            self.h_ax += a.T @ x
+            self.s_a += a.sum(0)
+            self.s_x += x.sum(0)
+        self.n += a.shape[0]
+
+
+def _layer_stats(model: nn.Module, layer: nn.Module, batches: Sequence[torch.Tensor]) -> _Stats:
+    """``A`` (the layer's quantized input, model quantizing) and ``X`` (float model) per batch."""
+    stats = _Stats()
+    quantizer = getattr(layer, "input_quantizer", None)
+    for x in batches:
+        set_quant_mode(model, QuantMode.FLOAT)
+        (x_float,), _ = next(capture_inputs(model, layer, [x]))
+        set_quant_mode(model, QuantMode.QUANTIZE)
+        (x_quant,), _ = next(capture_inputs(model, layer, [x]))
+        a = quantizer(x_quant) if quantizer is not None else x_quant
+        stats.add(_as_rows(layer, a), _as_rows(layer, x_float))
+    return stats
+
+
+@torch.no_grad()
+def correct_layer_(model: nn.Module, layer: nn.Module, batches: Sequence[torch.Tensor], ridge: bool = True) -> None:
+    """Ridge-correct and GPTQ-round the weight of one Linear/Conv2d of a calibrated model."""
+    wq: WeightQuantizer = layer.weight_quantizer
+    stats = _layer_stats(model, layer, batches)
+    weight = layer.weight.reshape(layer.weight.shape[0], -1)
+    bias = layer.bias if layer.bias is not None else torch.zeros(weight.shape[0], device=weight.device)
+    if ridge:
+        weight, new_bias = ridge_weights(weight, bias, stats.h_aa, stats.h_ax, stats.s_a, stats.s_x, stats.n)
+        if layer.bias is None:
+            layer.bias = nn.Parameter(new_bias.to(layer.weight.dtype))
+        else:
+            layer.bias.copy_(new_bias.to(layer.bias.dtype))
+    s, z = wq.spec.qmin, wq.spec.qmax
+    rounded = gptq_round(weight, stats.h_aa, wq.scale, wq.zero_point, s, z)
+    layer.weight.copy_(rounded.reshape(layer.weight.shape).to(layer.weight.dtype))
+
+
+@torch.no_grad()
+def correct_weights_(model: nn.Module, blocks: Sequence[str], batches: Sequence[torch.Tensor], ridge: bool = True) -> int:
+    """Correct every quantized Linear/Conv2d weight, block by block in forward order.
+
+    Args:
+        model: a calibrated model (left quantizing).
+        blocks: the family's block names, in forward order.
+        batches: calibration inputs.
+        ridge: solve ERQ's ridge regression before the GPTQ rounding.
+
+    Returns:
+        The number of layers corrected.
+    """
+    done = 0
+    for block_name in blocks:
+        block = model.get_submodule(block_name)
+        for layer in block.modules():
+            if isinstance(layer, (nn.Linear, nn.Conv2d)) and getattr(layer, "weight_quantizer", None) is not None:
+                correct_layer_(model, layer, batches, ridge)
+                done += 1
+    set_quant_mode(model, QuantMode.QUANTIZE)
+    return done
