@@ -2,10 +2,12 @@
 
 - Ridge regression (Zhong et al., "ERQ: Error Reduction for Post-Training Quantization of
   Vision Transformers", ICML 2024; zysxmu/ERQ): with ``A`` the quantized inputs a layer
-  receives and ``X`` the float inputs, the weights and bias solve
+  receives and ``X`` the same inputs before its input quantizer (in the model whose earlier
+  layers are already quantized and corrected), the weights and bias solve
   ``min ||A W'^T + b' - X W^T - b||^2 + lam ||[W', b'] - [W, b]||^2`` so that they absorb
-  the error of the quantized activations: ``(A^T A + lam I) W'^T = A^T X W^T + lam W^T``
-  (with a column of ones for the bias).
+  the error of quantizing this layer's input: ``(A^T A + lam I) W'^T = A^T X W^T + lam W^T``
+  (with a column of ones for the bias). Targeting the layer's own unquantized input rather
+  than the float model's keeps the problem well posed with few calibration images.
 - GPTQ (Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative
   Pre-trained Transformers", ICLR 2023): the columns of ``W'`` are rounded to the weight
   quantizer's grid in order, each column's rounding error spread over the columns not yet
@@ -48,7 +50,7 @@ def ridge_weights(
     Args:
         weight: ``(out, in)`` float weight.
         bias: ``(out,)`` float bias.
-        h_aa: ``A^T A``; ``h_ax``: ``A^T X``; ``s_a``, ``s_x``: column sums of ``A`` and ``X``.
+        h_aa: ``A^T A``; h_ax: ``A^T X``; s_a, s_x: column sums of ``A`` and ``X``.
         n: number of rows of ``A``.
         damp: ridge strength relative to the mean diagonal of ``[A 1]^T [A 1]``.
     """
@@ -126,16 +128,13 @@ class _Stats:
 
 
 def _layer_stats(model: nn.Module, layer: nn.Module, batches: Sequence[torch.Tensor]) -> _Stats:
-    """``A`` (the layer's quantized input, model quantizing) and ``X`` (float model) per batch."""
+    """Statistics of ``X``, the input the layer receives in the quantizing model (the layers
+    before it corrected), and ``A``, that input after the layer's input quantizer."""
     stats = _Stats()
     quantizer = getattr(layer, "input_quantizer", None)
-    for x in batches:
-        set_quant_mode(model, QuantMode.FLOAT)
-        (x_float,), _ = next(capture_inputs(model, layer, [x]))
-        set_quant_mode(model, QuantMode.QUANTIZE)
-        (x_quant,), _ = next(capture_inputs(model, layer, [x]))
-        a = quantizer(x_quant) if quantizer is not None else x_quant
-        stats.add(_as_rows(layer, a), _as_rows(layer, x_float))
+    for (x,), _ in capture_inputs(model, layer, batches):
+        a = quantizer(x) if quantizer is not None else x
+        stats.add(_as_rows(layer, a), _as_rows(layer, x))
     return stats
 
 
@@ -147,13 +146,13 @@ def correct_layer_(model: nn.Module, layer: nn.Module, batches: Sequence[torch.T
     weight = layer.weight.reshape(layer.weight.shape[0], -1)
     bias = layer.bias if layer.bias is not None else torch.zeros(weight.shape[0], device=weight.device)
     if ridge:
-        weight, new_bias = ridge_weights(weight, bias, stats.h_aa, stats.h_ax, stats.s_a, stats.s_x, stats.n)
+        weight, new_bias = ridge_weights(weight, bias, stats.h_aa, stats.h_ax, stats.s_a, stats.s_x, stats.n, RIDGE_DAMP)
         if layer.bias is None:
             layer.bias = nn.Parameter(new_bias.to(layer.weight.dtype))
         else:
             layer.bias.copy_(new_bias.to(layer.bias.dtype))
-    s, z = wq.spec.qmin, wq.spec.qmax
-    rounded = gptq_round(weight, stats.h_aa, wq.scale, wq.zero_point, s, z)
+        wq.calibrate_weight(weight.reshape(layer.weight.shape).float())  # the grid of the corrected weight
+    rounded = gptq_round(weight, stats.h_aa, wq.scale, wq.zero_point, wq.spec.qmin, wq.spec.qmax)
     layer.weight.copy_(rounded.reshape(layer.weight.shape).to(layer.weight.dtype))
 
 
