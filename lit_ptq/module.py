@@ -31,15 +31,22 @@ class PTQModule(LightningModule):
         num_classes: classifier width; must match the checkpoint and the dataset.
         img_size: input side (defaults to the registered one).
         model_kwargs: architecture arguments passed to ``create_model`` (``embed_dim``, ``depth``, ...).
-        method: activation observer (``minmax``, ``ema``, ``percentile``, ``omse``); None
+        method: activation observer (``minmax``, ``ema``, ``percentile``, ``omse``, ``mse``); None
             evaluates the float model.
-        placement: ``seed`` or ``full``.
+        placement: ``seed``, ``full`` or ``matmul``.
         bits: ``"weights/activations/attention"``.
         ptf: power-of-two factors for LayerNorm inputs (FQ-ViT).
         lis: log-int-softmax (FQ-ViT).
         arithmetic: ``seed`` (exact, as the seed) or ``fused`` (torch's fused kernel).
         overrides: per-layer quantization settings, ``{pattern: null | {bits, observer,
             granularity}}`` in order, later entries winning (see ``QuantConfig.overrides``).
+        recipe: a low-bit preset for ``placement: matmul``: ``repq`` (RepQ-ViT),
+            ``repq_gptq`` (+ ridge regression and GPTQ rounding) or ``recon`` (+ block
+            reconstruction); see ``lit_ptq.quant.recipes``.
+        softmax: the softmax-output quantizer (``uniform``, ``log2``, ``log_sqrt2``; default
+            ``log_sqrt2`` with a recipe, ``uniform`` without).
+        recon: block-reconstruction settings for ``recipe: recon`` (``iters``, ``batch_size``,
+            ``images``, ``weight_lr``, ``act_lr``, ``round_weight``, ``drop_prob``, ``seed``).
     """
 
     def __init__(
@@ -57,12 +64,16 @@ class PTQModule(LightningModule):
         lis: bool = False,
         arithmetic: str = "seed",
         overrides: Optional[dict[str, Optional[dict[str, Any]]]] = None,
+        recipe: Optional[str] = None,
+        softmax: Optional[str] = None,
+        recon: Optional[dict[str, Any]] = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.quant_config = (
             QuantConfig(
-                method=method, placement=placement, bits=bits, ptf=ptf, lis=lis, arithmetic=arithmetic, overrides=overrides
+                method=method, placement=placement, bits=bits, ptf=ptf, lis=lis, arithmetic=arithmetic,
+                overrides=overrides, recipe=recipe, softmax=softmax, recon=recon,
             )
             if method is not None
             else None

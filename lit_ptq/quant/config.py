@@ -235,9 +235,13 @@ class QuantConfig:
     """What to quantize, where, and how.
 
     Attributes:
-        method: activation observer, one of ``minmax``, ``ema``, ``percentile``, ``omse``.
-        placement: ``seed`` (the PTQ-for-iTPN quant points) or ``full`` (FQ-ViT style: every
-            Linear/Conv input and weight including head and patch embedding, every LayerNorm input).
+        method: activation observer, one of ``minmax``, ``ema``, ``percentile``, ``omse``,
+            ``mse`` (per-tensor clip search of least squared error).
+        placement: ``seed`` (the PTQ-for-iTPN quant points), ``full`` (FQ-ViT style: every
+            Linear/Conv input and weight including head and patch embedding, every LayerNorm
+            input) or ``matmul`` (the benchmark protocol of PTQ4ViT / RepQ-ViT: every Linear
+            input and weight and both operands of the two attention products; LayerNorms
+            and the residual stream float).
         bits: ``"weights/activations/attention"``; attention is the softmax output.
         ptf: FQ-ViT's power-of-two factors for LayerNorm inputs (only ``full`` quantizes them).
         lis: FQ-ViT's log-int-softmax: the softmax output as a log2 code of ``attention`` bits.

@@ -1,7 +1,9 @@
 """Quantizer state: save a calibrated model's quant buffers once, load them for every later run.
 
 A state file is ``torch.save({"format", "version", "meta", "state"})``: ``state`` holds the
-buffers of every quantizer (scale, zero point, range, calibrated flag), ``meta`` says what
+buffers of every quantizer (scale, zero point, range, calibrated flag); a run with a low-bit
+recipe, which changes the weights (folded LayerNorms, corrected or reconstructed weights),
+also stores every parameter under ``params``. ``meta`` says what
 they were made for (the quantization config, the model, the SHA-256 of its float weights,
 and whatever the caller adds). :func:`load_quant_state` refuses a file whose meta differs
 from the run's in any key, either way, so a state is never applied to another model,
@@ -20,13 +22,14 @@ import torch.nn as nn
 
 from ..errors import CheckpointError
 from ..io import atomic_path
-from .quantize import quantizers, set_quant_mode
+from .quantize import quant_points, set_quant_mode
 
 __all__ = [
     "STATE_FORMAT",
     "STATE_VERSION",
     "weights_fingerprint",
     "quant_state",
+    "changed_params",
     "state_meta",
     "save_quant_state",
     "load_quant_state",
@@ -36,6 +39,19 @@ __all__ = [
 STATE_FORMAT = "lit_ptq.quant_state"
 STATE_VERSION = 2
 """2: meta keys from the quantization config plus the caller's (version 1 files are refused)."""
+
+
+def _float_fingerprint(model: nn.Module) -> str:
+    """The fingerprint of the weights the model was built with (recipes record it before
+    they change the weights)."""
+    return getattr(model, "float_weights_sha256", None) or weights_fingerprint(model)
+
+
+def changed_params(model: nn.Module) -> Optional[dict[str, torch.Tensor]]:
+    """CPU copies of every parameter when the model's recipe changed its weights, else ``None``."""
+    if not getattr(getattr(model, "quant_config", None), "recipe", None):
+        return None
+    return {name: p.detach().cpu().clone() for name, p in model.named_parameters()}
 
 
 def weights_fingerprint(model: nn.Module) -> str:
@@ -49,9 +65,9 @@ def weights_fingerprint(model: nn.Module) -> str:
 
 
 def quant_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Copies (on CPU) of every quantizer buffer of ``model``, keyed by their state-dict names."""
+    """Copies (on CPU) of every quant-point buffer of ``model``, keyed by their state-dict names."""
     state = {}
-    for name, q in quantizers(model):
+    for name, q in quant_points(model):
         for key, buf in q.named_buffers():
             state[f"{name}.{key}"] = buf.detach().cpu().clone()
     return state
@@ -66,7 +82,7 @@ def state_meta(model: nn.Module, extra: Optional[Mapping[str, Any]] = None) -> d
     """
     meta: dict[str, Any] = dict(model.quant_config.describe())
     meta.update(extra or {})
-    meta["weights_sha256"] = weights_fingerprint(model)
+    meta["weights_sha256"] = _float_fingerprint(model)
     return meta
 
 
@@ -85,6 +101,9 @@ def save_quant_state(model: nn.Module, path: str, extra_meta: Optional[Mapping[s
         meta=state_meta(model, extra_meta),
         state=quant_state(model),
     )
+    params = changed_params(model)
+    if params is not None:
+        payload["params"] = params
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 
@@ -132,15 +151,44 @@ def load_quant_state(
     state = payload.get("state")
     if not isinstance(state, dict) or set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
         raise CheckpointError(f"{option}={path} does not hold this model's quantizers")
+    params = payload.get("params")
+    if (params is None) != (changed_params(model) is None):
+        raise CheckpointError(f"{option}={path} does not hold the weights this recipe needs")
+    if params is not None:
+        _load_params(model, params, f"{option}={path}")
     model.load_state_dict(state, strict=False)
     set_quant_mode(model, "quantize")
 
 
+def _load_params(model: nn.Module, params: Mapping[str, torch.Tensor], where: str) -> None:
+    """Copy ``params`` into the model, adding the biases a recipe gave to bias-free layers."""
+    own = dict(model.named_parameters())
+    for name in sorted(set(params) - set(own)):
+        owner_name, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        if leaf != "bias" or getattr(owner, "bias", 0) is not None:
+            raise CheckpointError(f"{where} holds a parameter {name} this model does not have")
+        owner.bias = nn.Parameter(torch.zeros_like(params[name], device=owner.weight.device))
+    own = dict(model.named_parameters())
+    if set(own) != set(params) or any(own[k].shape != params[k].shape for k in own):
+        raise CheckpointError(f"{where} does not hold this model's parameters")
+    with torch.no_grad():
+        for name, p in own.items():
+            p.copy_(params[name])
+
+
 def broadcast_quant_state(model: nn.Module, src: int = 0) -> None:
-    """Make every rank's quantizer buffers equal to rank ``src``'s (a no-op without a process group)."""
+    """Make every rank's quantizer buffers (and, after a recipe, parameters) equal to rank
+    ``src``'s (a no-op without a process group)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
-    for _, q in quantizers(model):
+    for _, q in quant_points(model):
         for buf in q.buffers():
             if buf.is_floating_point():
                 dist.broadcast(buf, src=src)
+    if changed_params(model) is not None:
+        with torch.no_grad():
+            for p in model.parameters():
+                received = p.detach().clone()
+                dist.broadcast(received, src=src)
+                p.copy_(received)  # an in-place write the weight quantizers' caches see
