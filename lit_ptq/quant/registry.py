@@ -200,8 +200,10 @@ class PointFactory:
         return WeightQuantizer(spec, out_channels) if spec is not None else None
 
     def image(self, point: str) -> Optional[TensorQuantizer]:
-        """The input of the patch embedding (the image), with the config's ``image`` spec."""
-        return self._uniform(point, "image", False, None)
+        """The input of the patch embedding (the image): an activation point (role ``act``)
+        with the config's ``image`` spec."""
+        spec = self.spec(point, "image")
+        return TensorQuantizer(spec, "act", arithmetic=self.config.arithmetic) if spec is not None else None
 
     def softmax(self, point: str, inplace: bool = True) -> Optional[QuantPoint]:
         """The softmax-output point: FQ-ViT's log-int-softmax under ``lis``, RepQ-ViT's log2 or

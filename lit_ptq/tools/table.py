@@ -54,6 +54,10 @@ log = logging.getLogger(__name__)
 MODULE = "lit_ptq.tools.table"
 # The bit-width columns: (bits "weights/activations/attention", log-int-softmax).
 BITS: tuple[tuple[str, bool], ...] = (("8/8/8", False), ("6/6/6", False), ("4/4/4", False), ("8/8/4", True))
+# The grid's default rows: the seed's observers and FQ-ViT's placements (the low-bit
+# placement and its recipes are measured by ``benchmarks/bench_recipes.py``).
+GRID_METHODS: tuple[str, ...] = ("minmax", "ema", "percentile", "omse")
+GRID_PLACEMENTS: tuple[str, ...] = ("seed", "full")
 # Model options a grid cell sets; the config's values for them are ignored.
 _GRID_KEYS = ("method", "placement", "bits", "ptf", "lis")
 
@@ -82,8 +86,8 @@ class Cell:
 
 
 def grid(
-    methods: Sequence[str] = METHODS,
-    placements: Sequence[str] = PLACEMENTS,
+    methods: Sequence[str] = GRID_METHODS,
+    placements: Sequence[str] = GRID_PLACEMENTS,
     bits: Sequence[tuple[str, bool]] = BITS,
     ptf: Sequence[bool] = (False, True),
 ) -> list[Cell]:
@@ -271,8 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="a main.py YAML config (model, data, seed)")
     parser.add_argument("--out", help="write the records here as JSON (a list, one per run)")
     parser.add_argument("--markdown", help="write the markdown table here")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="activation observers")
-    parser.add_argument("--placements", nargs="+", default=list(PLACEMENTS), choices=PLACEMENTS)
+    parser.add_argument("--methods", nargs="+", default=list(GRID_METHODS), choices=METHODS, help="activation observers")
+    parser.add_argument("--placements", nargs="+", default=list(GRID_PLACEMENTS), choices=PLACEMENTS)
     parser.add_argument("--bits", nargs="+", type=_bits_setting, default=list(BITS),
                         help="bit-width columns: W/A/S, +lis for log-int-softmax (default: 8/8/8 6/6/6 4/4/4 "
                              "8/8/4+lis)")  # fmt: skip

@@ -28,12 +28,12 @@ BATCHES = [
 
 
 def test_registry_holds_the_five_observers() -> None:
-    assert sorted(OBSERVERS) == ["ema", "minmax", "omse", "percentile", "ptf"]
+    assert sorted(OBSERVERS) == ["ema", "log2", "log_sqrt2", "minmax", "mse", "omse", "percentile", "ptf"]
     assert all(cls.name == name for name, cls in OBSERVERS.items())
 
 
 def test_unknown_observer_names_the_registered_ones() -> None:
-    with pytest.raises(ValueError, match="unknown observer 'kl'; registered: ema, minmax, omse, percentile, ptf"):
+    with pytest.raises(ValueError, match="unknown observer 'kl'; registered: ema, log2, log_sqrt2, minmax, mse, omse, percentile, ptf"):
         build_observer("kl", 0, 255, False, False, -1)
 
 
@@ -332,3 +332,40 @@ def test_symmetric_observer_uses_the_larger_magnitude() -> None:
     scale, zp, _, _ = obs.compute()
     assert torch.equal(scale, symmetric_qparams(torch.tensor(-7.5), torch.tensor(2.0), -8, 7)[0])
     assert scale.item() == 1.0 and zp.item() == 0.0
+
+
+def test_mse_observer_clips_a_heavy_tail_and_keeps_a_uniform_range() -> None:
+    g = torch.Generator().manual_seed(0)
+    heavy = torch.randn(20000, generator=g)
+    heavy[0] = 40.0  # one outlier: the least-error 4-bit grid clips it
+    obs = build_observer("mse", 0, 15, False, False, -1)
+    obs.update(heavy, last=True)
+    _, _, lo, hi = obs.compute()
+    assert float(hi) < 20.0  # far below the outlier
+    flat = torch.linspace(-1.0, 1.0, 4096)
+    obs = build_observer("mse", 0, 15, False, False, -1)
+    obs.update(flat, last=True)
+    _, _, lo, hi = obs.compute()
+    assert float(hi) > 0.9 and float(lo) < -0.9  # nothing to gain from clipping a uniform range
+
+
+def test_mse_observer_searches_each_weight_row() -> None:
+    w = torch.randn(3, 256, generator=torch.Generator().manual_seed(1))
+    w[1, 0] = 30.0
+    obs = build_observer("mse", -8, 7, True, True, 0)
+    obs.update(w, last=True)
+    scale, zp, lo, hi = obs.compute()
+    assert scale.shape == (3,) and torch.equal(zp, torch.zeros(3))
+    assert float(hi[1]) < 30.0 and float(hi[0]) == pytest.approx(float(w[0].abs().max()), rel=0.5)
+
+
+@pytest.mark.parametrize("name, steps", [("log2", 1), ("log_sqrt2", 2)])
+def test_log_observers_pick_the_least_error_delta(name: str, steps: int) -> None:
+    probs = torch.softmax(3 * torch.randn(64, 49, generator=torch.Generator().manual_seed(2)), dim=-1)
+    obs = build_observer(name, 0, 15, False, False, -1)
+    obs.update(probs, last=True)
+    scale, zp, _, hi = obs.compute()
+    assert obs.steps_per_octave == steps and float(zp) == 0.0
+    assert 0 < float(scale) <= float(hi)
+    with pytest.raises(ValueError, match="one scale per tensor"):
+        build_observer(name, 0, 15, False, True, -1)

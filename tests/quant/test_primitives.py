@@ -13,6 +13,7 @@ from lit_ptq.quant.primitives import (
     EPS,
     affine_qparams,
     fake_quant_fused,
+    fake_quant_log,
     fake_quant_per_channel_divide,
     fake_quant_seed,
     fake_quant_seed_,
@@ -396,3 +397,18 @@ def test_log_int_softmax_is_shift_invariant() -> None:
     grid = torch.round(logits / scale) * scale  # on the quantization grid, so x / s is an integer
     assert torch.equal(log_int_softmax(grid, scale, 4), log_int_softmax(grid + 3.0, scale, 4))
     assert math.isclose(float(log_int_softmax(grid, scale, 8).sum(-1).max()), 1.0, abs_tol=0.5)
+
+
+@pytest.mark.parametrize("steps, bits", [(1, 4), (2, 4), (2, 3)])
+def test_log_fake_quant_levels(steps: int, bits: int) -> None:
+    delta = torch.tensor(0.75)
+    levels = 2**bits
+    codes = torch.arange(levels, dtype=torch.float32)
+    on_levels = delta * torch.exp2(-codes / steps)
+    assert torch.allclose(fake_quant_log(on_levels, delta, bits, steps), on_levels)
+    below_last = on_levels[-1] * 2 ** (-1.0 / steps)  # one step past the last level
+    assert fake_quant_log(torch.tensor([0.0, below_last.item(), 5.0]), delta, bits, steps).tolist() == [0.0, 0.0, 0.75]
+    x = torch.rand(1000, generator=torch.Generator().manual_seed(0))
+    out = fake_quant_log(x, delta, bits, steps)
+    nonzero = out > 0
+    assert torch.isclose(out[nonzero][:, None], on_levels[None, :]).any(dim=1).all()  # every output is a level
