@@ -3,23 +3,28 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Union
 
 import torch
 import torch.nn as nn
 
-__all__ = ["capture_inputs"]
+__all__ = ["Call", "capture_inputs"]
 
 
 class _Stop(Exception):
     """Raised by the capture hook to skip the rest of the forward pass."""
 
 
-def capture_inputs(model: nn.Module, module: nn.Module, batches: Sequence[torch.Tensor]) -> Iterator[tuple[tuple[Any, ...], dict[str, Any]]]:
+Call = Union[torch.Tensor, tuple[tuple[Any, ...], dict[str, Any]]]
+"""What ``model`` is called with: one input tensor, or captured ``(args, kwargs)``."""
+
+
+def capture_inputs(model: nn.Module, module: nn.Module, batches: Sequence[Call]) -> Iterator[tuple[tuple[Any, ...], dict[str, Any]]]:
     """Run ``model`` on each batch and yield the ``(args, kwargs)`` ``module`` is called with.
 
-    The forward stops as soon as ``module`` is reached (nothing after it runs). ``module``
-    must be called exactly once per forward.
+    A batch is an input tensor or an ``(args, kwargs)`` pair (from an earlier capture, to
+    replay a block). The forward stops as soon as ``module`` is reached (nothing after it
+    runs). ``module`` must be called exactly once per forward.
     """
     seen: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
 
@@ -32,7 +37,10 @@ def capture_inputs(model: nn.Module, module: nn.Module, batches: Sequence[torch.
         for x in batches:
             seen.clear()
             try:
-                model(x)
+                if isinstance(x, torch.Tensor):
+                    model(x)
+                else:
+                    model(*x[0], **x[1])
             except _Stop:
                 pass
             if len(seen) != 1:

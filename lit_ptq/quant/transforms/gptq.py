@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from ..primitives import fake_quant_seed
 from ..quantize import set_quant_mode
 from ..quantizer import QuantMode, WeightQuantizer
-from .capture import capture_inputs
+from .capture import Call, capture_inputs
 
 __all__ = ["correct_weights_", "ridge_weights", "gptq_round", "RIDGE_DAMP", "GPTQ_DAMP", "GPTQ_BLOCK"]
 
@@ -127,7 +127,7 @@ class _Stats:
         self.n += a.shape[0]
 
 
-def _layer_stats(model: nn.Module, layer: nn.Module, batches: Sequence[torch.Tensor]) -> _Stats:
+def _layer_stats(model: nn.Module, layer: nn.Module, batches: Sequence[Call]) -> _Stats:
     """Statistics of ``X``, the input the layer receives in the quantizing model (the layers
     before it corrected), and ``A``, that input after the layer's input quantizer."""
     stats = _Stats()
@@ -139,8 +139,15 @@ def _layer_stats(model: nn.Module, layer: nn.Module, batches: Sequence[torch.Ten
 
 
 @torch.no_grad()
-def correct_layer_(model: nn.Module, layer: nn.Module, batches: Sequence[torch.Tensor], ridge: bool = True) -> None:
-    """Ridge-correct and GPTQ-round the weight of one Linear/Conv2d of a calibrated model."""
+def correct_layer_(model: nn.Module, layer: nn.Module, batches: Sequence[Call], ridge: bool = True) -> None:
+    """Ridge-correct and GPTQ-round the weight of one Linear/Conv2d of a calibrated model.
+
+    Args:
+        model: the model, or a block of it, that calls ``layer`` once per forward.
+        layer: the layer (with a weight quantizer).
+        batches: what ``model`` is called with (tensors, or captured ``(args, kwargs)``).
+        ridge: solve ERQ's ridge regression before the GPTQ rounding.
+    """
     wq: WeightQuantizer = layer.weight_quantizer
     stats = _layer_stats(model, layer, batches)
     weight = layer.weight.reshape(layer.weight.shape[0], -1)
@@ -169,12 +176,15 @@ def correct_weights_(model: nn.Module, blocks: Sequence[str], batches: Sequence[
     Returns:
         The number of layers corrected.
     """
+    set_quant_mode(model, QuantMode.QUANTIZE)
     done = 0
     for block_name in blocks:
         block = model.get_submodule(block_name)
-        for layer in block.modules():
-            if isinstance(layer, (nn.Linear, nn.Conv2d)) and getattr(layer, "weight_quantizer", None) is not None:
-                correct_layer_(model, layer, batches, ridge)
-                done += 1
-    set_quant_mode(model, QuantMode.QUANTIZE)
+        layers = [m for m in block.modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and getattr(m, "weight_quantizer", None) is not None]
+        if not layers:
+            continue
+        calls = list(capture_inputs(model, block, batches))  # the block's inputs, once; its layers replay it
+        for layer in layers:
+            correct_layer_(block, layer, calls, ridge)
+            done += 1
     return done
