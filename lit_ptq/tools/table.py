@@ -47,7 +47,7 @@ from lit_ptq.io import atomic_path, check_writable
 from lit_ptq.module import PTQModule
 from lit_ptq.quant import METHODS, PLACEMENTS, parse_bits
 
-__all__ = ["BITS", "Cell", "GridSetup", "grid", "load_setup", "main", "markdown_table", "run_cell", "run_grid"]
+__all__ = ["BITS", "Cell", "GridSetup", "grid", "load_setup", "main", "markdown_table", "quiet_lightning", "run_cell", "run_grid"]
 
 log = logging.getLogger(__name__)
 
@@ -59,18 +59,19 @@ BITS: tuple[tuple[str, bool], ...] = (("8/8/8", False), ("6/6/6", False), ("4/4/
 GRID_METHODS: tuple[str, ...] = ("minmax", "ema", "percentile", "omse")
 GRID_PLACEMENTS: tuple[str, ...] = ("seed", "full")
 # Model options a grid cell sets; the config's values for them are ignored.
-_GRID_KEYS = ("method", "placement", "bits", "ptf", "lis")
+_GRID_KEYS = ("method", "placement", "bits", "ptf", "lis", "recipe", "softmax", "recon")
 
 
 @dataclass(frozen=True)
 class Cell:
-    """One run of the grid; ``method=None`` is the float baseline."""
+    """One run of the grid; ``method=None`` is the float baseline (``recipe``: a low-bit preset)."""
 
     method: Optional[str] = None
     placement: str = "seed"
     bits: str = "8/8/8"
     ptf: bool = False
     lis: bool = False
+    recipe: Optional[str] = None
 
     @property
     def column(self) -> str:
@@ -82,7 +83,8 @@ class Cell:
         """A short name for logs, e.g. ``omse+ptf full 8/8/4 LIS``."""
         if self.method is None:
             return "fp32"
-        return f"{self.method}{'+ptf' if self.ptf else ''} {self.placement} {self.column}"
+        recipe = f" {self.recipe}" if self.recipe else ""
+        return f"{self.method}{'+ptf' if self.ptf else ''} {self.placement}{recipe} {self.column}"
 
 
 def grid(
@@ -164,11 +166,19 @@ def load_setup(config: str) -> GridSetup:
     return GridSetup(model, datamodule, seed, trainer.get("accelerator", "auto"))
 
 
+def quiet_lightning() -> None:
+    """No Trainer start-up banners or Lightning deprecation chatter (one Trainer per cell)."""
+    for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")  # Lightning's own
+
+
 def run_cell(setup: GridSetup, cell: Cell) -> dict[str, Any]:
     """Calibrate and evaluate one cell; return the record ``main.py --results_path`` would write."""
     seed_everything(setup.seed, verbose=False)
     module = PTQModule(
-        **setup.model, method=cell.method, placement=cell.placement, bits=cell.bits, ptf=cell.ptf, lis=cell.lis
+        **setup.model, method=cell.method, placement=cell.placement, bits=cell.bits, ptf=cell.ptf, lis=cell.lis,
+        recipe=cell.recipe,
     )
     calibration = CalibrationCallback()
     trainer = Trainer(
@@ -283,9 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ptf", nargs="+", choices=("off", "on"), default=["off", "on"], help="PTF settings to run")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)  # one Trainer per cell: no start-up banners
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")  # Lightning's own
+    quiet_lightning()
     try:
         for path, option in ((args.out, "--out"), (args.markdown, "--markdown")):
             if path:

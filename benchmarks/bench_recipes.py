@@ -1,0 +1,112 @@
+"""Accuracy and calibration time of the low-bit recipes on the embedded demo, and their cost
+per block on a large model.
+
+Two measurements, each printed as a table (nothing is asserted)::
+
+    python benchmarks/bench_recipes.py demo --config configs/demo.yaml --json results/demo_lowbit.json --markdown results/demo_lowbit.md
+    python benchmarks/bench_recipes.py blocks --model itpn_base --images 8
+
+``demo``: every recipe (and the ``matmul`` placement without one, MinMax and MSE) at W6A6 and
+W4A4, each a full ``Trainer.validate`` run through the product path (``PTQModule``,
+``CalibrationCallback``), with the top-1 and the calibration time the callback measured.
+
+``blocks``: on a model with random trained-like weights and random images, the time of each
+recipe step for each block: the RepQ-ViT reparameterization (whole model), the ridge + GPTQ
+correction of each block, and block reconstruction with ``--recon-iters`` steps per block
+(reported per step, so a run's cost at another iteration count follows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from typing import Any, Optional
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from lit_ptq.io import atomic_path  # noqa: E402
+from lit_ptq.tools.table import Cell, load_setup, quiet_lightning, run_cell  # noqa: E402
+
+log = logging.getLogger("bench_recipes")
+
+DEMO_CELLS: tuple[Cell, ...] = tuple(
+    Cell(method, "matmul", bits, recipe=recipe)
+    for bits in ("6/6/6", "4/4/4")
+    for method, recipe in (("minmax", None), ("mse", None), ("mse", "repq"), ("mse", "repq_gptq"), ("mse", "recon"))
+)
+"""The demo grid: the placement alone, then each recipe, at W6A6 and W4A4."""
+
+
+def demo_markdown(records: list[dict[str, Any]]) -> str:
+    """Rows: method and recipe; columns: W6A6 and W4A4, each top-1 and calibration seconds."""
+    float_runs = [r for r in records if r["method"] == "fp32"]
+    runs = [r for r in records if r["method"] != "fp32"]
+    columns = list(dict.fromkeys(r["bits"] for r in runs))
+    rows: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+    for r in runs:
+        rows.setdefault((r["method"], r.get("recipe") or "none"), {})[r["bits"]] = r
+    lines = [f"Float (fp32) top-1: **{r['acc1']:.2f}** on {r['num_images']:,} images." for r in float_runs]
+    lines += ["", "| method | recipe | " + " | ".join(f"{c} top-1 | {c} calib (s)" for c in columns) + " |"]
+    lines.append("|---|---|" + "---|---|" * len(columns))
+    for (method, recipe), cells in rows.items():
+        values = " | ".join(
+            f"{cells[c]['acc1']:.2f} | {cells[c]['calibration_seconds']:.0f}" if c in cells else "– | –" for c in columns
+        )
+        lines.append(f"| {method} | {recipe} | {values} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_demo(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Run the demo grid and print / write its table."""
+    setup = load_setup(args.config)
+    cells = [Cell()] + [c for c in DEMO_CELLS if c.recipe in args.recipes or (c.recipe is None and "none" in args.recipes)]
+    records = []
+    for i, cell in enumerate(cells, 1):
+        record = run_cell(setup, cell)
+        records.append(record)
+        print(f"[{i}/{len(cells)}] {cell.label}: top-1 {record['acc1']:.2f}, calibration {record.get('calibration_seconds', 0):.1f} s", flush=True)
+        _write(args.json, json.dumps(records, indent=2))
+    table = demo_markdown(records)
+    print(table)
+    _write(args.markdown, table)
+    return records
+
+
+def _write(path: Optional[str], text: str) -> None:
+    if path:
+        with atomic_path(path) as tmp, open(tmp, "w") as f:
+            f.write(text)
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="top-1 and calibration time of each recipe on a main.py config")
+    demo.add_argument("--config", default="configs/demo.yaml", help="a main.py YAML config (model, data, seed)")
+    demo.add_argument("--recipes", nargs="+", default=["none", "repq", "repq_gptq", "recon"])
+    demo.add_argument("--json", default=None)
+    demo.add_argument("--markdown", default=None)
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    quiet_lightning()
+    args = parse_args(argv)
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+    if args.command == "demo":
+        run_demo(args)
+
+
+if __name__ == "__main__":
+    main()
