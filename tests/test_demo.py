@@ -79,3 +79,29 @@ def test_two_runs_with_the_same_seed_give_identical_metrics(tmp_path: Path, monk
     first = run_demo("configs/demo.yaml", tmp_path / "a.json", monkeypatch)
     second = run_demo("configs/demo.yaml", tmp_path / "b.json", monkeypatch)
     assert {k: first[k] for k in METRICS} == {k: second[k] for k in METRICS}
+
+
+# The low-bit targets, in top-1 points below the float model's (the margins of the
+# benchmark placement's recipes; README.md states the measured figures).
+LOWBIT_MARGINS = {"demo_w6a6.yaml": 0.3, "demo_w4a4.yaml": 2.0, "demo_w4a4_recon.yaml": 1.0}
+
+
+def check_lowbit(config: str, label: str, bits: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    record = run_demo(f"configs/{config}", tmp_path / "q.json", monkeypatch)
+    assert (record["placement"], record["bits"]) == ("matmul", bits)
+    assert record["num_images"] == TEST_IMAGES and record["calib_images"] == 1000
+    assert abs(record["acc1"] - documented_top1(label)) <= CROSS_CPU_POINTS
+    assert record["acc1"] >= documented_top1("Float (fp32)") - LOWBIT_MARGINS[config]
+
+
+def test_w6a6_recipe_is_documented_and_within_its_margin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    check_lowbit("demo_w6a6.yaml", "W6A6 repq_gptq (matmul placement)", "6/6/6", tmp_path, monkeypatch)
+
+
+def test_w4a4_recipe_is_documented_and_within_its_margin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    check_lowbit("demo_w4a4.yaml", "W4A4 repq_gptq (matmul placement)", "4/4/4", tmp_path, monkeypatch)
+
+
+@pytest.mark.slow
+def test_w4a4_reconstruction_is_documented_and_within_its_margin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    check_lowbit("demo_w4a4_recon.yaml", "W4A4 recon (matmul placement)", "4/4/4", tmp_path, monkeypatch)
