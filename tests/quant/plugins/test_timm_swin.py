@@ -328,7 +328,7 @@ def test_reparameterization_keeps_the_float_logits(swin_float, outlier_channels,
         assert torch.allclose(model(eval_images), ref, atol=1e-4, rtol=0)
 
 
-def test_blocks_that_pad_to_whole_windows_keep_their_first_layernorm(trained_like, calib_batches) -> None:
+def test_blocks_that_pad_to_whole_windows_have_no_norm1_pair(trained_like, calib_batches) -> None:
     # 48x48: a 12x12 grid in stage 0 (three windows a side), 6x6 in stage 1, padded to 8x8.
     float_model = trained_like(create_model("swin_tiny_patch4_window7_224", **{**SMALL, "img_size": 48})).eval()
     pairs = FAMILY.norm_linear_pairs(float_model)
