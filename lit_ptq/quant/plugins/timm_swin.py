@@ -1,6 +1,6 @@
 """timm's Swin Transformer (``timm.models.swin_transformer.SwinTransformer``; Liu et al.,
 "Swin Transformer: Hierarchical Vision Transformer using Shifted Windows", ICCV 2021) as a
-quantization plugin, with FQ-ViT's quant points (``docs/quantization.md``).
+quantization plugin: the ``full``, ``seed`` and ``matmul`` placements (``docs/quantization.md``).
 
 ``full`` is FQ-ViT's placement for Swin (Lin et al., "FQ-ViT: Post-Training Quantization for
 Fully Quantized Vision Transformer", IJCAI 2022; megvii-research/FQ-ViT,

@@ -1,5 +1,5 @@
 """timm's ViT and DeiT (``timm.models.vision_transformer.VisionTransformer``) as a
-quantization plugin, with FQ-ViT's quant points (``docs/quantization.md``).
+quantization plugin: the ``full``, ``seed`` and ``matmul`` placements (``docs/quantization.md``).
 
 ``full`` is FQ-ViT's placement (Lin et al., "FQ-ViT: Post-Training Quantization for Fully
 Quantized Vision Transformer", IJCAI 2022; megvii-research/FQ-ViT, ``models/vit_quant.py``),
