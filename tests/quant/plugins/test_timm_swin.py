@@ -1,6 +1,9 @@
 """lit_ptq/quant/plugins/timm_swin.py on a small timm Swin: where ``full`` (FQ-ViT's Swin
 points) and ``seed`` put their quant points, PTF and LIS, FLOAT-mode equality with timm,
-calibration and a state-dict round trip.
+calibration and a state-dict round trip; the ``matmul`` placement, its LayerNorm -> Linear
+pairs (the fold keeps the float logits; none into a block that pads to whole windows) and
+blocks (each called once, in forward order), and the ``repq`` and ``repq_gptq`` recipes on a
+model with outlier LayerNorm channels.
 
 The small Swin (32x32 input, patch 4, window 4, depths (2, 2), embed_dim 16) has an 8x8 grid
 in stage 0 (four windows; ``layers.0.blocks.1`` is shifted and masked) and a 4x4 grid in

@@ -1,7 +1,9 @@
 """lit_ptq/quant/plugins/timm_vit.py on small timm ViTs (DeiT-Ti-like and ViT-Ti-like, 32x32
 input, patch 16, depth 2, width 32): where ``full`` (FQ-ViT's ViT/DeiT points) and ``seed``
 put their quant points, PTF and LIS, FLOAT-mode equality with timm, calibration and a
-state-dict round trip.
+state-dict round trip; the ``matmul`` placement, its LayerNorm -> Linear pairs (the fold keeps
+the float logits) and blocks (each called once, in forward order), and the ``repq`` and
+``repq_gptq`` recipes on a model with outlier LayerNorm channels.
 """
 
 from __future__ import annotations
@@ -254,10 +256,8 @@ def test_matmul_placement_creates_exactly_these_quant_points(name, make_quantize
 def test_matmul_point_roles(make_quantized) -> None:
     model = make_quantized(DEIT, calibrated=False, placement="matmul", bits="4/4/4")
     for name, point in _points(model).items():
-        expected = "weight" if name.endswith("weight_quantizer") else "image" if name == IMAGE_POINT else "act"
-        if name.endswith("softmax_output"):
-            expected = "attn"
-        assert point.role == expected, name
+        expected = "weight" if name.endswith("weight_quantizer") else "attn" if name.endswith("softmax_output") else "act"
+        assert point.role == ("image" if name == IMAGE_POINT else expected), name
     assert model.patch_embed.proj.input_quantizer.spec.bits == 8  # the image keeps 8 bits, as in RepQ-ViT
 
 
