@@ -34,7 +34,8 @@ class Site:
         module_name: path of the owning module in the model (``blocks.3.attn``; ``""`` for the root).
         point: attribute name of the point in that module (``qkv_output``, ``weight_quantizer``).
         module: the owning module (already of its quantized class).
-        role: ``weight``, ``act``, ``attn`` (softmax output) or ``norm`` (LayerNorm input).
+        role: ``weight``, ``act``, ``attn`` (softmax output), ``norm`` (LayerNorm input) or
+            ``image`` (the patch embedding's input).
         root: the whole model (for rules that depend on the model's variant).
     """
 
@@ -200,10 +201,8 @@ class PointFactory:
         return WeightQuantizer(spec, out_channels) if spec is not None else None
 
     def image(self, point: str) -> Optional[TensorQuantizer]:
-        """The input of the patch embedding (the image): an activation point (role ``act``)
-        with the config's ``image`` spec."""
-        spec = self.spec(point, "image")
-        return TensorQuantizer(spec, "act", arithmetic=self.config.arithmetic) if spec is not None else None
+        """The input of the patch embedding (role ``image``), with the config's ``image`` spec."""
+        return self._uniform(point, "image", False, None)
 
     def softmax(self, point: str, inplace: bool = True) -> Optional[QuantPoint]:
         """The softmax-output point: FQ-ViT's log-int-softmax under ``lis``, RepQ-ViT's log2 or

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from lit_ptq.models import create_model
-from lit_ptq.quant import QuantConfig, calibrate, quantize_
+from lit_ptq.quant import QuantConfig, calibrate, family_of, quantize_
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -54,6 +54,87 @@ def trained_like_(model: nn.Module) -> nn.Module:
 def trained_like() -> Callable[[nn.Module], nn.Module]:
     """:func:`trained_like_`, for test modules that build their own models."""
     return trained_like_
+
+
+OUTLIER_FACTOR = 100.0
+
+
+def outlier_channels_(model: nn.Module) -> nn.Module:
+    """Give every LayerNorm that feeds a Linear (its family's ``norm_linear_pairs``) three
+    channels 100x wider than the others, as trained ViTs have, and return ``model``.
+
+    The LayerNorm's weight and bias of channels ``1``, ``C // 2`` and ``C - 3`` are multiplied
+    by :data:`OUTLIER_FACTOR` and the matching weight columns of the Linear divided by it:
+    the model computes the same function (up to float rounding), but one scale for the whole
+    LayerNorm output no longer fits.
+    """
+    with torch.no_grad():
+        for norm_name, linear_name in family_of(model).norm_linear_pairs(model):
+            norm, linear = model.get_submodule(norm_name), model.get_submodule(linear_name)
+            channels = norm.normalized_shape[-1]
+            idx = torch.tensor([1, channels // 2, channels - 3])
+            norm.weight[idx] *= OUTLIER_FACTOR
+            norm.bias[idx] *= OUTLIER_FACTOR
+            linear.weight[:, idx] /= OUTLIER_FACTOR
+    return model
+
+
+@pytest.fixture(scope="session")
+def outlier_channels() -> Callable[[nn.Module], nn.Module]:
+    """:func:`outlier_channels_`, for the tests of the low-bit recipes."""
+    return outlier_channels_
+
+
+def _channel_ranges(model: nn.Module, names: list[str], batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``max - min`` per channel (last dimension) of the output of each module in ``names``
+    over ``batches``."""
+    lo: dict[str, torch.Tensor] = {}
+    hi: dict[str, torch.Tensor] = {}
+
+    def record(name: str, out: torch.Tensor) -> None:
+        rows = out.detach().reshape(-1, out.shape[-1])
+        lo[name] = torch.minimum(lo[name], rows.amin(0)) if name in lo else rows.amin(0)
+        hi[name] = torch.maximum(hi[name], rows.amax(0)) if name in hi else rows.amax(0)
+
+    handles = [
+        model.get_submodule(n).register_forward_hook(lambda _m, _a, out, n=n: record(n, out)) for n in names
+    ]
+    try:
+        with torch.no_grad():
+            for x in batches:
+                model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: hi[n] - lo[n] for n in names}
+
+
+@pytest.fixture(scope="session")
+def channel_ranges() -> Callable[[nn.Module, list[str], list[torch.Tensor]], dict[str, torch.Tensor]]:
+    """``channel_ranges(model, names, batches)``: ``max - min`` per channel (last dimension)
+    of the output of each module in ``names`` over ``batches``."""
+    return _channel_ranges
+
+
+def _call_order(model: nn.Module, names: list[str], x: torch.Tensor) -> list[str]:
+    """The modules among ``names`` that one forward of ``model`` on ``x`` calls, in call
+    order, a name once per call."""
+    calls: list[str] = []
+    handles = [model.get_submodule(n).register_forward_pre_hook(lambda *_, n=n: calls.append(n)) for n in names]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
+@pytest.fixture(scope="session")
+def call_order() -> Callable[[nn.Module, list[str], torch.Tensor], list[str]]:
+    """``call_order(model, names, x)``: the modules among ``names`` that one forward of
+    ``model`` on ``x`` calls, in call order, a name once per call."""
+    return _call_order
 
 
 @pytest.fixture(scope="session")

@@ -84,9 +84,9 @@ def test_arithmetic_accepts_its_name_or_the_enum(arithmetic: object) -> None:
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("method", "kl", r"method='kl' is not one of: minmax, ema, percentile, omse, mse"),
-        ("method", "MinMax", r"method='MinMax' is not one of: minmax, ema, percentile, omse, mse"),
-        ("placement", "fq-vit", r"placement='fq-vit' is not one of: seed, full"),
+        ("method", "kl", r"method='kl' is not one of: minmax, ema, percentile, omse, mse$"),
+        ("method", "MinMax", r"method='MinMax' is not one of: minmax, ema, percentile, omse, mse$"),
+        ("placement", "fq-vit", r"placement='fq-vit' is not one of: seed, full, matmul$"),
         ("arithmetic", "fast", r"arithmetic='fast' is not one of: seed, fused"),
     ],
 )

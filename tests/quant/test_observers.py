@@ -27,7 +27,7 @@ BATCHES = [
 ]
 
 
-def test_registry_holds_the_five_observers() -> None:
+def test_registry_holds_the_eight_observers() -> None:
     assert sorted(OBSERVERS) == ["ema", "log2", "log_sqrt2", "minmax", "mse", "omse", "percentile", "ptf"]
     assert all(cls.name == name for name, cls in OBSERVERS.items())
 

@@ -1,6 +1,6 @@
 """timm's Swin Transformer (``timm.models.swin_transformer.SwinTransformer``; Liu et al.,
 "Swin Transformer: Hierarchical Vision Transformer using Shifted Windows", ICCV 2021) as a
-quantization plugin, with FQ-ViT's quant points (``docs/quantization.md``).
+quantization plugin: the ``full``, ``seed`` and ``matmul`` placements (``docs/quantization.md``).
 
 ``full`` is FQ-ViT's placement for Swin (Lin et al., "FQ-ViT: Post-Training Quantization for
 Fully Quantized Vision Transformer", IJCAI 2022; megvii-research/FQ-ViT,
@@ -28,6 +28,19 @@ as ``(B, H, W, C)``; per-channel points use the last dimension, as FQ-ViT does o
 ``seed`` maps PTQ-for-iTPN's points to the same roles: ``qkv``, the logits (before the
 position bias), the softmax, ``attn @ v``, ``proj``, GELU and ``fc2`` outputs, the
 PatchMerging ``reduction`` output, and the weights of every Linear but the head's.
+
+``matmul`` is the benchmark protocol of PTQ4ViT, RepQ-ViT, ERQ and AdaLog: the input and the
+weight of every Linear (``qkv``, ``proj``, ``fc1``, ``fc2`` of every block, PatchMerging's
+``reduction``, ``head.fc``) and of the patch embedding (its input is the image), and the
+operands of both attention products: q and k (``query``, ``key``, per head, before the
+logits' scale), the softmax output and v (``value``). LayerNorm inputs, the residual stream,
+the position bias and FQ-ViT's output points stay float. Its LayerNorm -> Linear pairs (for
+RepQ-ViT's reparameterization) are ``norm1 -> attn.qkv`` (through the cyclic shift and the
+window partition, which only move tokens), ``norm2 -> mlp.fc1``, PatchMerging's
+``norm -> reduction`` and the final ``norm -> head.fc`` (through the average pooling). A
+block whose feature map is (or, with ``strict_img_size=False``, may be) zero-padded to whole
+windows has no ``norm1`` pair: the padding tokens are zeros after the LayerNorm, and ``qkv``
+would read them through the folded bias.
 
 With every point in ``FLOAT`` mode the modules compute what timm's do (timm's own
 ``forward`` where it differs).
@@ -58,6 +71,9 @@ __all__ = [
 
 _INPUT_QUANTIZED_LINEARS = ("qkv", "fc1", "reduction", "fc")
 _SEED_ATTENTION_POINTS = ("qkv_output", "logits", "softmax_output", "context", "proj_output")
+_OPERANDS = ("query", "key", "value")
+"""Points of the ``matmul`` placement only."""
+_MATMUL_OPERANDS = (*_OPERANDS, "softmax_output")
 
 
 def seed_placement(site: Site) -> bool:
@@ -81,28 +97,80 @@ def full_placement(site: Site) -> bool:
         return site.leaf in _INPUT_QUANTIZED_LINEARS
     if site.point == "proj_output" and isinstance(module, PatchEmbed):
         return not isinstance(module.norm, nn.Identity)
-    return True
+    return site.point not in _OPERANDS
 
 
-FAMILY = register_family("timm_swin", (SwinTransformer,), {"seed": seed_placement, "full": full_placement})
+def matmul_placement(site: Site) -> bool:
+    """Every Linear/Conv input and weight, and the operands of the two attention products."""
+    if isinstance(site.module, WindowAttention):
+        return site.point in _MATMUL_OPERANDS
+    return isinstance(site.module, (nn.Linear, nn.Conv2d))
+
+
+def _may_pad(block: SwinTransformerBlock) -> bool:
+    """Whether the block pads its feature map to whole windows before the attention (any
+    input size is accepted with ``strict_img_size=False``, and may need padding)."""
+    return block.dynamic_mask or any(r % w for r, w in zip(block.input_resolution, block.window_size))
+
+
+def norm_linear_pairs(model: SwinTransformer) -> list[tuple[str, str]]:
+    """Each LayerNorm and the Linear it feeds, in forward order: PatchMerging's
+    ``norm -> reduction``, ``norm1 -> attn.qkv`` (unless the block pads, see the module
+    docstring) and ``norm2 -> mlp.fc1`` in every block, the final ``norm -> head.fc``."""
+    pairs = []
+    for i, stage in enumerate(model.layers):
+        if isinstance(stage.downsample, PatchMerging):
+            pairs.append((f"layers.{i}.downsample.norm", f"layers.{i}.downsample.reduction"))
+        for j, block in enumerate(stage.blocks):
+            name = f"layers.{i}.blocks.{j}"
+            if not _may_pad(block):
+                pairs.append((f"{name}.norm1", f"{name}.attn.qkv"))
+            pairs.append((f"{name}.norm2", f"{name}.mlp.fc1"))
+    if isinstance(model.norm, nn.LayerNorm) and isinstance(model.head.fc, nn.Linear):
+        pairs.append(("norm", "head.fc"))
+    return pairs
+
+
+def blocks(model: SwinTransformer) -> list[str]:
+    """The patch embedding, then each stage's PatchMerging and blocks in the order they run,
+    then ``head.fc`` (called once on the pooled features)."""
+    names = ["patch_embed"]
+    for i, stage in enumerate(model.layers):
+        if isinstance(stage.downsample, PatchMerging):
+            names.append(f"layers.{i}.downsample")
+        names += [f"layers.{i}.blocks.{j}" for j in range(len(stage.blocks))]
+    return [*names, "head.fc"]
+
+
+FAMILY = register_family(
+    "timm_swin",
+    (SwinTransformer,),
+    {"seed": seed_placement, "full": full_placement, "matmul": matmul_placement},
+    norm_linear_pairs=norm_linear_pairs,
+    blocks=blocks,
+)
 FAMILY.quant_module(Mlp)(QuantTimmMlp)
 FAMILY.quant_module(PatchEmbed)(QuantTimmPatchEmbed)
 
 
 @FAMILY.quant_module(WindowAttention)
 class QuantWindowAttention(WindowAttention):
-    """timm's ``WindowAttention`` with FQ-ViT's seven points.
+    """timm's ``WindowAttention`` with FQ-ViT's seven points and the three operand points.
 
     ``qkv_output``, ``logits`` (``(q * scale) @ k^T``), ``bias_table`` (the
     ``relative_position_bias_table`` parameter, before the gather), ``biased_logits`` (logits
     plus the relative position bias, before the shift mask), ``softmax_output`` (uniform, or
     log2 under LIS from ``biased_logits``' scale, or ``logits``' when that point is not
-    placed), ``context`` (``attn @ v``) and ``proj_output``.
+    placed), ``context`` (``attn @ v``) and ``proj_output``; ``query``, ``key`` and ``value``
+    are the operands of the two products (per head, before the logits' scale).
     """
 
     def setup_quant(self, points: PointFactory) -> None:
-        """Create the seven quant points."""
+        """Create the seven quant points, and ``query``, ``key``, ``value`` (the operands)."""
         self.qkv_output = points.act("qkv_output", inplace=True)
+        self.query = points.act("query")
+        self.key = points.act("key")
+        self.value = points.act("value")
         self.logits = points.act("logits", inplace=True)
         self.bias_table = points.act("bias_table")
         self.biased_logits = points.act("biased_logits", inplace=True)
@@ -121,6 +189,7 @@ class QuantWindowAttention(WindowAttention):
         B_, N, _ = x.shape
         qkv = maybe_quant(self.qkv_output, self.qkv(x))
         q, k, v = qkv.reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = maybe_quant(self.query, q), maybe_quant(self.key, k), maybe_quant(self.value, v)
         attn = maybe_quant(self.logits, (q * self.scale) @ k.transpose(-2, -1))
         table = maybe_quant(self.bias_table, self.relative_position_bias_table)
         bias = table[self.relative_position_index.view(-1)].view(self.window_area, self.window_area, -1)

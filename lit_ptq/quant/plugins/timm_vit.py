@@ -1,5 +1,5 @@
 """timm's ViT and DeiT (``timm.models.vision_transformer.VisionTransformer``) as a
-quantization plugin, with FQ-ViT's quant points (``docs/quantization.md``).
+quantization plugin: the ``full``, ``seed`` and ``matmul`` placements (``docs/quantization.md``).
 
 ``full`` is FQ-ViT's placement (Lin et al., "FQ-ViT: Post-Training Quantization for Fully
 Quantized Vision Transformer", IJCAI 2022; megvii-research/FQ-ViT, ``models/vit_quant.py``),
@@ -13,6 +13,16 @@ itself, so the sums are points of the block, not inputs of the LayerNorms.
 
 ``seed`` maps PTQ-for-iTPN's points to the same roles: ``qkv``, logits, softmax, ``attn @ v``,
 ``proj``, GELU and ``fc2`` outputs, and the weights of every Linear but the head.
+
+``matmul`` is the benchmark protocol of PTQ4ViT, RepQ-ViT, ERQ and AdaLog: the input and the
+weight of every Linear (``qkv``, ``proj``, ``fc1``, ``fc2`` of every block, the ``head``) and
+of the patch embedding (its input is the image), and the operands of both attention
+products: q and k (``query``, ``key``, per head, after timm's optional ``q_norm``/``k_norm``
+and before the logits' scale), the softmax output and v (``value``). LayerNorm inputs, the
+residual stream and FQ-ViT's output points stay float. Its LayerNorm -> Linear pairs (for
+RepQ-ViT's reparameterization) are ``norm1 -> attn.qkv``, ``norm2 -> mlp.fc1`` and the final
+LayerNorm (``norm``, or ``fc_norm`` after average pooling) -> ``head``; the class-token
+selection or token mean between ``norm`` and ``head`` acts on each channel alone.
 
 With every point in ``FLOAT`` mode the modules compute what timm's do (timm's own
 ``forward`` where it differs, e.g. its fused attention kernel).
@@ -36,6 +46,9 @@ from ._timm_layers import QuantTimmMlp, QuantTimmPatchEmbed
 __all__ = ["FAMILY", "QuantTimmAttention", "QuantTimmBlock", "QuantVisionTransformer"]
 
 _INPUT_QUANTIZED_LINEARS = ("qkv", "fc1", "head")
+_OPERANDS = ("query", "key", "value")
+"""Points of the ``matmul`` placement only."""
+_MATMUL_OPERANDS = (*_OPERANDS, "softmax_output")
 
 
 def _quantizes_image(root: nn.Module) -> bool:
@@ -47,7 +60,7 @@ def _quantizes_image(root: nn.Module) -> bool:
 def seed_placement(site: Site) -> bool:
     """PTQ-for-iTPN's roles: attention and MLP outputs, every Linear weight except the head's."""
     if isinstance(site.module, (Attention, Mlp)):
-        return True
+        return site.point not in _OPERANDS
     return site.role == "weight" and isinstance(site.module, nn.Linear) and site.module_name != "head"
 
 
@@ -62,24 +75,72 @@ def full_placement(site: Site) -> bool:
         return site.leaf in _INPUT_QUANTIZED_LINEARS
     if site.point == "proj_output" and isinstance(module, PatchEmbed):
         return not isinstance(module.norm, nn.Identity)
-    return True
+    return site.point not in _OPERANDS
 
 
-FAMILY = register_family("timm_vit", (VisionTransformer,), {"seed": seed_placement, "full": full_placement})
+def matmul_placement(site: Site) -> bool:
+    """Every Linear/Conv input and weight, and the operands of the two attention products."""
+    if isinstance(site.module, Attention):
+        return site.point in _MATMUL_OPERANDS
+    return isinstance(site.module, (nn.Linear, nn.Conv2d))
+
+
+def _final_norm(model: VisionTransformer) -> Optional[str]:
+    """The LayerNorm whose output reaches ``head`` through channel-wise operations only:
+    ``fc_norm`` (after pooling) or ``norm`` (before the class-token selection or token mean)."""
+    if model.attn_pool is not None or not isinstance(model.head, nn.Linear):
+        return None
+    for name in ("fc_norm", "norm"):
+        if isinstance(getattr(model, name), nn.LayerNorm):
+            return name
+    return None
+
+
+def norm_linear_pairs(model: VisionTransformer) -> list[tuple[str, str]]:
+    """Each LayerNorm and the Linear it feeds: ``norm1 -> attn.qkv``, ``norm2 -> mlp.fc1`` in
+    every block, and the final LayerNorm -> ``head`` (see the module docstring)."""
+    pairs = []
+    for i in range(len(model.blocks)):
+        pairs += [(f"blocks.{i}.norm1", f"blocks.{i}.attn.qkv"), (f"blocks.{i}.norm2", f"blocks.{i}.mlp.fc1")]
+    final = _final_norm(model)
+    if final is not None:
+        pairs.append((final, "head"))
+    return pairs
+
+
+def blocks(model: VisionTransformer) -> list[str]:
+    """The patch embedding, every block in order, then the ``head`` (called once on the pooled features)."""
+    return ["patch_embed", *(f"blocks.{i}" for i in range(len(model.blocks))), "head"]
+
+
+FAMILY = register_family(
+    "timm_vit",
+    (VisionTransformer,),
+    {"seed": seed_placement, "full": full_placement, "matmul": matmul_placement},
+    norm_linear_pairs=norm_linear_pairs,
+    blocks=blocks,
+)
 FAMILY.quant_module(Mlp)(QuantTimmMlp)
 FAMILY.quant_module(PatchEmbed)(QuantTimmPatchEmbed)
 
 
 @FAMILY.quant_module(Attention)
 class QuantTimmAttention(Attention):
-    """timm's ``Attention`` with FQ-ViT's five points: ``qkv_output``, ``logits``
-    (``(q @ k^T) * scale``), ``softmax_output``, ``context`` (``attn @ v``), ``proj_output``."""
+    """timm's ``Attention`` with FQ-ViT's five points and the three operand points.
+
+    ``qkv_output``, ``logits`` (``(q @ k^T) * scale``), ``softmax_output``, ``context``
+    (``attn @ v``), ``proj_output``; ``query``, ``key`` and ``value`` are the operands of the
+    two products (per head, after ``q_norm``/``k_norm``, before the logits' scale).
+    """
 
     def setup_quant(self, points: PointFactory) -> None:
-        """Create the five quant points."""
+        """Create the five quant points, and ``query``, ``key``, ``value`` (the operands)."""
         if self.gate is not None:
             raise ConfigError(f"{points.module_name}: gated attention is not supported by the timm_vit plugin")
         self.qkv_output = points.act("qkv_output", inplace=True)
+        self.query = points.act("query")
+        self.key = points.act("key")
+        self.value = points.act("value")
         self.logits = points.act("logits", inplace=True)
         self.softmax_output = points.softmax("softmax_output")
         self.context = points.act("context", inplace=True)
@@ -97,6 +158,7 @@ class QuantTimmAttention(Attention):
         qkv = maybe_quant(self.qkv_output, self.qkv(x))
         q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = maybe_quant(self.query, q), maybe_quant(self.key, k), maybe_quant(self.value, v)
         attn = maybe_quant(self.logits, (q @ k.transpose(-2, -1)).mul_(self.scale))
         attn = self.attn_drop(quantized_softmax(self.softmax_output, self.logits, attn))
         x = maybe_quant(self.context, (attn @ v).transpose(1, 2).reshape(B, N, self.attn_dim))

@@ -1,6 +1,9 @@
 """lit_ptq/quant/plugins/timm_swin.py on a small timm Swin: where ``full`` (FQ-ViT's Swin
 points) and ``seed`` put their quant points, PTF and LIS, FLOAT-mode equality with timm,
-calibration and a state-dict round trip.
+calibration and a state-dict round trip; the ``matmul`` placement, its LayerNorm -> Linear
+pairs (the fold keeps the float logits; none into a block that pads to whole windows) and
+blocks (each called once, in forward order), and the ``repq`` and ``repq_gptq`` recipes on a
+model with outlier LayerNorm channels.
 
 The small Swin (32x32 input, patch 4, window 4, depths (2, 2), embed_dim 16) has an 8x8 grid
 in stage 0 (four windows; ``layers.0.blocks.1`` is shifted and masked) and a 4x4 grid in
@@ -31,11 +34,13 @@ from lit_ptq.quant import (
     set_quant_mode,
 )
 from lit_ptq.quant.plugins.timm_swin import (
+    FAMILY,
     QuantPatchMerging,
     QuantSwinTransformer,
     QuantSwinTransformerBlock,
     QuantWindowAttention,
 )
+from lit_ptq.quant.transforms import reparameterize_
 
 SMALL = dict(img_size=32, depths=(2, 2), num_heads=(1, 2), embed_dim=16, window_size=4, num_classes=10)
 DEPTHS = SMALL["depths"]
@@ -43,8 +48,9 @@ BLOCKS = [f"layers.{i}.blocks.{j}" for i, depth in enumerate(DEPTHS) for j in ra
 MERGES = [f"layers.{i}.downsample" for i in range(1, len(DEPTHS))]
 DIMS = {f"layers.{i}": 16 * 2**i for i in range(len(DEPTHS))}
 
+IMAGE_POINT = "patch_embed.proj.input_quantizer"
 MODEL_POINTS = {
-    "patch_embed.proj.input_quantizer",
+    IMAGE_POINT,
     "patch_embed.proj_output",
     "patch_embed.output",
     "norm_output",
@@ -157,7 +163,7 @@ def test_quant_point_kinds_and_roles(placement, swin) -> None:
         elif name.endswith("softmax_output"):
             assert point.role == "attn"
         else:
-            assert point.role == ("norm" if name in NORM_ROLE else "act"), name
+            assert point.role == ("norm" if name in NORM_ROLE else "image" if name == IMAGE_POINT else "act"), name
             assert point.scale.shape == (1,) or point.scale.numel() == 1
 
 
@@ -253,3 +259,111 @@ def test_state_dict_round_trip(make_quantized, eval_images) -> None:
     set_quant_mode(fresh, QuantMode.QUANTIZE)
     with torch.no_grad():
         assert torch.equal(fresh(eval_images), calibrated(eval_images))
+
+
+# --- matmul placement and the low-bit recipes -------------------------------------------------
+
+LINEARS = [f"{b}.{layer}" for b in BLOCKS for layer in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
+LINEARS += [f"{m}.reduction" for m in MERGES]
+MATMUL_POINTS = {f"{b}.attn.{p}" for b in BLOCKS for p in ("query", "key", "softmax_output", "value")} | {
+    f"{layer}.{q}" for layer in ("patch_embed.proj", *LINEARS, "head.fc") for q in ("input_quantizer", "weight_quantizer")
+}
+FQVIT_OUTPUT_POINTS = {p for p in FULL_ACTS if not p.endswith("input_quantizer") and not p.endswith("softmax_output")}
+"""FQ-ViT's points on the outputs of layers, sums and the bias table, which ``matmul`` leaves float."""
+PAIRS = [
+    ("layers.0.blocks.0.norm1", "layers.0.blocks.0.attn.qkv"),
+    ("layers.0.blocks.0.norm2", "layers.0.blocks.0.mlp.fc1"),
+    ("layers.0.blocks.1.norm1", "layers.0.blocks.1.attn.qkv"),
+    ("layers.0.blocks.1.norm2", "layers.0.blocks.1.mlp.fc1"),
+    ("layers.1.downsample.norm", "layers.1.downsample.reduction"),
+    ("layers.1.blocks.0.norm1", "layers.1.blocks.0.attn.qkv"),
+    ("layers.1.blocks.0.norm2", "layers.1.blocks.0.mlp.fc1"),
+    ("layers.1.blocks.1.norm1", "layers.1.blocks.1.attn.qkv"),
+    ("layers.1.blocks.1.norm2", "layers.1.blocks.1.mlp.fc1"),
+    ("norm", "head.fc"),
+]
+UNITS = ["patch_embed", "layers.0.blocks.0", "layers.0.blocks.1", "layers.1.downsample", "layers.1.blocks.0", "layers.1.blocks.1", "head.fc"]
+RECIPE_BOUND = 0.15
+"""Largest relative error of the 8/8/8 recipe logits (measured: 0.08 for repq and repq_gptq)."""
+
+
+def _rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def test_matmul_name_list_has_the_size_worked_out_by_hand() -> None:
+    # 4 operands and 4 Linears (input + weight) per block, 2 per PatchMerging, the patch embedding and the head
+    # (Swin-T: 4 + 12*12 + 2*3 = 154)
+    assert len(MATMUL_POINTS) == 4 + 12 * sum(DEPTHS) + 2 * len(MERGES) == 54
+
+
+def test_matmul_placement_creates_exactly_these_quant_points(swin) -> None:
+    model = quantize_(swin, QuantConfig(placement="matmul"))
+    assert set(_points(model)) == MATMUL_POINTS
+    assert not set(_points(model)) & FQVIT_OUTPUT_POINTS
+
+
+def test_matmul_point_roles(swin) -> None:
+    model = quantize_(swin, QuantConfig(placement="matmul", bits="4/4/4"))
+    for name, point in _points(model).items():
+        expected = "weight" if name.endswith("weight_quantizer") else "attn" if name.endswith("softmax_output") else "act"
+        assert point.role == ("image" if name == IMAGE_POINT else expected), name
+    assert model.patch_embed.proj.input_quantizer.spec.bits == 8  # the image keeps 8 bits, as in RepQ-ViT
+
+
+def test_norm_linear_pairs_and_blocks(swin_float) -> None:
+    assert FAMILY.norm_linear_pairs(swin_float) == PAIRS
+    assert FAMILY.blocks(swin_float) == UNITS
+
+
+def test_reparameterization_keeps_the_float_logits(swin_float, outlier_channels, channel_ranges, calib_batches, eval_images) -> None:
+    wide = outlier_channels(copy.deepcopy(swin_float))
+    model = quantize_(copy.deepcopy(wide), QuantConfig(placement="matmul"))
+    norms = [n for n, _ in PAIRS]
+    before = channel_ranges(wide, norms, calib_batches)
+    assert all(r.max() / r.min() > 10 for r in before.values())  # the outlier channels
+    reparameterize_(model, calib_batches, FAMILY.norm_linear_pairs(model), model.quant_config.act)
+    after = channel_ranges(model, norms, calib_batches)
+    assert all(r.max() / r.min() < 1.001 for r in after.values())  # one scale fits every channel now
+    with torch.no_grad():
+        ref = swin_float(eval_images)
+        assert torch.allclose(wide(eval_images), ref, atol=1e-4, rtol=0)
+        assert torch.allclose(model(eval_images), ref, atol=1e-4, rtol=0)
+
+
+def test_blocks_that_pad_to_whole_windows_have_no_norm1_pair(trained_like, calib_batches) -> None:
+    # 48x48: a 12x12 grid in stage 0 (three windows a side), 6x6 in stage 1, padded to 8x8.
+    float_model = trained_like(create_model("swin_tiny_patch4_window7_224", **{**SMALL, "img_size": 48})).eval()
+    pairs = FAMILY.norm_linear_pairs(float_model)
+    assert [p for p in PAIRS if p not in pairs] == [PAIRS[5], PAIRS[7]]  # layers.1.blocks.{0,1}.norm1 -> qkv
+    images = [torch.nn.functional.interpolate(x, size=48) for x in calib_batches]
+    with torch.no_grad():
+        ref = float_model(images[0])
+        folded = quantize_(copy.deepcopy(float_model), QuantConfig(placement="matmul"))
+        reparameterize_(folded, images, pairs, folded.quant_config.act)
+        assert torch.allclose(folded(images[0]), ref, atol=1e-4, rtol=0)
+        # The left-out pair: the padding tokens reach qkv as zeros, which the folded bias moves.
+        reparameterize_(folded, images, [PAIRS[5]], folded.quant_config.act)
+        assert not torch.allclose(folded(images[0]), ref, atol=1e-3, rtol=0)
+    dynamic = create_model("swin_tiny_patch4_window7_224", **SMALL, strict_img_size=False)
+    assert not [p for p in FAMILY.norm_linear_pairs(dynamic) if p[0].endswith("norm1")]
+
+
+def test_blocks_are_each_called_once_in_forward_order(make_quantized, eval_images, call_order) -> None:
+    model = make_quantized(placement="matmul")
+    assert call_order(model, FAMILY.blocks(model), eval_images) == UNITS
+
+
+@pytest.mark.parametrize("recipe", ["repq", "repq_gptq"])
+def test_recipe_brings_the_outlier_model_close_to_float(recipe, swin_float, outlier_channels, calib_batches, eval_images) -> None:
+    wide = outlier_channels(copy.deepcopy(swin_float))
+    plain = quantize_(copy.deepcopy(wide), QuantConfig(method="mse", placement="matmul"))
+    calibrate(plain, calib_batches)
+    model = quantize_(copy.deepcopy(wide), QuantConfig(method="mse", placement="matmul", recipe=recipe))
+    assert calibrate(model, calib_batches) == len(calib_batches)
+    assert all(q.ready and q.mode is QuantMode.QUANTIZE for _, q in quantizers(model))
+    with torch.no_grad():
+        out, ref = model(eval_images), wide(eval_images)
+        plain_error = _rel_error(plain(eval_images), ref)
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    assert 0 < _rel_error(out, ref) < RECIPE_BOUND < plain_error / 2  # one scale per tensor fails on the outliers

@@ -1,7 +1,9 @@
 """lit_ptq/quant/plugins/timm_vit.py on small timm ViTs (DeiT-Ti-like and ViT-Ti-like, 32x32
 input, patch 16, depth 2, width 32): where ``full`` (FQ-ViT's ViT/DeiT points) and ``seed``
 put their quant points, PTF and LIS, FLOAT-mode equality with timm, calibration and a
-state-dict round trip.
+state-dict round trip; the ``matmul`` placement, its LayerNorm -> Linear pairs (the fold keeps
+the float logits) and blocks (each called once, in forward order), and the ``repq`` and
+``repq_gptq`` recipes on a model with outlier LayerNorm channels.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from lit_ptq.quant import (
     quantizers,
     set_quant_mode,
 )
-from lit_ptq.quant.plugins.timm_vit import QuantTimmAttention, QuantTimmBlock, QuantVisionTransformer
+from lit_ptq.quant.plugins.timm_vit import FAMILY, QuantTimmAttention, QuantTimmBlock, QuantVisionTransformer
+from lit_ptq.quant.transforms import reparameterize_
 
 SMALL = dict(img_size=32, depth=2, embed_dim=32, num_heads=2, num_classes=10)
 DEPTH = SMALL["depth"]
@@ -123,6 +126,8 @@ def test_quant_point_kinds_and_roles(placement, make_quantized) -> None:
             assert type(point) is WeightQuantizer and point.role == "weight"
         elif name.endswith("softmax_output"):
             assert point.role == "attn"
+        elif name == IMAGE_POINT:
+            assert point.role == "image"
         else:
             assert point.role == ("norm" if name in NORM_ROLE else "act"), name
 
@@ -212,3 +217,90 @@ def test_state_dict_round_trip(make_quantized, eval_images) -> None:
     set_quant_mode(fresh, QuantMode.QUANTIZE)
     with torch.no_grad():
         assert torch.equal(fresh(eval_images), calibrated(eval_images))
+
+
+# --- matmul placement and the low-bit recipes -------------------------------------------------
+
+MATMUL_BLOCK_POINTS = ("attn.query", "attn.key", "attn.softmax_output", "attn.value")
+MATMUL_POINTS = {f"{b}.{p}" for b in BLOCKS for p in MATMUL_BLOCK_POINTS} | {
+    f"{layer}.{q}"
+    for layer in ("patch_embed.proj", "head", *(f"{b}.{w}" for b in BLOCKS for w in BLOCK_WEIGHTS))
+    for q in ("input_quantizer", "weight_quantizer")
+}
+PAIRS = [(f"{b}.{n}", f"{b}.{l}") for b in BLOCKS for n, l in (("norm1", "attn.qkv"), ("norm2", "mlp.fc1"))]
+UNITS = ["patch_embed", *BLOCKS, "head"]
+FQVIT_OUTPUT_POINTS = (MODEL_POINTS - {"head.input_quantizer"}) | {
+    f"{b}.{p}" for b in BLOCKS for p in BLOCK_POINTS if not p.endswith("input_quantizer") and p != "attn.softmax_output"
+}
+"""FQ-ViT's points on the outputs of layers and sums, which ``matmul`` leaves float."""
+RECIPE_BOUND = 0.3
+"""Largest relative error of the 8/8/8 recipe logits (measured: 0.20 for repq, 0.20 for repq_gptq)."""
+
+
+def _rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def test_matmul_name_list_has_the_size_worked_out_by_hand() -> None:
+    # 4 operands and 4 Linears (input + weight) per block, the patch embedding and the head (DeiT-T: 4 + 12*12 = 148)
+    assert len(MATMUL_POINTS) == 4 + 12 * DEPTH == 28
+
+
+@pytest.mark.parametrize("name", [DEIT, VIT])
+def test_matmul_placement_creates_exactly_these_quant_points(name, make_quantized) -> None:
+    model = make_quantized(name, calibrated=False, placement="matmul")
+    assert set(_points(model)) == MATMUL_POINTS
+    assert not set(_points(model)) & FQVIT_OUTPUT_POINTS
+
+
+def test_matmul_point_roles(make_quantized) -> None:
+    model = make_quantized(DEIT, calibrated=False, placement="matmul", bits="4/4/4")
+    for name, point in _points(model).items():
+        expected = "weight" if name.endswith("weight_quantizer") else "attn" if name.endswith("softmax_output") else "act"
+        assert point.role == ("image" if name == IMAGE_POINT else expected), name
+    assert model.patch_embed.proj.input_quantizer.spec.bits == 8  # the image keeps 8 bits, as in RepQ-ViT
+
+
+def test_norm_linear_pairs_and_blocks(floats) -> None:
+    assert FAMILY.norm_linear_pairs(floats[DEIT]) == [*PAIRS, ("norm", "head")]
+    assert FAMILY.blocks(floats[DEIT]) == UNITS
+    avg = create_model(VIT, **SMALL, global_pool="avg")  # the final LayerNorm after the token mean
+    assert FAMILY.norm_linear_pairs(avg) == [*PAIRS, ("fc_norm", "head")]
+
+
+@pytest.mark.parametrize("pool", ["token", "avg"])
+def test_reparameterization_keeps_the_float_logits(pool, floats, trained_like, outlier_channels, channel_ranges, calib_batches, eval_images) -> None:
+    original = floats[DEIT] if pool == "token" else trained_like(create_model(DEIT, **SMALL, global_pool=pool)).eval()
+    wide = outlier_channels(copy.deepcopy(original))
+    model = quantize_(copy.deepcopy(wide), QuantConfig(placement="matmul"))
+    pairs = FAMILY.norm_linear_pairs(model)
+    norms = [n for n, _ in pairs]
+    before = channel_ranges(wide, norms, calib_batches)
+    assert all(r.max() / r.min() > 10 for r in before.values())  # the outlier channels
+    reparameterize_(model, calib_batches, pairs, model.quant_config.act)
+    after = channel_ranges(model, norms, calib_batches)
+    assert all(r.max() / r.min() < 1.001 for r in after.values())  # one scale fits every channel now
+    with torch.no_grad():
+        ref = original(eval_images)
+        assert torch.allclose(wide(eval_images), ref, atol=1e-4, rtol=0)
+        assert torch.allclose(model(eval_images), ref, atol=1e-4, rtol=0)
+
+
+def test_blocks_are_each_called_once_in_forward_order(make_quantized, eval_images, call_order) -> None:
+    model = make_quantized(DEIT, placement="matmul")
+    assert call_order(model, FAMILY.blocks(model), eval_images) == UNITS
+
+
+@pytest.mark.parametrize("recipe", ["repq", "repq_gptq"])
+def test_recipe_brings_the_outlier_model_close_to_float(recipe, floats, outlier_channels, calib_batches, eval_images) -> None:
+    wide = outlier_channels(copy.deepcopy(floats[DEIT]))
+    plain = quantize_(copy.deepcopy(wide), QuantConfig(method="mse", placement="matmul"))
+    calibrate(plain, calib_batches)
+    model = quantize_(copy.deepcopy(wide), QuantConfig(method="mse", placement="matmul", recipe=recipe))
+    assert calibrate(model, calib_batches) == len(calib_batches)
+    assert all(q.ready and q.mode is QuantMode.QUANTIZE for _, q in quantizers(model))
+    with torch.no_grad():
+        out, ref = model(eval_images), wide(eval_images)
+        plain_error = _rel_error(plain(eval_images), ref)
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    assert 0 < _rel_error(out, ref) < RECIPE_BOUND < plain_error / 2  # one scale per tensor fails on the outliers
