@@ -10,6 +10,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -30,7 +31,8 @@ from lit_ptq.quant import quantizers
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
-ITPN_CONFIGS = [p for p in CONFIGS if p.name.startswith("itpn_")]
+LOWBIT_CONFIGS = [p for p in CONFIGS if re.fullmatch(r"(?!demo).+_w\da\d_(repq|repq_gptq|recon)", p.stem)]
+ITPN_CONFIGS = [p for p in CONFIGS if p.name.startswith("itpn_") and p not in LOWBIT_CONFIGS]
 RESULT_FIELDS = {
     "model", "checkpoint", "method", "placement", "bits", "calib_images", "acc1", "acc5", "loss", "num_images",
     "world_size", "seconds",
@@ -211,6 +213,22 @@ class TestConfigs:
         assert data["root"] == "/path/to/imagenet"
         assert model["checkpoint"] == f"/path/to/itpn_{size}.pth"
         assert printed["trainer"]["precision"] == "32-true"
+
+    def test_every_imagenet_model_has_the_three_lowbit_configs(self):
+        names = {p.stem for p in LOWBIT_CONFIGS}
+        models = {p.stem[: -len("_fp32")] for p in CONFIGS if p.stem.endswith("_fp32") and not p.stem.startswith("demo")}
+        assert models and names == {f"{m}_{run}" for m in models for run in ("w6a6_repq", "w4a4_repq_gptq", "w4a4_recon")}
+
+    @pytest.mark.parametrize("config", LOWBIT_CONFIGS, ids=[p.stem for p in LOWBIT_CONFIGS])
+    def test_lowbit_config_runs_what_its_name_says(self, config, capsys):
+        printed = _print_config(["validate", "--config", str(config)], capsys)
+        model, data = printed["model"], printed["data"]
+        bits, recipe = re.fullmatch(r".+_w(\d)a(\d)_(.+)", config.stem).group(1, 3)
+        assert (model["method"], model["placement"], model["recipe"]) == ("mse", "matmul", recipe)
+        assert model["bits"] == f"{bits}/{bits}/{bits}"
+        images = data["calib_batches"] * data["calib_batch_size"]
+        assert images == (1024 if recipe == "recon" else 32)  # BRECQ/QDrop's 1,024; RepQ-ViT's 32
+        assert model["num_classes"] == 1000 and data["root"] == "/path/to/imagenet"
 
     def test_print_config_shows_the_whole_run_with_overrides(self, capsys, tmp_path):
         printed = _print_config(

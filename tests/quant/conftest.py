@@ -86,7 +86,7 @@ def outlier_channels() -> Callable[[nn.Module], nn.Module]:
 
 
 def _channel_ranges(model: nn.Module, names: list[str], batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``max - min`` per channel (last dimension) of the output of each module in ``names``
+    """``max - min`` per channel (last dimension) of the input of each module in ``names``
     over ``batches``."""
     lo: dict[str, torch.Tensor] = {}
     hi: dict[str, torch.Tensor] = {}
@@ -97,7 +97,7 @@ def _channel_ranges(model: nn.Module, names: list[str], batches: list[torch.Tens
         hi[name] = torch.maximum(hi[name], rows.amax(0)) if name in hi else rows.amax(0)
 
     handles = [
-        model.get_submodule(n).register_forward_hook(lambda _m, _a, out, n=n: record(n, out)) for n in names
+        model.get_submodule(n).register_forward_pre_hook(lambda _m, args, n=n: record(n, args[0])) for n in names
     ]
     try:
         with torch.no_grad():
@@ -112,7 +112,7 @@ def _channel_ranges(model: nn.Module, names: list[str], batches: list[torch.Tens
 @pytest.fixture(scope="session")
 def channel_ranges() -> Callable[[nn.Module, list[str], list[torch.Tensor]], dict[str, torch.Tensor]]:
     """``channel_ranges(model, names, batches)``: ``max - min`` per channel (last dimension)
-    of the output of each module in ``names`` over ``batches``."""
+    of the input of each module in ``names`` over ``batches``."""
     return _channel_ranges
 
 

@@ -3,7 +3,8 @@
 Li et al., "RepQ-ViT: Scale Reparameterization for Post-Training Quantization of Vision
 Transformers", ICCV 2023 (zkkli/RepQ-ViT, ``classification/test_quant.py``). The output of a
 LayerNorm has a few channels far wider than the others, so one scale for the whole tensor
-fails at low bit widths. The LayerNorm's output is calibrated per channel (scale ``s_c``,
+fails at low bit widths. The input of the Linear the LayerNorm feeds is calibrated per
+channel (scale ``s_c``,
 zero point ``z_c``); with the target ``s = mean(s_c)``, ``z = round(mean(z_c))``,
 ``r = s_c / s`` and ``b = -z_c s_c / r + z s``, the LayerNorm's affine parameters become
 ``gamma / r`` and ``beta / r - b`` and the next Linear's weight ``W r`` (column-wise) and
@@ -34,7 +35,8 @@ PER_CHANNEL_OBSERVERS = ("minmax", "ema", "mse")
 def reparameterize_(
     model: nn.Module, batches: Sequence[torch.Tensor], pairs: Sequence[tuple[str, str]], spec: QuantSpec
 ) -> None:
-    """Calibrate each LayerNorm output per channel on ``batches`` and fold the scales (in place).
+    """Calibrate the input of each paired Linear (its LayerNorm's output, after any pooling or
+    token selection) per channel on ``batches`` and fold the scales (in place).
 
     Args:
         model: a quantized model (its quant points are switched to ``FLOAT`` for the pass).
@@ -45,11 +47,13 @@ def reparameterize_(
     observer_name = spec.observer if spec.observer in PER_CHANNEL_OBSERVERS else "mse"
     observers = {norm: build_observer(observer_name, spec.qmin, spec.qmax, False, True, -1) for norm, _ in pairs}
     last = [False]
+    # The Linear's input, which is the LayerNorm's output after channel-wise operations only
+    # (token selection, pooling): the values its input quantizer will see.
     handles = [
-        model.get_submodule(norm).register_forward_hook(
-            lambda _m, _a, out, obs=observers[norm]: obs.update(out.detach().float(), last=last[0])
+        model.get_submodule(linear).register_forward_pre_hook(
+            lambda _m, args, obs=observers[norm]: obs.update(args[0].detach().float(), last=last[0])
         )
-        for norm, _ in pairs
+        for norm, linear in pairs
     ]
     set_quant_mode(model, QuantMode.FLOAT)
     try:

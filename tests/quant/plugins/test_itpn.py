@@ -95,11 +95,11 @@ def test_norm_linear_pairs_and_blocks(tiny_float) -> None:
 def test_reparameterization_keeps_the_float_logits(tiny_float, outlier_channels, channel_ranges, calib_batches, eval_images) -> None:
     wide = outlier_channels(copy.deepcopy(tiny_float))
     model = quantize_(copy.deepcopy(wide), QuantConfig(placement="matmul"))
-    norms = [n for n, _ in PAIRS]
-    before = channel_ranges(wide, norms, calib_batches)
+    linears = [linear for _, linear in PAIRS]  # their inputs: the LayerNorm outputs the fold equalizes
+    before = channel_ranges(wide, linears, calib_batches)
     assert all(r.max() / r.min() > 10 for r in before.values())  # the outlier channels
     reparameterize_(model, calib_batches, FAMILY.norm_linear_pairs(model), model.quant_config.act)
-    after = channel_ranges(model, norms, calib_batches)
+    after = channel_ranges(model, linears, calib_batches)
     assert all(r.max() / r.min() < 1.001 for r in after.values())  # one scale fits every channel now
     with torch.no_grad():
         ref = tiny_float(eval_images)

@@ -274,11 +274,11 @@ def test_reparameterization_keeps_the_float_logits(pool, floats, trained_like, o
     wide = outlier_channels(copy.deepcopy(original))
     model = quantize_(copy.deepcopy(wide), QuantConfig(placement="matmul"))
     pairs = FAMILY.norm_linear_pairs(model)
-    norms = [n for n, _ in pairs]
-    before = channel_ranges(wide, norms, calib_batches)
+    linears = [linear for _, linear in pairs]  # their inputs: the LayerNorm outputs the fold equalizes
+    before = channel_ranges(wide, linears, calib_batches)
     assert all(r.max() / r.min() > 10 for r in before.values())  # the outlier channels
     reparameterize_(model, calib_batches, pairs, model.quant_config.act)
-    after = channel_ranges(model, norms, calib_batches)
+    after = channel_ranges(model, linears, calib_batches)
     assert all(r.max() / r.min() < 1.001 for r in after.values())  # one scale fits every channel now
     with torch.no_grad():
         ref = original(eval_images)
