@@ -19,7 +19,6 @@ correction of each block, and block reconstruction with ``--recon-iters`` steps 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import os
@@ -81,6 +80,48 @@ def run_demo(args: argparse.Namespace) -> list[dict[str, Any]]:
     return records
 
 
+def _timed(fn: Any, *args: Any, **kwargs: Any) -> float:
+    start = time.perf_counter()
+    fn(*args, **kwargs)
+    return time.perf_counter() - start
+
+
+def run_blocks(args: argparse.Namespace) -> dict[str, Any]:
+    """Time each recipe step on ``args.model`` (random weights and images), per block."""
+    from lit_ptq.models import create_model
+    from lit_ptq.quant import QuantConfig, family_of, quantize_, set_quant_mode
+    from lit_ptq.quant.recipes import calibrate_activations, calibrate_weights
+    from lit_ptq.quant.transforms import correct_weights_, reparameterize_
+
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    model = create_model(args.model).eval().to(device)
+    size = model.patch_embed.img_size[0] if hasattr(model, "patch_embed") else 224
+    batches = [torch.randn(args.batch_size, 3, size, size, device=device) for _ in range(args.images // args.batch_size)]
+    quantize_(model, QuantConfig("mse", "matmul", args.bits, recipe="repq_gptq"))
+    family = family_of(model)
+    result: dict[str, Any] = dict(model=args.model, images=args.images, bits=args.bits, device=str(device))
+    with torch.no_grad():
+        result["float_forward_s"] = _timed(lambda: [model(x) for x in batches])
+        result["reparameterize_s"] = _timed(reparameterize_, model, batches, family.norm_linear_pairs(model), model.quant_config.act)
+        set_quant_mode(model, "float")
+        result["weights_s"] = _timed(calibrate_weights, model)
+        result["activations_s"] = _timed(calibrate_activations, model, batches)
+        blocks = family.blocks(model)[: args.blocks] if args.blocks else family.blocks(model)
+        per_block: dict[str, float] = {}
+        correct_weights_(model, blocks, batches, on_block=per_block.__setitem__)
+    result["gptq_s_per_block"] = per_block
+    print(f"{args.model}, {args.images} random images of {size}x{size}, {args.bits}, {device}:")
+    print(f"  float forward over the images      {result['float_forward_s']:8.2f} s")
+    print(f"  reparameterization (whole model)   {result['reparameterize_s']:8.2f} s")
+    print(f"  weight ranges (mse, all layers)    {result['weights_s']:8.2f} s")
+    print(f"  activation calibration (in order)  {result['activations_s']:8.2f} s")
+    print("\n| block | ridge + GPTQ (s) |\n|---|---|")
+    for name, seconds in per_block.items():
+        print(f"| {name} | {seconds:.2f} |")
+    return result
+
+
 def _write(path: Optional[str], text: str) -> None:
     if path:
         with atomic_path(path) as tmp, open(tmp, "w") as f:
@@ -95,6 +136,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     demo.add_argument("--recipes", nargs="+", default=["none", "repq", "repq_gptq", "recon"])
     demo.add_argument("--json", default=None)
     demo.add_argument("--markdown", default=None)
+    blocks = sub.add_parser("blocks", help="time of each recipe step per block, random weights and images")
+    blocks.add_argument("--model", default="itpn_base")
+    blocks.add_argument("--images", type=int, default=32, help="calibration images (RepQ-ViT uses 32)")
+    blocks.add_argument("--batch-size", type=int, default=8)
+    blocks.add_argument("--bits", default="4/4/4")
+    blocks.add_argument("--blocks", type=int, default=0, help="time only the first N blocks (0: all)")
+    blocks.add_argument("--device", default="cpu")
+    blocks.add_argument("--json", default=None)
     return p.parse_args(argv)
 
 
@@ -106,6 +155,8 @@ def main(argv: Optional[list[str]] = None) -> None:
           f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
     if args.command == "demo":
         run_demo(args)
+    else:
+        _write(args.json, json.dumps(run_blocks(args), indent=2))
 
 
 if __name__ == "__main__":

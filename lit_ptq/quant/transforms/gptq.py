@@ -21,7 +21,9 @@ and are written into the layers' ``weight`` (the weight quantizer maps them to t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -164,7 +166,13 @@ def correct_layer_(model: nn.Module, layer: nn.Module, batches: Sequence[Call], 
 
 
 @torch.no_grad()
-def correct_weights_(model: nn.Module, blocks: Sequence[str], batches: Sequence[torch.Tensor], ridge: bool = True) -> int:
+def correct_weights_(
+    model: nn.Module,
+    blocks: Sequence[str],
+    batches: Sequence[torch.Tensor],
+    ridge: bool = True,
+    on_block: Optional[Callable[[str, float], None]] = None,
+) -> int:
     """Correct every quantized Linear/Conv2d weight, block by block in forward order.
 
     Args:
@@ -172,6 +180,7 @@ def correct_weights_(model: nn.Module, blocks: Sequence[str], batches: Sequence[
         blocks: the family's block names, in forward order.
         batches: calibration inputs.
         ridge: solve ERQ's ridge regression before the GPTQ rounding.
+        on_block: called with each block's name and the seconds its correction took.
 
     Returns:
         The number of layers corrected.
@@ -179,6 +188,7 @@ def correct_weights_(model: nn.Module, blocks: Sequence[str], batches: Sequence[
     set_quant_mode(model, QuantMode.QUANTIZE)
     done = 0
     for block_name in blocks:
+        start = time.perf_counter()
         block = model.get_submodule(block_name)
         layers = [m for m in block.modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and getattr(m, "weight_quantizer", None) is not None]
         if not layers:
@@ -187,4 +197,6 @@ def correct_weights_(model: nn.Module, blocks: Sequence[str], batches: Sequence[
         for layer in layers:
             correct_layer_(block, layer, calls, ridge)
             done += 1
+        if on_block is not None:
+            on_block(block_name, time.perf_counter() - start)
     return done
