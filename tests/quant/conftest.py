@@ -137,6 +137,58 @@ def call_order() -> Callable[[nn.Module, list[str], torch.Tensor], list[str]]:
     return _call_order
 
 
+def _check_fold_keeps_float(original: nn.Module, batches: list[torch.Tensor], images: torch.Tensor) -> None:
+    """On ``original`` with outlier channels: RepQ-ViT's fold of every pair equalizes the
+    paired Linears' input ranges and keeps the float logits (1e-4)."""
+    from lit_ptq.quant.transforms import reparameterize_
+
+    wide = outlier_channels_(copy.deepcopy(original))
+    model = quantize_(copy.deepcopy(wide), QuantConfig(placement="matmul"))
+    pairs = family_of(model).norm_linear_pairs(model)
+    linears = [linear for _, linear in pairs]  # their inputs: the LayerNorm outputs the fold equalizes
+    before = _channel_ranges(wide, linears, batches)
+    assert all(r.max() / r.min() > 10 for r in before.values())  # the outlier channels
+    reparameterize_(model, batches, pairs, model.quant_config.act)
+    after = _channel_ranges(model, linears, batches)
+    assert all(r.max() / r.min() < 1.001 for r in after.values())  # one scale fits every channel now
+    with torch.no_grad():
+        ref = original(images)
+        assert torch.allclose(wide(images), ref, atol=1e-4, rtol=0)
+        assert torch.allclose(model(images), ref, atol=1e-4, rtol=0)
+
+
+@pytest.fixture(scope="session")
+def check_fold_keeps_float() -> Callable[[nn.Module, list[torch.Tensor], torch.Tensor], None]:
+    """``check_fold_keeps_float(float_model, batches, images)`` (see :func:`_check_fold_keeps_float`)."""
+    return _check_fold_keeps_float
+
+
+def _recipe_errors(original: nn.Module, recipe: str, batches: list[torch.Tensor], images: torch.Tensor) -> tuple[float, float]:
+    """On ``original`` with outlier channels at 8/8/8 ``matmul``: the relative logit error of
+    ``recipe`` and of the placement without a recipe (after checking the recipe calibrated
+    every point and left it quantizing, with finite logits)."""
+    from lit_ptq.quant import QuantMode, quantizers
+
+    wide = outlier_channels_(copy.deepcopy(original))
+    plain = quantize_(copy.deepcopy(wide), QuantConfig(method="mse", placement="matmul"))
+    calibrate(plain, batches)
+    model = quantize_(copy.deepcopy(wide), QuantConfig(method="mse", placement="matmul", recipe=recipe))
+    assert calibrate(model, batches) == len(batches)
+    assert all(q.ready and q.mode is QuantMode.QUANTIZE for _, q in quantizers(model))
+    with torch.no_grad():
+        out, ref = model(images), wide(images)
+        plain_out = plain(images)
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    relative = lambda a: ((a - ref).norm() / ref.norm()).item()  # noqa: E731
+    return relative(out), relative(plain_out)
+
+
+@pytest.fixture(scope="session")
+def recipe_errors() -> Callable[[nn.Module, str, list[torch.Tensor], torch.Tensor], tuple[float, float]]:
+    """``recipe_errors(float_model, recipe, batches, images)`` (see :func:`_recipe_errors`)."""
+    return _recipe_errors
+
+
 @pytest.fixture(scope="session")
 def tiny_float() -> nn.Module:
     """An ``itpn_tiny(num_classes=10)`` with trained-like, seeded weights, in eval mode.

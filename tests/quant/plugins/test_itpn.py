@@ -10,15 +10,11 @@ itpn_tiny (mlp_depth=1, depth=6) has ``blocks.0`` MLP-only, ``blocks.1`` PatchMe
 
 from __future__ import annotations
 
-import copy
-
 import pytest
-import torch
 import torch.nn as nn
 
-from lit_ptq.quant import LogSoftmaxQuantizer, QuantConfig, QuantMode, TensorQuantizer, calibrate, quantize_, quantizers
+from lit_ptq.quant import LogSoftmaxQuantizer, QuantConfig, TensorQuantizer, quantize_
 from lit_ptq.quant.plugins.itpn import FAMILY
-from lit_ptq.quant.transforms import reparameterize_
 
 MLP_ONLY = [0, 2]
 MERGES = [1, 3]
@@ -57,9 +53,6 @@ def _points(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, (TensorQuantizer, LogSoftmaxQuantizer))}
 
 
-def _rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out - ref).norm() / ref.norm()).item()
-
 
 def test_matmul_name_list_has_the_size_worked_out_by_hand() -> None:
     # patch embedding and head 2 x 2, 8 MLPs x 4, 6 attentions x (4 operands + 2 x 2), 2 merges x 2
@@ -92,19 +85,8 @@ def test_norm_linear_pairs_and_blocks(tiny_float) -> None:
     assert FAMILY.blocks(tiny_float) == UNITS
 
 
-def test_reparameterization_keeps_the_float_logits(tiny_float, outlier_channels, channel_ranges, calib_batches, eval_images) -> None:
-    wide = outlier_channels(copy.deepcopy(tiny_float))
-    model = quantize_(copy.deepcopy(wide), QuantConfig(placement="matmul"))
-    linears = [linear for _, linear in PAIRS]  # their inputs: the LayerNorm outputs the fold equalizes
-    before = channel_ranges(wide, linears, calib_batches)
-    assert all(r.max() / r.min() > 10 for r in before.values())  # the outlier channels
-    reparameterize_(model, calib_batches, FAMILY.norm_linear_pairs(model), model.quant_config.act)
-    after = channel_ranges(model, linears, calib_batches)
-    assert all(r.max() / r.min() < 1.001 for r in after.values())  # one scale fits every channel now
-    with torch.no_grad():
-        ref = tiny_float(eval_images)
-        assert torch.allclose(wide(eval_images), ref, atol=1e-4, rtol=0)
-        assert torch.allclose(model(eval_images), ref, atol=1e-4, rtol=0)
+def test_reparameterization_keeps_the_float_logits(tiny_float, check_fold_keeps_float, calib_batches, eval_images) -> None:
+    check_fold_keeps_float(tiny_float, calib_batches, eval_images)
 
 
 def test_blocks_are_each_called_once_in_forward_order(make_quantized, eval_images, call_order) -> None:
@@ -113,15 +95,6 @@ def test_blocks_are_each_called_once_in_forward_order(make_quantized, eval_image
 
 
 @pytest.mark.parametrize("recipe", ["repq", "repq_gptq"])
-def test_recipe_brings_the_outlier_model_close_to_float(recipe, tiny_float, outlier_channels, calib_batches, eval_images) -> None:
-    wide = outlier_channels(copy.deepcopy(tiny_float))
-    plain = quantize_(copy.deepcopy(wide), QuantConfig(method="mse", placement="matmul"))
-    calibrate(plain, calib_batches)
-    model = quantize_(copy.deepcopy(wide), QuantConfig(method="mse", placement="matmul", recipe=recipe))
-    assert calibrate(model, calib_batches) == len(calib_batches)
-    assert all(q.ready and q.mode is QuantMode.QUANTIZE for _, q in quantizers(model))
-    with torch.no_grad():
-        out, ref = model(eval_images), wide(eval_images)
-        plain_error = _rel_error(plain(eval_images), ref)
-    assert out.shape == ref.shape and torch.isfinite(out).all()
-    assert 0 < _rel_error(out, ref) < RECIPE_BOUND < plain_error / 2  # one scale per tensor fails on the outliers
+def test_recipe_brings_the_outlier_model_close_to_float(recipe, tiny_float, recipe_errors, calib_batches, eval_images) -> None:
+    error, plain_error = recipe_errors(tiny_float, recipe, calib_batches, eval_images)
+    assert 0 < error < RECIPE_BOUND < plain_error / 2  # one scale per tensor fails on the outliers

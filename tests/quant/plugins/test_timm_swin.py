@@ -287,9 +287,6 @@ RECIPE_BOUND = 0.15
 """Largest relative error of the 8/8/8 recipe logits (measured: 0.08 for repq and repq_gptq)."""
 
 
-def _rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out - ref).norm() / ref.norm()).item()
-
 
 def test_matmul_name_list_has_the_size_worked_out_by_hand() -> None:
     # 4 operands and 4 Linears (input + weight) per block, 2 per PatchMerging, the patch embedding and the head
@@ -316,19 +313,8 @@ def test_norm_linear_pairs_and_blocks(swin_float) -> None:
     assert FAMILY.blocks(swin_float) == UNITS
 
 
-def test_reparameterization_keeps_the_float_logits(swin_float, outlier_channels, channel_ranges, calib_batches, eval_images) -> None:
-    wide = outlier_channels(copy.deepcopy(swin_float))
-    model = quantize_(copy.deepcopy(wide), QuantConfig(placement="matmul"))
-    linears = [linear for _, linear in PAIRS]  # their inputs: the LayerNorm outputs the fold equalizes
-    before = channel_ranges(wide, linears, calib_batches)
-    assert all(r.max() / r.min() > 10 for r in before.values())  # the outlier channels
-    reparameterize_(model, calib_batches, FAMILY.norm_linear_pairs(model), model.quant_config.act)
-    after = channel_ranges(model, linears, calib_batches)
-    assert all(r.max() / r.min() < 1.001 for r in after.values())  # one scale fits every channel now
-    with torch.no_grad():
-        ref = swin_float(eval_images)
-        assert torch.allclose(wide(eval_images), ref, atol=1e-4, rtol=0)
-        assert torch.allclose(model(eval_images), ref, atol=1e-4, rtol=0)
+def test_reparameterization_keeps_the_float_logits(swin_float, check_fold_keeps_float, calib_batches, eval_images) -> None:
+    check_fold_keeps_float(swin_float, calib_batches, eval_images)
 
 
 def test_blocks_that_pad_to_whole_windows_have_no_norm1_pair(trained_like, calib_batches) -> None:
@@ -355,15 +341,6 @@ def test_blocks_are_each_called_once_in_forward_order(make_quantized, eval_image
 
 
 @pytest.mark.parametrize("recipe", ["repq", "repq_gptq"])
-def test_recipe_brings_the_outlier_model_close_to_float(recipe, swin_float, outlier_channels, calib_batches, eval_images) -> None:
-    wide = outlier_channels(copy.deepcopy(swin_float))
-    plain = quantize_(copy.deepcopy(wide), QuantConfig(method="mse", placement="matmul"))
-    calibrate(plain, calib_batches)
-    model = quantize_(copy.deepcopy(wide), QuantConfig(method="mse", placement="matmul", recipe=recipe))
-    assert calibrate(model, calib_batches) == len(calib_batches)
-    assert all(q.ready and q.mode is QuantMode.QUANTIZE for _, q in quantizers(model))
-    with torch.no_grad():
-        out, ref = model(eval_images), wide(eval_images)
-        plain_error = _rel_error(plain(eval_images), ref)
-    assert out.shape == ref.shape and torch.isfinite(out).all()
-    assert 0 < _rel_error(out, ref) < RECIPE_BOUND < plain_error / 2  # one scale per tensor fails on the outliers
+def test_recipe_brings_the_outlier_model_close_to_float(recipe, swin_float, recipe_errors, calib_batches, eval_images) -> None:
+    error, plain_error = recipe_errors(swin_float, recipe, calib_batches, eval_images)
+    assert 0 < error < RECIPE_BOUND < plain_error / 2  # one scale per tensor fails on the outliers

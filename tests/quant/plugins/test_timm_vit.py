@@ -29,7 +29,6 @@ from lit_ptq.quant import (
     set_quant_mode,
 )
 from lit_ptq.quant.plugins.timm_vit import FAMILY, QuantTimmAttention, QuantTimmBlock, QuantVisionTransformer
-from lit_ptq.quant.transforms import reparameterize_
 
 SMALL = dict(img_size=32, depth=2, embed_dim=32, num_heads=2, num_classes=10)
 DEPTH = SMALL["depth"]
@@ -237,9 +236,6 @@ RECIPE_BOUND = 0.3
 """Largest relative error of the 8/8/8 recipe logits (measured: 0.20 for repq, 0.20 for repq_gptq)."""
 
 
-def _rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out - ref).norm() / ref.norm()).item()
-
 
 def test_matmul_name_list_has_the_size_worked_out_by_hand() -> None:
     # 4 operands and 4 Linears (input + weight) per block, the patch embedding and the head (DeiT-T: 4 + 12*12 = 148)
@@ -269,21 +265,9 @@ def test_norm_linear_pairs_and_blocks(floats) -> None:
 
 
 @pytest.mark.parametrize("pool", ["token", "avg"])
-def test_reparameterization_keeps_the_float_logits(pool, floats, trained_like, outlier_channels, channel_ranges, calib_batches, eval_images) -> None:
+def test_reparameterization_keeps_the_float_logits(pool, floats, trained_like, check_fold_keeps_float, calib_batches, eval_images) -> None:
     original = floats[DEIT] if pool == "token" else trained_like(create_model(DEIT, **SMALL, global_pool=pool)).eval()
-    wide = outlier_channels(copy.deepcopy(original))
-    model = quantize_(copy.deepcopy(wide), QuantConfig(placement="matmul"))
-    pairs = FAMILY.norm_linear_pairs(model)
-    linears = [linear for _, linear in pairs]  # their inputs: the LayerNorm outputs the fold equalizes
-    before = channel_ranges(wide, linears, calib_batches)
-    assert all(r.max() / r.min() > 10 for r in before.values())  # the outlier channels
-    reparameterize_(model, calib_batches, pairs, model.quant_config.act)
-    after = channel_ranges(model, linears, calib_batches)
-    assert all(r.max() / r.min() < 1.001 for r in after.values())  # one scale fits every channel now
-    with torch.no_grad():
-        ref = original(eval_images)
-        assert torch.allclose(wide(eval_images), ref, atol=1e-4, rtol=0)
-        assert torch.allclose(model(eval_images), ref, atol=1e-4, rtol=0)
+    check_fold_keeps_float(original, calib_batches, eval_images)
 
 
 def test_blocks_are_each_called_once_in_forward_order(make_quantized, eval_images, call_order) -> None:
@@ -292,15 +276,6 @@ def test_blocks_are_each_called_once_in_forward_order(make_quantized, eval_image
 
 
 @pytest.mark.parametrize("recipe", ["repq", "repq_gptq"])
-def test_recipe_brings_the_outlier_model_close_to_float(recipe, floats, outlier_channels, calib_batches, eval_images) -> None:
-    wide = outlier_channels(copy.deepcopy(floats[DEIT]))
-    plain = quantize_(copy.deepcopy(wide), QuantConfig(method="mse", placement="matmul"))
-    calibrate(plain, calib_batches)
-    model = quantize_(copy.deepcopy(wide), QuantConfig(method="mse", placement="matmul", recipe=recipe))
-    assert calibrate(model, calib_batches) == len(calib_batches)
-    assert all(q.ready and q.mode is QuantMode.QUANTIZE for _, q in quantizers(model))
-    with torch.no_grad():
-        out, ref = model(eval_images), wide(eval_images)
-        plain_error = _rel_error(plain(eval_images), ref)
-    assert out.shape == ref.shape and torch.isfinite(out).all()
-    assert 0 < _rel_error(out, ref) < RECIPE_BOUND < plain_error / 2  # one scale per tensor fails on the outliers
+def test_recipe_brings_the_outlier_model_close_to_float(recipe, floats, recipe_errors, calib_batches, eval_images) -> None:
+    error, plain_error = recipe_errors(floats[DEIT], recipe, calib_batches, eval_images)
+    assert 0 < error < RECIPE_BOUND < plain_error / 2  # one scale per tensor fails on the outliers
