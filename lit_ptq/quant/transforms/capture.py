@@ -1,18 +1,30 @@
-"""Capturing what a submodule receives while the whole model runs, without finishing the forward."""
+"""Capturing what a submodule receives (and returns) while the whole model runs, without
+finishing the forward."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
-__all__ = ["capture_inputs"]
+__all__ = ["capture_inputs", "capture_outputs"]
 
 
 class _Stop(Exception):
-    """Raised by the capture hook to skip the rest of the forward pass."""
+    """Raised by a capture hook to skip the rest of the forward pass."""
+
+
+def _run(run: Callable[[torch.Tensor], Any], x: torch.Tensor, seen: list, module: nn.Module) -> None:
+    """``run(x)`` up to the capture hook; checks that ``module`` was reached once."""
+    seen.clear()
+    try:
+        run(x)
+    except _Stop:
+        pass
+    if len(seen) != 1:
+        raise RuntimeError(f"{type(module).__name__} was not called during the forward pass")
 
 
 def capture_inputs(model: nn.Module, module: nn.Module, batches: Sequence[torch.Tensor]) -> Iterator[tuple[tuple[Any, ...], dict[str, Any]]]:
@@ -30,13 +42,44 @@ def capture_inputs(model: nn.Module, module: nn.Module, batches: Sequence[torch.
     handle = module.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for x in batches:
-            seen.clear()
-            try:
-                model(x)
-            except _Stop:
-                pass
-            if len(seen) != 1:
-                raise RuntimeError(f"{type(module).__name__} was not called during the forward pass")
+            _run(model, x, seen, module)
             yield seen[0]
     finally:
         handle.remove()
+
+
+def capture_outputs(
+    run: Callable[[torch.Tensor], Any], module: nn.Module, batches: Sequence[torch.Tensor]
+) -> Iterator[tuple[tuple[Any, ...], dict[str, Any], Any]]:
+    """Call ``run`` (a model, or a function that runs one) on each batch and yield the
+    ``(args, kwargs, output)`` of ``module``'s call.
+
+    Tensor arguments are cloned before ``module`` runs (it may modify them in place); the
+    forward stops as soon as ``module`` returns. ``module`` must be called exactly once per
+    forward.
+    """
+    seen: list[tuple[tuple[Any, ...], dict[str, Any], Any]] = []
+    inputs: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+
+    def clone(value: Any) -> Any:
+        return value.clone() if isinstance(value, torch.Tensor) else value
+
+    def pre_hook(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        inputs.append((tuple(clone(a) for a in args), {k: clone(v) for k, v in kwargs.items()}))
+
+    def hook(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        seen.append((*inputs[-1], output))
+        raise _Stop
+
+    handles = [
+        module.register_forward_pre_hook(pre_hook, with_kwargs=True),
+        module.register_forward_hook(hook, with_kwargs=True),
+    ]
+    try:
+        for x in batches:
+            inputs.clear()
+            _run(run, x, seen, module)
+            yield seen[0]
+    finally:
+        for handle in handles:
+            handle.remove()
