@@ -28,8 +28,8 @@ def test_method_placement_bits_is_all_a_run_needs(method: str, placement: str) -
 
 
 def test_valid_values_are_the_documented_ones() -> None:
-    assert METHODS == ("minmax", "ema", "percentile", "omse")
-    assert PLACEMENTS == ("seed", "full")
+    assert METHODS == ("minmax", "ema", "percentile", "omse", "mse")
+    assert PLACEMENTS == ("seed", "full", "matmul")
 
 
 @pytest.mark.parametrize("method", ["minmax", "ema", "percentile", "omse"])
@@ -84,9 +84,9 @@ def test_arithmetic_accepts_its_name_or_the_enum(arithmetic: object) -> None:
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("method", "mse", r"method='mse' is not one of: minmax, ema, percentile, omse"),
-        ("method", "MinMax", r"method='MinMax' is not one of: minmax, ema, percentile, omse"),
-        ("placement", "fq-vit", r"placement='fq-vit' is not one of: seed, full"),
+        ("method", "kl", r"method='kl' is not one of: minmax, ema, percentile, omse, mse"),
+        ("method", "MinMax", r"method='MinMax' is not one of: minmax, ema, percentile, omse, mse"),
+        ("placement", "fq-vit", r"placement='fq-vit' is not one of: seed, full, matmul"),
         ("arithmetic", "fast", r"arithmetic='fast' is not one of: seed, fused"),
     ],
 )
@@ -140,7 +140,7 @@ def test_config_is_frozen(field: str, value: object) -> None:
         (dict(bits=1), r"bits=1 is outside the supported range 2\.\.16"),
         (dict(bits=17), r"bits=17 is outside the supported range 2\.\.16"),
         (dict(bits=8.0), r"bits=8\.0 is outside the supported range 2\.\.16"),
-        (dict(observer="kl"), r"observer='kl' is not one of: ema, minmax, omse, percentile, ptf"),
+        (dict(observer="kl"), r"observer='kl' is not one of: ema, log2, log_sqrt2, minmax, mse, omse, percentile, ptf"),
         (dict(granularity="per_row"), r"'per_row' is not a valid Granularity"),
     ],
 )

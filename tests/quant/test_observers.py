@@ -27,13 +27,13 @@ BATCHES = [
 ]
 
 
-def test_registry_holds_the_five_observers() -> None:
-    assert sorted(OBSERVERS) == ["ema", "minmax", "omse", "percentile", "ptf"]
+def test_registry_holds_the_eight_observers() -> None:
+    assert sorted(OBSERVERS) == ["ema", "log2", "log_sqrt2", "minmax", "mse", "omse", "percentile", "ptf"]
     assert all(cls.name == name for name, cls in OBSERVERS.items())
 
 
 def test_unknown_observer_names_the_registered_ones() -> None:
-    with pytest.raises(ValueError, match="unknown observer 'kl'; registered: ema, minmax, omse, percentile, ptf"):
+    with pytest.raises(ValueError, match="unknown observer 'kl'; registered: ema, log2, log_sqrt2, minmax, mse, omse, percentile, ptf"):
         build_observer("kl", 0, 255, False, False, -1)
 
 

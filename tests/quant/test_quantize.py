@@ -113,6 +113,8 @@ def test_quant_point_kinds_and_roles(placement, tiny_model) -> None:
             assert type(q) is TensorQuantizer and (q.role, q.spec.bits) == ("attn", 5)
         elif ".norm" in name or name.startswith("fc_norm"):
             assert type(q) is TensorQuantizer and (q.role, q.spec.bits) == ("norm", 7)
+        elif name == "patch_embed.proj.input_quantizer":
+            assert type(q) is TensorQuantizer and (q.role, q.spec.bits, q.spec.signed) == ("image", 7, False)
         else:
             assert type(q) is TensorQuantizer and (q.role, q.spec.bits, q.spec.signed) == ("act", 7, False)
 
