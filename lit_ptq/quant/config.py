@@ -174,7 +174,8 @@ class ReconSettings:
     """Block reconstruction (BRECQ / QDrop with AdaRound) settings.
 
     Attributes:
-        iters: optimizer steps per block.
+        iters: optimizer steps per block (BRECQ and QDrop take 20000; 500 keep the
+            reconstruction of a small model to minutes on a CPU).
         batch_size: images per step.
         images: calibration images used (``None``: all of them).
         weight_lr: Adam learning rate of the rounding variables.
