@@ -8,8 +8,18 @@ They name no model: the family plugin says which LayerNorm feeds which Linear an
 modules are the blocks (``Family.norm_linear_pairs``, ``Family.blocks``).
 """
 
-from .capture import capture_inputs
+from .capture import capture_inputs, capture_outputs
 from .gptq import correct_weights_, gptq_round, ridge_weights
+from .recon import reconstruct_
 from .reparam import fold_norm_linear_, reparameterize_
 
-__all__ = ["capture_inputs", "correct_weights_", "fold_norm_linear_", "gptq_round", "reparameterize_", "ridge_weights"]
+__all__ = [
+    "capture_inputs",
+    "capture_outputs",
+    "correct_weights_",
+    "fold_norm_linear_",
+    "gptq_round",
+    "reconstruct_",
+    "reparameterize_",
+    "ridge_weights",
+]

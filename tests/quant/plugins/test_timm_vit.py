@@ -128,7 +128,7 @@ def test_quant_point_kinds_and_roles(placement, make_quantized) -> None:
         elif name == IMAGE_POINT:
             assert point.role == "image"
         else:
-            assert point.role == ("norm" if name in NORM_ROLE else "act"), name
+            assert point.role == ("norm" if name in NORM_ROLE else "image" if name == IMAGE_POINT else "act"), name
 
 
 @pytest.mark.parametrize("name", [DEIT, VIT])
