@@ -11,14 +11,17 @@ W4A4, each a full ``Trainer.validate`` run through the product path (``PTQModule
 ``CalibrationCallback``), with the top-1 and the calibration time the callback measured.
 
 ``blocks``: on a model with random trained-like weights and random images, the time of each
-recipe step for each block: the RepQ-ViT reparameterization (whole model), the ridge + GPTQ
-correction of each block, and block reconstruction with ``--recon-iters`` steps per block
-(reported per step, so a run's cost at another iteration count follows).
+recipe step: the RepQ-ViT reparameterization, weight and activation calibration (whole
+model), then per block the ridge + GPTQ correction and block reconstruction with
+``--recon-iters`` steps (reported per step; a run's cost at another step count follows,
+plus the capture of each block's inputs and targets, which the per-step figure includes
+spread over the timed steps).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
@@ -91,7 +94,8 @@ def run_blocks(args: argparse.Namespace) -> dict[str, Any]:
     from lit_ptq.models import create_model
     from lit_ptq.quant import QuantConfig, family_of, quantize_, set_quant_mode
     from lit_ptq.quant.recipes import calibrate_activations, calibrate_weights
-    from lit_ptq.quant.transforms import correct_weights_, reparameterize_
+    from lit_ptq.quant.config import ReconSettings
+    from lit_ptq.quant.transforms import correct_weights_, reconstruct_, reparameterize_
 
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -108,17 +112,22 @@ def run_blocks(args: argparse.Namespace) -> dict[str, Any]:
         result["weights_s"] = _timed(calibrate_weights, model)
         result["activations_s"] = _timed(calibrate_activations, model, batches)
         blocks = family.blocks(model)[: args.blocks] if args.blocks else family.blocks(model)
+        calibrated = copy.deepcopy(model)
         per_block: dict[str, float] = {}
         correct_weights_(model, blocks, batches, on_block=per_block.__setitem__)
+    settings = ReconSettings(iters=args.recon_iters, batch_size=args.batch_size)
+    recon_per_step = {name: _timed(reconstruct_, calibrated, [name], batches, settings) / settings.iters for name in blocks}
     result["gptq_s_per_block"] = per_block
+    result["recon_s_per_step"] = recon_per_step
     print(f"{args.model}, {args.images} random images of {size}x{size}, {args.bits}, {device}:")
     print(f"  float forward over the images      {result['float_forward_s']:8.2f} s")
     print(f"  reparameterization (whole model)   {result['reparameterize_s']:8.2f} s")
     print(f"  weight ranges (mse, all layers)    {result['weights_s']:8.2f} s")
     print(f"  activation calibration (in order)  {result['activations_s']:8.2f} s")
-    print("\n| block | ridge + GPTQ (s) |\n|---|---|")
-    for name, seconds in per_block.items():
-        print(f"| {name} | {seconds:.2f} |")
+    print(f"\n| block | ridge + GPTQ (s) | reconstruction (s per step of {args.batch_size} images) |\n|---|---|---|")
+    for name in blocks:
+        gptq = f"{per_block[name]:.2f}" if name in per_block else "–"
+        print(f"| {name} | {gptq} | {recon_per_step[name]:.3f} |")
     return result
 
 
@@ -142,6 +151,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     blocks.add_argument("--batch-size", type=int, default=8)
     blocks.add_argument("--bits", default="4/4/4")
     blocks.add_argument("--blocks", type=int, default=0, help="time only the first N blocks (0: all)")
+    blocks.add_argument("--recon-iters", type=int, default=5, help="reconstruction steps timed per block")
     blocks.add_argument("--device", default="cpu")
     blocks.add_argument("--json", default=None)
     return p.parse_args(argv)
