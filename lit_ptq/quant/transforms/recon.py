@@ -294,11 +294,11 @@ def _same(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
 
 
-Call = tuple[tuple[Any, ...], dict[str, Any]]
+_BlockCall = tuple[tuple[Any, ...], dict[str, Any]]
 """The ``(args, kwargs)`` of one call of a block."""
 
 
-def _split_inputs(name: str, calls: Sequence[Call]) -> tuple[torch.Tensor, tuple[Any, ...], dict[str, Any]]:
+def _split_inputs(name: str, calls: Sequence[_BlockCall]) -> tuple[torch.Tensor, tuple[Any, ...], dict[str, Any]]:
     """The first positional argument of every call, concatenated, and the other arguments.
 
     Raises:
