@@ -155,27 +155,29 @@ def _check_record(record: dict[str, Any], num_val_images: int, method: str, worl
 
 @pytest.fixture(scope="module")
 def one_process_run(tiny_config, tmp_path_factory):
-    """``(method) -> run``: an in-process 1-process validate run, made once per method.
+    """``(method, *extra_args) -> run``: an in-process 1-process validate run, made once per
+    method and extra arguments.
 
     A run is a dict with ``record`` (the results JSON), ``out`` (its folder), ``stdout``,
     ``state`` (the saved quantizer state) and ``metrics`` (the trainer's callback metrics).
     """
-    runs: dict[str, dict[str, Any]] = {}
+    runs: dict[tuple[str, ...], dict[str, Any]] = {}
 
-    def get(method: str) -> dict[str, Any]:
-        if method not in runs:
+    def get(method: str, *extra: str) -> dict[str, Any]:
+        key = (method, *extra)
+        if key not in runs:
             out = tmp_path_factory.mktemp(f"one_process_{method}")
             stdout = io.StringIO()
             with contextlib.redirect_stdout(stdout):
-                cli = cli_main(_run_args(tiny_config, out, "--model.method", method))
-            runs[method] = dict(
+                cli = cli_main(_run_args(tiny_config, out, "--model.method", method, *extra))
+            runs[key] = dict(
                 record=json.loads((out / "results.json").read_text()),
                 out=out,
                 stdout=stdout.getvalue(),
                 state=torch.load(out / "state.qstate", map_location="cpu", weights_only=True)["state"],
                 metrics={k: float(v) for k, v in cli.trainer.callback_metrics.items()},
             )
-        return runs[method]
+        return runs[key]
 
     return get
 
@@ -338,12 +340,13 @@ class TestOneProcess:
         assert not any("Traceback" in line for line in err)
 
 
-def _ddp_run(tiny_config: Path, out: Path, method: str) -> tuple[dict[str, Any], list[dict[str, torch.Tensor]]]:
+def _ddp_run(tiny_config: Path, out: Path, method: str, *extra: str) -> tuple[dict[str, Any], list[dict[str, torch.Tensor]]]:
     dump = json.dumps({"class_path": "test_cli.DumpQuantState", "init_args": {"folder": str(out)}})
     args = _run_args(
         tiny_config,
         out,
         "--model.method", method,
+        *extra,
         "--trainer.strategy", "ddp",
         "--trainer.devices", "2",
         "--trainer.accelerator", "cpu",
@@ -377,6 +380,16 @@ class TestTwoProcesses:
         one = one_process_run("minmax")
         record, states = _ddp_run(tiny_config, tmp_path / "ddp_minmax", "minmax")
         _check_ddp_equals_one_process(one, record, states, tmp_path / "ddp_minmax", num_val_images)
+
+    def test_ddp_with_a_recipe_equals_one_process(self, one_process_run, tiny_config, tmp_path, num_val_images):
+        recipe = ("--model.placement", "matmul", "--model.bits", "4/4/4", "--model.recipe", "repq_gptq")
+        one = one_process_run("mse", *recipe)
+        record, states = _ddp_run(tiny_config, tmp_path / "ddp_recipe", "mse", *recipe)
+        _check_ddp_equals_one_process(one, record, states, tmp_path / "ddp_recipe", num_val_images)
+        saved = torch.load(tmp_path / "ddp_recipe" / "state.qstate", map_location="cpu", weights_only=True)
+        one_saved = torch.load(one["out"] / "state.qstate", map_location="cpu", weights_only=True)
+        assert saved["params"].keys() == one_saved["params"].keys()  # the folded and corrected weights
+        assert all(torch.equal(saved["params"][k], v) for k, v in one_saved["params"].items())
 
     @pytest.mark.slow
     def test_ddp_omse_equals_one_process(self, one_process_run, tiny_config, tmp_path, num_val_images):
