@@ -1,14 +1,27 @@
 """Fake quantization of float vision transformers (no Lightning, no model names).
 
 Config, arithmetic, observers, quant points, generic quantized layers, the in-place
-``quantize_`` entry point, calibration, state files and reports. Model families are
+``quantize_`` entry point, calibration (and the low-bit recipes, ``recipes`` and
+``transforms``), state files and reports. Model families are
 plugins (``lit_ptq.quant.plugins``), loaded when this package is imported.
 """
 
-from .config import METHODS, PLACEMENTS, Arithmetic, Granularity, PointOverride, QuantConfig, QuantSpec, parse_bits
+from .config import (
+    METHODS,
+    PLACEMENTS,
+    RECIPES,
+    SOFTMAX_QUANTIZERS,
+    Arithmetic,
+    Granularity,
+    PointOverride,
+    QuantConfig,
+    QuantSpec,
+    ReconSettings,
+    parse_bits,
+)
 from .observers import OBSERVERS, Observer, build_observer, register_observer
 from .quantize import CalibrationError, calibrate, is_quantized, quant_points, quantize_, quantizers, set_quant_mode
-from .quantizer import LogSoftmaxQuantizer, NotCalibratedError, QuantMode, QuantPoint, TensorQuantizer, WeightQuantizer
+from .quantizer import LogQuantizer, LogSoftmaxQuantizer, NotCalibratedError, QuantMode, QuantPoint, TensorQuantizer, WeightQuantizer
 from .registry import FAMILIES, Family, PointFactory, Site, family_of, register_family
 from .report import QuantizerStats, quant_report
 from .state import broadcast_quant_state, load_quant_state, quant_state, save_quant_state, state_meta, weights_fingerprint
@@ -23,6 +36,7 @@ __all__ = [
     "FAMILIES",
     "Family",
     "Granularity",
+    "LogQuantizer",
     "LogSoftmaxQuantizer",
     "METHODS",
     "NotCalibratedError",
@@ -36,6 +50,9 @@ __all__ = [
     "QuantPoint",
     "QuantSpec",
     "QuantizerStats",
+    "RECIPES",
+    "ReconSettings",
+    "SOFTMAX_QUANTIZERS",
     "Site",
     "TensorQuantizer",
     "WeightQuantizer",
