@@ -15,9 +15,24 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .quantizer import LogSoftmaxQuantizer, QuantMode, QuantPoint, TensorQuantizer, WeightQuantizer
-from .registry import GENERIC_MODULES, PointFactory
+from .registry import GENERIC_MODULES, Placement, PointFactory, Site
 
-__all__ = ["QuantLinear", "QuantConv2d", "QuantLayerNorm", "maybe_quant", "module_mode", "quantized_softmax", "check_softmax_source"]
+__all__ = [
+    "QuantLinear",
+    "QuantConv2d",
+    "QuantLayerNorm",
+    "maybe_quant",
+    "module_mode",
+    "quantized_softmax",
+    "check_softmax_source",
+    "OPERAND_POINTS",
+    "setup_operands",
+    "quantize_operands",
+    "matmul_placement",
+]
+
+OPERAND_POINTS = ("query", "key", "value")
+"""The attention operand points q, k and v, which only the ``matmul`` placement places."""
 
 
 def maybe_quant(point: Optional[nn.Module], x: torch.Tensor) -> torch.Tensor:
@@ -44,6 +59,33 @@ def check_softmax_source(softmax_point: Optional[QuantPoint], logits_point: Opti
         from ..errors import ConfigError
 
         raise ConfigError(f"log-int-softmax at {where} needs its logits quant point, which an override leaves float")
+
+
+def setup_operands(module: nn.Module, points: PointFactory) -> None:
+    """Create an attention module's operand points ``query``, ``key`` and ``value``."""
+    for name in OPERAND_POINTS:
+        setattr(module, name, points.act(name))
+
+
+def quantize_operands(
+    module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``q``, ``k``, ``v`` (per head, before the logits' scale) through the operand points."""
+    return maybe_quant(module.query, q), maybe_quant(module.key, k), maybe_quant(module.value, v)
+
+
+def matmul_placement(attention_types: tuple[type[nn.Module], ...]) -> Placement:
+    """The ``matmul`` placement of a family whose attention modules are ``attention_types``:
+    every Linear/Conv input and weight, and the operands of the two attention products (q
+    and k; the softmax output and v)."""
+    operands = (*OPERAND_POINTS, "softmax_output")
+
+    def rule(site: Site) -> bool:
+        if isinstance(site.module, attention_types):
+            return site.point in operands
+        return isinstance(site.module, (nn.Linear, nn.Conv2d))
+
+    return rule
 
 
 def module_mode(module: nn.Module) -> QuantMode:

@@ -24,7 +24,16 @@ import torch
 import torch.nn as nn
 
 from ...models.itpn import Attention, Mlp, PatchMerge, iTPN
-from ..layers import check_softmax_source, maybe_quant, module_mode, quantized_softmax
+from ..layers import (
+    OPERAND_POINTS,
+    check_softmax_source,
+    matmul_placement,
+    maybe_quant,
+    module_mode,
+    quantize_operands,
+    quantized_softmax,
+    setup_operands,
+)
 from ..quantizer import QuantMode
 from ..registry import PointFactory, Site, register_family
 
@@ -34,14 +43,10 @@ _OWN_POINTS = (Attention, Mlp, PatchMerge)
 _INPUT_QUANTIZED_LINEARS = ("qkv", "fc1", "reduction", "head")
 
 
-_OPERANDS = ("query", "key", "value")
-"""Points of the ``matmul`` placement only."""
-
-
 def seed_placement(site: Site) -> bool:
     """PTQ-for-iTPN's points: block outputs, and every Linear weight except the head's."""
     if isinstance(site.module, _OWN_POINTS):
-        return site.point not in _OPERANDS
+        return site.point not in OPERAND_POINTS
     return site.role == "weight" and isinstance(site.module, nn.Linear) and site.module_name != "head"
 
 
@@ -49,17 +54,7 @@ def full_placement(site: Site) -> bool:
     """Every point, except the inputs of Linears that read an already quantized tensor."""
     if site.point == "input_quantizer" and isinstance(site.module, nn.Linear):
         return site.leaf in _INPUT_QUANTIZED_LINEARS
-    return site.point not in _OPERANDS
-
-
-_MATMUL_OPERANDS = (*_OPERANDS, "softmax_output")
-
-
-def matmul_placement(site: Site) -> bool:
-    """Every Linear/Conv input and weight, and the operands of the two attention products."""
-    if isinstance(site.module, Attention):
-        return site.point in _MATMUL_OPERANDS
-    return isinstance(site.module, (nn.Linear, nn.Conv2d))
+    return site.point not in OPERAND_POINTS
 
 
 def norm_linear_pairs(model: iTPN) -> list[tuple[str, str]]:
@@ -86,7 +81,7 @@ def blocks(model: iTPN) -> list[str]:
 FAMILY = register_family(
     "itpn",
     (iTPN,),
-    {"seed": seed_placement, "full": full_placement, "matmul": matmul_placement},
+    {"seed": seed_placement, "full": full_placement, "matmul": matmul_placement((Attention,))},
     norm_linear_pairs=norm_linear_pairs,
     blocks=blocks,
 )
@@ -106,9 +101,7 @@ class QuantAttention(Attention):
     def setup_quant(self, points: PointFactory) -> None:
         """Create the five quant points, and ``query``, ``key``, ``value`` (the operands)."""
         self.qkv_output = points.act("qkv_output", inplace=True)
-        self.query = points.act("query")
-        self.key = points.act("key")
-        self.value = points.act("value")
+        setup_operands(self, points)
         self.logits = points.act("logits", inplace=True)
         self.softmax_output = points.softmax("softmax_output")
         self.context = points.act("context", inplace=True)
@@ -122,7 +115,7 @@ class QuantAttention(Attention):
     def forward(self, x: torch.Tensor, rpe_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         N = x.shape[1]
         q, k, v = self.split_heads(maybe_quant(self.qkv_output, self.qkv(x)))
-        q, k, v = maybe_quant(self.query, q), maybe_quant(self.key, k), maybe_quant(self.value, v)
+        q, k, v = quantize_operands(self, q, k, v)
         float_mode = module_mode(self) is QuantMode.FLOAT
         if float_mode:
             attn = (q * self.scale) @ k.transpose(-2, -1)

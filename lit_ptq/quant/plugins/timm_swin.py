@@ -56,7 +56,16 @@ from timm.layers import Mlp, PatchEmbed
 from timm.models.swin_transformer import PatchMerging, SwinTransformer, SwinTransformerBlock, WindowAttention
 
 from ...errors import ConfigError
-from ..layers import check_softmax_source, maybe_quant, module_mode, quantized_softmax
+from ..layers import (
+    OPERAND_POINTS,
+    check_softmax_source,
+    matmul_placement,
+    maybe_quant,
+    module_mode,
+    quantize_operands,
+    quantized_softmax,
+    setup_operands,
+)
 from ..quantizer import QuantMode, TensorQuantizer
 from ..registry import PointFactory, Site, register_family
 from ._timm_layers import QuantTimmMlp, QuantTimmPatchEmbed
@@ -71,9 +80,6 @@ __all__ = [
 
 _INPUT_QUANTIZED_LINEARS = ("qkv", "fc1", "reduction", "fc")
 _SEED_ATTENTION_POINTS = ("qkv_output", "logits", "softmax_output", "context", "proj_output")
-_OPERANDS = ("query", "key", "value")
-"""Points of the ``matmul`` placement only."""
-_MATMUL_OPERANDS = (*_OPERANDS, "softmax_output")
 
 
 def seed_placement(site: Site) -> bool:
@@ -97,14 +103,7 @@ def full_placement(site: Site) -> bool:
         return site.leaf in _INPUT_QUANTIZED_LINEARS
     if site.point == "proj_output" and isinstance(module, PatchEmbed):
         return not isinstance(module.norm, nn.Identity)
-    return site.point not in _OPERANDS
-
-
-def matmul_placement(site: Site) -> bool:
-    """Every Linear/Conv input and weight, and the operands of the two attention products."""
-    if isinstance(site.module, WindowAttention):
-        return site.point in _MATMUL_OPERANDS
-    return isinstance(site.module, (nn.Linear, nn.Conv2d))
+    return site.point not in OPERAND_POINTS
 
 
 def _may_pad(block: SwinTransformerBlock) -> bool:
@@ -145,7 +144,7 @@ def blocks(model: SwinTransformer) -> list[str]:
 FAMILY = register_family(
     "timm_swin",
     (SwinTransformer,),
-    {"seed": seed_placement, "full": full_placement, "matmul": matmul_placement},
+    {"seed": seed_placement, "full": full_placement, "matmul": matmul_placement((WindowAttention,))},
     norm_linear_pairs=norm_linear_pairs,
     blocks=blocks,
 )
@@ -168,9 +167,7 @@ class QuantWindowAttention(WindowAttention):
     def setup_quant(self, points: PointFactory) -> None:
         """Create the seven quant points, and ``query``, ``key``, ``value`` (the operands)."""
         self.qkv_output = points.act("qkv_output", inplace=True)
-        self.query = points.act("query")
-        self.key = points.act("key")
-        self.value = points.act("value")
+        setup_operands(self, points)
         self.logits = points.act("logits", inplace=True)
         self.bias_table = points.act("bias_table")
         self.biased_logits = points.act("biased_logits", inplace=True)
@@ -189,7 +186,7 @@ class QuantWindowAttention(WindowAttention):
         B_, N, _ = x.shape
         qkv = maybe_quant(self.qkv_output, self.qkv(x))
         q, k, v = qkv.reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k, v = maybe_quant(self.query, q), maybe_quant(self.key, k), maybe_quant(self.value, v)
+        q, k, v = quantize_operands(self, q, k, v)
         attn = maybe_quant(self.logits, (q * self.scale) @ k.transpose(-2, -1))
         table = maybe_quant(self.bias_table, self.relative_position_bias_table)
         bias = table[self.relative_position_index.view(-1)].view(self.window_area, self.window_area, -1)

@@ -38,7 +38,16 @@ from timm.layers import Attention, Mlp, PatchEmbed
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from ...errors import ConfigError
-from ..layers import check_softmax_source, maybe_quant, module_mode, quantized_softmax
+from ..layers import (
+    OPERAND_POINTS,
+    check_softmax_source,
+    matmul_placement,
+    maybe_quant,
+    module_mode,
+    quantize_operands,
+    quantized_softmax,
+    setup_operands,
+)
 from ..quantizer import QuantMode
 from ..registry import PointFactory, Site, register_family
 from ._timm_layers import QuantTimmMlp, QuantTimmPatchEmbed
@@ -46,9 +55,6 @@ from ._timm_layers import QuantTimmMlp, QuantTimmPatchEmbed
 __all__ = ["FAMILY", "QuantTimmAttention", "QuantTimmBlock", "QuantVisionTransformer"]
 
 _INPUT_QUANTIZED_LINEARS = ("qkv", "fc1", "head")
-_OPERANDS = ("query", "key", "value")
-"""Points of the ``matmul`` placement only."""
-_MATMUL_OPERANDS = (*_OPERANDS, "softmax_output")
 
 
 def _quantizes_image(root: nn.Module) -> bool:
@@ -60,7 +66,7 @@ def _quantizes_image(root: nn.Module) -> bool:
 def seed_placement(site: Site) -> bool:
     """PTQ-for-iTPN's roles: attention and MLP outputs, every Linear weight except the head's."""
     if isinstance(site.module, (Attention, Mlp)):
-        return site.point not in _OPERANDS
+        return site.point not in OPERAND_POINTS
     return site.role == "weight" and isinstance(site.module, nn.Linear) and site.module_name != "head"
 
 
@@ -75,14 +81,7 @@ def full_placement(site: Site) -> bool:
         return site.leaf in _INPUT_QUANTIZED_LINEARS
     if site.point == "proj_output" and isinstance(module, PatchEmbed):
         return not isinstance(module.norm, nn.Identity)
-    return site.point not in _OPERANDS
-
-
-def matmul_placement(site: Site) -> bool:
-    """Every Linear/Conv input and weight, and the operands of the two attention products."""
-    if isinstance(site.module, Attention):
-        return site.point in _MATMUL_OPERANDS
-    return isinstance(site.module, (nn.Linear, nn.Conv2d))
+    return site.point not in OPERAND_POINTS
 
 
 def _final_norm(model: VisionTransformer) -> Optional[str]:
@@ -116,7 +115,7 @@ def blocks(model: VisionTransformer) -> list[str]:
 FAMILY = register_family(
     "timm_vit",
     (VisionTransformer,),
-    {"seed": seed_placement, "full": full_placement, "matmul": matmul_placement},
+    {"seed": seed_placement, "full": full_placement, "matmul": matmul_placement((Attention,))},
     norm_linear_pairs=norm_linear_pairs,
     blocks=blocks,
 )
@@ -138,9 +137,7 @@ class QuantTimmAttention(Attention):
         if self.gate is not None:
             raise ConfigError(f"{points.module_name}: gated attention is not supported by the timm_vit plugin")
         self.qkv_output = points.act("qkv_output", inplace=True)
-        self.query = points.act("query")
-        self.key = points.act("key")
-        self.value = points.act("value")
+        setup_operands(self, points)
         self.logits = points.act("logits", inplace=True)
         self.softmax_output = points.softmax("softmax_output")
         self.context = points.act("context", inplace=True)
@@ -158,7 +155,7 @@ class QuantTimmAttention(Attention):
         qkv = maybe_quant(self.qkv_output, self.qkv(x))
         q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = maybe_quant(self.query, q), maybe_quant(self.key, k), maybe_quant(self.value, v)
+        q, k, v = quantize_operands(self, q, k, v)
         attn = maybe_quant(self.logits, (q @ k.transpose(-2, -1)).mul_(self.scale))
         attn = self.attn_drop(quantized_softmax(self.softmax_output, self.logits, attn))
         x = maybe_quant(self.context, (attn @ v).transpose(1, 2).reshape(B, N, self.attn_dim))
