@@ -47,9 +47,14 @@ def _float_fingerprint(model: nn.Module) -> str:
     return getattr(model, "float_weights_sha256", None) or weights_fingerprint(model)
 
 
+def _recipe_changes_weights(model: nn.Module) -> bool:
+    """Whether the model's config has a recipe, whose calibration changes the weights."""
+    return bool(getattr(getattr(model, "quant_config", None), "recipe", None))
+
+
 def changed_params(model: nn.Module) -> Optional[dict[str, torch.Tensor]]:
     """CPU copies of every parameter when the model's recipe changed its weights, else ``None``."""
-    if not getattr(getattr(model, "quant_config", None), "recipe", None):
+    if not _recipe_changes_weights(model):
         return None
     return {name: p.detach().cpu().clone() for name, p in model.named_parameters()}
 
@@ -152,7 +157,7 @@ def load_quant_state(
     if not isinstance(state, dict) or set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
         raise CheckpointError(f"{option}={path} does not hold this model's quantizers")
     params = payload.get("params")
-    if (params is None) != (changed_params(model) is None):
+    if (params is None) == _recipe_changes_weights(model):
         raise CheckpointError(f"{option}={path} does not hold the weights this recipe needs")
     if params is not None:
         _load_params(model, params, f"{option}={path}")
@@ -186,7 +191,7 @@ def broadcast_quant_state(model: nn.Module, src: int = 0) -> None:
         for buf in q.buffers():
             if buf.is_floating_point():
                 dist.broadcast(buf, src=src)
-    if changed_params(model) is not None:
+    if _recipe_changes_weights(model):
         with torch.no_grad():
             for p in model.parameters():
                 received = p.detach().clone()
