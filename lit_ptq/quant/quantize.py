@@ -12,7 +12,7 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn as nn
 
-from ..errors import UserError
+from ..errors import ConfigError, UserError
 from .config import QuantConfig
 from .quantizer import QuantMode, QuantPoint, TensorQuantizer, WeightQuantizer
 from .registry import PointFactory, family_of
@@ -58,12 +58,15 @@ def quantize_(model: nn.Module, config: QuantConfig, filter_fn: Optional[FilterF
 
     Raises:
         ValueError: the model is already quantized.
-        ConfigError: no plugin handles the model, or its family lacks the placement.
+        ConfigError: no plugin handles the model, or its family lacks the placement (or what
+            the config's recipe needs).
     """
     if is_quantized(model):
         raise ValueError("the model is already quantized; build a fresh float model to quantize it again")
     family = family_of(model)
     placement = family.placement(config.placement)
+    if config.recipe and (family.norm_linear_pairs is None or family.blocks is None):
+        raise ConfigError(f"recipe={config.recipe!r} needs the {family.name} plugin to list its LayerNorm -> Linear pairs and blocks")
     table = family.swap_table()
     device = next(model.parameters()).device
     for name, module in list(model.named_modules()):

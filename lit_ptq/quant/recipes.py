@@ -27,7 +27,6 @@ from collections.abc import Iterable
 import torch
 import torch.nn as nn
 
-from ..errors import ConfigError
 from .quantize import as_input, owner_weight, quantizers, set_quant_mode
 from .quantizer import QuantMode, WeightQuantizer
 from .registry import family_of
@@ -83,17 +82,13 @@ def calibrate_with_recipe(model: nn.Module, batches: Iterable[object]) -> int:
     Returns:
         The number of batches.
 
-    Raises:
-        ConfigError: the model's family plugin does not provide what the recipe needs.
     """
     from .state import weights_fingerprint
     from .transforms import correct_weights_, reparameterize_
 
     config = model.quant_config
     steps = RECIPE_STEPS[config.recipe]
-    family = family_of(model)
-    if family.norm_linear_pairs is None or family.blocks is None:
-        raise ConfigError(f"recipe={config.recipe!r} needs the {family.name} plugin to list its LayerNorm -> Linear pairs and blocks")
+    family = family_of(model)  # quantize_ checked that it lists its pairs and blocks
     device = next(model.parameters()).device
     with torch.inference_mode(False):
         data = [as_input(b).to(device).clone() for b in batches]

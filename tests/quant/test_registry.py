@@ -143,6 +143,15 @@ def test_a_placement_the_family_lacks_fails_in_one_line() -> None:
         del FAMILIES[family.name]
 
 
+def test_a_recipe_the_family_cannot_run_fails_before_calibration() -> None:
+    family = register_family("toy_no_pairs", (ToyBlock,), {"matmul": _toy_everything})
+    try:
+        with pytest.raises(ConfigError, match=r"recipe='repq' needs the toy_no_pairs plugin to list its LayerNorm -> Linear pairs"):
+            quantize_(ToyBlock(4), QuantConfig(method="mse", placement="matmul", recipe="repq"))
+    finally:
+        del FAMILIES[family.name]
+
+
 def test_quantized_class_must_subclass_the_float_one() -> None:
     with pytest.raises(TypeError, match="must subclass ToyBlock"):
         TOY.quant_module(ToyBlock)(nn.Linear)
