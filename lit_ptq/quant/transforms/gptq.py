@@ -155,7 +155,7 @@ def correct_layer_(model: nn.Module, layer: nn.Module, batches: Sequence[Call], 
     weight = layer.weight.reshape(layer.weight.shape[0], -1)
     bias = layer.bias if layer.bias is not None else torch.zeros(weight.shape[0], device=weight.device)
     if ridge:
-        weight, new_bias = ridge_weights(weight, bias, stats.h_aa, stats.h_ax, stats.s_a, stats.s_x, stats.n, RIDGE_DAMP)
+        weight, new_bias = ridge_weights(weight, bias, stats.h_aa, stats.h_ax, stats.s_a, stats.s_x, stats.n)
         if layer.bias is None:
             layer.bias = nn.Parameter(new_bias.to(layer.weight.dtype))
         else:

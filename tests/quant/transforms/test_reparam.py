@@ -13,23 +13,9 @@ from lit_ptq.quant.primitives import fake_quant_seed
 from lit_ptq.quant.transforms import fold_norm_linear_, reparameterize_
 
 
-def outlier_channels_(model: nn.Module, pairs: list[tuple[str, str]], factor: float = 100.0) -> nn.Module:
-    """Scale three channels of every paired LayerNorm by ``factor`` and divide the Linear's
-    matching columns by it: the same function, with LayerNorm outputs like a trained ViT's."""
-    with torch.no_grad():
-        for i, (norm_name, linear_name) in enumerate(pairs):
-            norm, linear = model.get_submodule(norm_name), model.get_submodule(linear_name)
-            idx = torch.tensor([i % 7, 11, 20])
-            norm.weight[idx] *= factor
-            norm.bias[idx] *= factor
-            linear.weight[:, idx] /= factor
-    return model
-
-
-def test_folding_keeps_the_float_logits(make_tiny, calib_batches, eval_images) -> None:
-    model = quantize_(make_tiny(), QuantConfig("mse", "matmul", "4/4/4", recipe="repq"))
+def test_folding_keeps_the_float_logits(make_tiny, outlier_channels, calib_batches, eval_images) -> None:
+    model = outlier_channels(quantize_(make_tiny(), QuantConfig("mse", "matmul", "4/4/4", recipe="repq")))
     pairs = family_of(model).norm_linear_pairs(model)
-    outlier_channels_(model, pairs)
     with torch.no_grad():
         before = model(eval_images)
         reparameterize_(model, calib_batches, pairs, model.quant_config.act)
