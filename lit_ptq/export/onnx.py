@@ -13,10 +13,14 @@ fuses into integer kernels:
 - onnxruntime quantization, "Quantized model format: QDQ":
   https://onnxruntime.ai/docs/performance/model-optimizations/quantization.html
 
-The graph is captured with torch's ``torch.export``-based exporter (``dynamo=True``): in
-:func:`qdq_export_mode` every quant point's ``forward`` calls the ``quantized_decomposed``
-operators (``torch.ao.quantization.fx._decomposed``), which the exporter's ``torch_lib``
-translates to ``QuantizeLinear`` / ``DequantizeLinear``.
+The graph is captured with torch's ``torch.export``-based exporter (``dynamo=True``; the
+TorchScript exporter fails on the iTPN position-bias resize): in :func:`qdq_export_mode`
+every quant point's ``forward`` calls the ``quantized_decomposed`` operators
+(``torch.ao.quantization.fx._decomposed``), which the exporter's ``torch_lib`` (onnxscript)
+translates to ``QuantizeLinear`` / ``DequantizeLinear``; per-channel activation points use
+the translation of this module, one per-axis ``QuantizeLinear`` without torch_lib's
+trailing ``Clip``. Grids narrower than 8 bits are clamped (``Clip``) before
+``QuantizeLinear``, which gives the same codes as the seed's clamp after rounding.
 
 Arithmetic differences from the PyTorch fake quantization (``Arithmetic.SEED``):
 
@@ -31,7 +35,8 @@ Arithmetic differences from the PyTorch fake quantization (``Arithmetic.SEED``):
   accumulate in int32 and requantize with their own float arithmetic, so its outputs are
   close to, not equal to, the fake-quantized ones.
 
-Points ONNX's uniform Q/DQ cannot express: RepQ-ViT's :class:`~lit_ptq.quant.quantizer.LogQuantizer`
+FQ-ViT's PTF LayerNorm inputs are per-channel scales and zero points and export as per-axis
+pairs. Points ONNX's uniform Q/DQ cannot express: RepQ-ViT's :class:`~lit_ptq.quant.quantizer.LogQuantizer`
 and FQ-ViT's log-int-softmax (:class:`~lit_ptq.quant.quantizer.LogSoftmaxQuantizer`). By
 default they raise :class:`OnnxExportError` naming the point; with ``log_points="float_ops"``
 they are traced as standard float operators (``Log``, ``Pow``, ``Floor``, ...), whose
@@ -136,6 +141,20 @@ def _activation_qdq(point: TensorQuantizer):
         return _QD.dequantize_per_channel(q, scale_t, zp_int, axis, qmin, qmax, dtype)
 
     return per_channel
+
+
+def _quantize_per_channel_onnx(input, scales, zero_points, axis: int, quant_min: int, quant_max: int, dtype):
+    """``quantized_decomposed.quantize_per_channel`` as one per-axis ``QuantizeLinear``.
+
+    torch_lib's translation adds a ``Clip`` to ``[quant_min, quant_max]`` after it, which
+    separates the pair that onnxruntime fuses; the grids narrower than 8 bits are clamped
+    before quantizing instead (:func:`_grid_bounds`), so saturation is enough here.
+    """
+    from onnxscript import ir
+    from onnxscript.onnx_opset import opset18 as op
+
+    to = ir.DataType.INT8 if quant_min < 0 else ir.DataType.UINT8
+    return op.QuantizeLinear(input, op.CastLike(scales, input), op.Cast(zero_points, to=to), axis=axis)
 
 
 def weight_codes(point: WeightQuantizer, weight: torch.Tensor) -> torch.Tensor:
@@ -262,6 +281,7 @@ def export_onnx(
                 input_names=["input"],
                 output_names=["logits"],
                 dynamic_shapes=({0: batch},),
+                custom_translation_table={_QD.quantize_per_channel.default: _quantize_per_channel_onnx},
                 verbose=False,
             )
         program.save(os.fspath(path))

@@ -134,3 +134,36 @@ def test_log_int_softmax_raises_naming_the_point(tmp_path, images):
     model = _model(QuantConfig(placement="seed", lis=True))
     with pytest.raises(OnnxExportError, match=r"blocks\.\d+\.attn\.softmax_output"):
         export_onnx(model, tmp_path / "lis.onnx", images[:2])
+
+
+@pytest.mark.parametrize("bits", ["8/8/8", "8/6/8"])
+def test_ptf_norm_inputs_are_per_axis_pairs(tmp_path, images, bits):
+    """FQ-ViT's PTF LayerNorm inputs (per channel, power-of-two factors on one base scale)
+    are per-channel scales and zero points: one per-axis QuantizeLinear each, directly
+    followed by its DequantizeLinear. A 6-bit grid is clamped before QuantizeLinear."""
+    model = _model(QuantConfig(placement="full", ptf=True, bits=bits))
+    export_onnx(model, tmp_path / "ptf.onnx", images[:2])
+    graph = onnx.load(str(tmp_path / "ptf.onnx")).graph
+    producers = {out: n for n in graph.node for out in n.output}
+    assert {producers[n.input[0]].op_type for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in producers} == {
+        "QuantizeLinear"
+    }
+    inits = {i.name: i for i in graph.initializer}
+    per_axis = [
+        n for n in graph.node
+        if n.op_type == "QuantizeLinear" and n.input[1] in inits and list(inits[n.input[1]].dims) not in ([], [1])
+    ]
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm) and getattr(m, "input_quantizer", None)]
+    assert len(per_axis) == len(norms) > 0
+    with torch.no_grad():
+        expected = model(images)
+    assert (_run(tmp_path / "ptf.onnx", images, optimize=False) - expected).abs().max() < 6e-2
+
+
+def test_log_points_as_float_ops(tmp_path, images):
+    """With ``log_points="float_ops"`` the log-int-softmax is traced as float operators."""
+    model = _model(QuantConfig(placement="seed", lis=True))
+    export_onnx(model, tmp_path / "lis.onnx", images[:2], log_points="float_ops")
+    with torch.no_grad():
+        expected = model(images)
+    assert (_run(tmp_path / "lis.onnx", images, optimize=False) - expected).abs().max() < 1e-1
