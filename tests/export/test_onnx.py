@@ -17,8 +17,8 @@ pytest.importorskip("onnxscript")
 
 from lit_ptq.export import OnnxExportError, export_onnx  # noqa: E402
 from lit_ptq.models import create_model  # noqa: E402
-from lit_ptq.quant import QuantConfig, calibrate, quantize_  # noqa: E402
-from lit_ptq.quant.quantizer import QuantPoint  # noqa: E402
+from lit_ptq.quant import QuantConfig, calibrate, quantize_, set_quant_mode  # noqa: E402
+from lit_ptq.quant.quantizer import NotCalibratedError, QuantPoint  # noqa: E402
 
 INT8, UINT8 = onnx.TensorProto.INT8, onnx.TensorProto.UINT8
 
@@ -167,3 +167,31 @@ def test_log_points_as_float_ops(tmp_path, images):
     with torch.no_grad():
         expected = model(images)
     assert (_run(tmp_path / "lis.onnx", images, optimize=False) - expected).abs().max() < 1e-1
+
+
+def test_uncalibrated_model_is_refused(tmp_path, images):
+    torch.manual_seed(0)
+    model = quantize_(create_model("itpn_tiny", num_classes=10).eval(), QuantConfig(placement="seed"))
+    set_quant_mode(model, "calibrate")
+    with pytest.raises(OnnxExportError, match="calibrate mode"):
+        export_onnx(model, tmp_path / "m.onnx", images[:2])
+    set_quant_mode(model, "quantize")
+    with pytest.raises(NotCalibratedError):
+        export_onnx(model, tmp_path / "m.onnx", images[:2])
+    assert not (tmp_path / "m.onnx").exists()
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_repq_recipe_uint8_weights_and_log_softmax(tmp_path, images):
+    """RepQ-ViT 4/4/4: asymmetric per-channel weights are uint8 codes with per-channel zero
+    points; its log-sqrt2 softmax is refused by default, named, and traced with ``float_ops``.
+    Measured difference as written: 0 (4-bit steps make rounding ties rare); bound: 1e-1."""
+    model = _model(QuantConfig(placement="matmul", recipe="repq", bits="4/4/4"))
+    with pytest.raises(OnnxExportError, match=r"blocks\.\d+\.attn\.softmax_output is a logarithmic"):
+        export_onnx(model, tmp_path / "repq.onnx", images[:2])
+    export_onnx(model, tmp_path / "repq.onnx", images[:2], log_points="float_ops")
+    graph = onnx.load(str(tmp_path / "repq.onnx")).graph
+    assert {i.data_type for i in graph.initializer if i.name.endswith("_onnx_int_codes")} == {UINT8}
+    with torch.no_grad():
+        expected = model(images)
+    assert (_run(tmp_path / "repq.onnx", images, optimize=False) - expected).abs().max() < 1e-1
