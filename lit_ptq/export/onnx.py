@@ -34,6 +34,11 @@ Arithmetic differences from the PyTorch fake quantization (``Arithmetic.SEED``):
 - onnxruntime's fused integer kernels (``QLinearMatMul``, ``MatMulIntegerToFloat``, ...)
   accumulate in int32 and requantize with their own float arithmetic, so its outputs are
   close to, not equal to, the fake-quantized ones.
+- A weight DequantizeLinear feeding a MatMul whose other input is float (the ``seed``
+  placement leaves the LayerNorm outputs float) becomes ``MatMulNBits``, which by default
+  (``session.qdq_matmulnbits_accuracy_level=4``) quantizes that float input to int8 on the
+  fly, an approximation the PyTorch model does not make; :func:`ort_session_options`
+  turns it off.
 
 FQ-ViT's PTF LayerNorm inputs are per-channel scales and zero points and export as per-axis
 pairs. Points ONNX's uniform Q/DQ cannot express: RepQ-ViT's :class:`~lit_ptq.quant.quantizer.LogQuantizer`
@@ -66,7 +71,7 @@ from ..quant.quantizer import (
     WeightQuantizer,
 )
 
-__all__ = ["export_onnx", "qdq_export_mode", "OnnxExportError", "OPSET"]
+__all__ = ["export_onnx", "qdq_export_mode", "ort_session_options", "OnnxExportError", "OPSET"]
 
 OPSET = 18
 """ONNX opset of the exported graph (per-axis Q/DQ needs 13 or later)."""
@@ -287,3 +292,23 @@ def export_onnx(
         program.save(os.fspath(path))
     finally:
         model.train(was_training)
+
+
+def ort_session_options(intra_op_num_threads: int = 0, dynamic_int8_inputs: bool = False):
+    """onnxruntime session options that run an exported file as the PyTorch model computes it.
+
+    Args:
+        intra_op_num_threads: onnxruntime's intra-op threads (0: its default).
+        dynamic_int8_inputs: let ``MatMulNBits`` quantize its float input to int8 on the fly
+            (onnxruntime's default, faster and less faithful).
+
+    Returns:
+        An ``onnxruntime.SessionOptions`` (onnxruntime is imported here, not by this module).
+    """
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = intra_op_num_threads
+    if not dynamic_int8_inputs:
+        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    return options

@@ -15,7 +15,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from lit_ptq.export import OnnxExportError, export_onnx  # noqa: E402
+from lit_ptq.export import OnnxExportError, export_onnx, ort_session_options  # noqa: E402
 from lit_ptq.models import create_model  # noqa: E402
 from lit_ptq.quant import QuantConfig, calibrate, quantize_, set_quant_mode  # noqa: E402
 from lit_ptq.quant.quantizer import NotCalibratedError, QuantPoint  # noqa: E402
@@ -33,8 +33,7 @@ def _model(config: QuantConfig | None, seed: int = 0) -> torch.nn.Module:
 
 
 def _run(path: Path, x: torch.Tensor, optimize: bool = True):
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
+    options = ort_session_options(intra_op_num_threads=1)
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
