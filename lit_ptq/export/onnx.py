@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Literal, Optional, Union
 
 import torch
@@ -113,7 +113,7 @@ def _grid_bounds(point: TensorQuantizer, scale: torch.Tensor, zero_point: torch.
     return lo, hi
 
 
-def _activation_qdq(point: TensorQuantizer):
+def _activation_qdq(point: TensorQuantizer) -> Callable[[torch.Tensor], torch.Tensor]:
     """A function ``x -> DequantizeLinear(QuantizeLinear(x))`` with the point's calibrated qparams.
 
     The qparams are read now, as Python numbers (per tensor) or constant tensors (per
@@ -180,14 +180,18 @@ def weight_codes(point: WeightQuantizer, weight: torch.Tensor) -> torch.Tensor:
 
 
 def _weight_dq(point: WeightQuantizer, weight: torch.Tensor) -> torch.Tensor:
-    """``DequantizeLinear`` of the point's stored integer codes, per output channel."""
+    """``DequantizeLinear`` of the point's stored integer codes, per output channel.
+
+    A per-tensor weight spec (an override) repeats its one scale for every channel.
+    """
     spec = point.spec
     codes = getattr(point, _CODES_BUFFER)
-    zp = point.zero_point.to(torch.int32)
-    return _QD.dequantize_per_channel(codes, point.scale, zp, 0, spec.qmin, spec.qmax, codes.dtype)
+    channels = codes.shape[0]
+    scale, zp = point.scale.expand(channels), point.zero_point.to(torch.int32).expand(channels)
+    return _QD.dequantize_per_channel(codes, scale, zp, 0, spec.qmin, spec.qmax, codes.dtype)
 
 
-def _export_forward(point: QuantPoint, log_points: LogPoints):
+def _export_forward(point: QuantPoint, log_points: LogPoints) -> Callable[..., torch.Tensor]:
     """The ``forward`` a quant point runs under :func:`qdq_export_mode`."""
     original = type(point).forward.__get__(point)
     name = point.qualname or point.role

@@ -194,3 +194,13 @@ def test_repq_recipe_uint8_weights_and_log_softmax(tmp_path, images):
     with torch.no_grad():
         expected = model(images)
     assert (_run(tmp_path / "repq.onnx", images, optimize=False) - expected).abs().max() < 1e-1
+
+
+def test_per_tensor_weight_override(tmp_path, images):
+    """A per-tensor weight spec is stored per channel with its one scale repeated (exact)."""
+    config = QuantConfig(placement="seed", overrides={"*.weight_quantizer": {"granularity": "per_tensor"}})
+    model = _model(config)
+    export_onnx(model, tmp_path / "pt.onnx", images[:2])
+    with torch.no_grad():
+        expected = model(images)
+    assert (_run(tmp_path / "pt.onnx", images, optimize=False) - expected).abs().max() < 3e-2
