@@ -60,6 +60,7 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.
 import torch.nn as nn
 
 from ..errors import UserError
+from ..quant.layers import QuantLinear, maybe_quant
 from ..quant.quantize import owner_weight, quant_points
 from ..quant.quantizer import (
     LogQuantizer,
@@ -73,8 +74,9 @@ from ..quant.quantizer import (
 
 __all__ = ["export_onnx", "qdq_export_mode", "ort_session_options", "OnnxExportError", "OPSET"]
 
-OPSET = 18
-"""ONNX opset of the exported graph (per-axis Q/DQ needs 13 or later)."""
+OPSET = 20
+"""ONNX opset of the exported graph: 20 has a ``Gelu`` operator (onnxruntime fuses it with the
+preceding bias as ``BiasGelu``; opset 18 spells it as five elementwise operators)."""
 
 LogPoints = Literal["raise", "float_ops"]
 
@@ -156,7 +158,7 @@ def _quantize_per_channel_onnx(input, scales, zero_points, axis: int, quant_min:
     before quantizing instead (:func:`_grid_bounds`), so saturation is enough here.
     """
     from onnxscript import ir
-    from onnxscript.onnx_opset import opset18 as op
+    from onnxscript.onnx_opset import opset20 as op
 
     to = ir.DataType.INT8 if quant_min < 0 else ir.DataType.UINT8
     return op.QuantizeLinear(input, op.CastLike(scales, input), op.Cast(zero_points, to=to), axis=axis)
@@ -214,12 +216,48 @@ def _export_forward(point: QuantPoint, log_points: LogPoints) -> Callable[..., t
     raise OnnxExportError(f"quant point {name} of type {type(point).__name__} has no ONNX export")
 
 
+def _quantizing(point: Optional[nn.Module]) -> bool:
+    return isinstance(point, TensorQuantizer) and point.mode is QuantMode.QUANTIZE
+
+
+def _gemm_forward(linear: QuantLinear) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``linear``'s forward as ``Reshape -> Gemm(bias) -> Reshape`` over the flattened tokens.
+
+    torch exports ``F.linear`` of a 3-d input as ``MatMul`` then ``Add``; onnxruntime turns a
+    Q/DQ ``MatMul`` into ``MatMulIntegerToFloat`` and leaves the bias ``Add`` as a separate
+    pass over the output, while a Q/DQ ``Gemm`` becomes ``QGemm`` with the bias inside.
+    The same products and sums, in another order: float rounding apart, the same outputs.
+    """
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        x = maybe_quant(linear.input_quantizer, x)
+        weight = maybe_quant(linear.weight_quantizer, linear.weight)
+        if x.dim() == 2:
+            return torch.addmm(linear.bias, x, weight.t())
+        out = torch.addmm(linear.bias, x.reshape(-1, x.shape[-1]), weight.t())
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    return forward
+
+
+def _gemm_linears(model: nn.Module) -> list[QuantLinear]:
+    """The linears with a bias whose input and weight are both quantized (integer ``QGemm`` candidates)."""
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, QuantLinear)
+        and m.bias is not None
+        and _quantizing(m.weight_quantizer)
+    ]
+
+
 @contextlib.contextmanager
 def qdq_export_mode(model: nn.Module, log_points: LogPoints = "raise") -> Iterator[nn.Module]:
     """Within the block, every quantizing point of ``model`` emits Q/DQ operators.
 
     Weight quantizers get a temporary buffer of their weight's integer codes (an int8
-    initializer in the exported graph); everything is restored on exit.
+    initializer in the exported graph), and linears with a quantized input and weight
+    compute as ``Gemm`` (see :func:`_gemm_forward`); everything is restored on exit.
 
     Args:
         model: a calibrated model in ``quantize`` mode, or a float / ``float``-mode model.
@@ -234,7 +272,7 @@ def qdq_export_mode(model: nn.Module, log_points: LogPoints = "raise") -> Iterat
             (with ``log_points="raise"``).
         NotCalibratedError: a quantizing point has no calibrated qparams.
     """
-    patched: list[QuantPoint] = []
+    patched: list[nn.Module] = []
     try:
         for name, point in quant_points(model):
             forward = _export_forward(point, log_points)
@@ -246,12 +284,15 @@ def qdq_export_mode(model: nn.Module, log_points: LogPoints = "raise") -> Iterat
                     point.register_buffer(_CODES_BUFFER, weight_codes(point, owner_weight(model, name)), persistent=False)
             point.forward = forward  # type: ignore[method-assign]
             patched.append(point)
+        for linear in _gemm_linears(model):
+            linear.forward = _gemm_forward(linear)  # type: ignore[method-assign]
+            patched.append(linear)
         yield model
     finally:
-        for point in patched:
-            point.__dict__.pop("forward", None)
-            if _CODES_BUFFER in point._buffers:
-                del point._buffers[_CODES_BUFFER]
+        for module in patched:
+            module.__dict__.pop("forward", None)
+            if _CODES_BUFFER in module._buffers:
+                del module._buffers[_CODES_BUFFER]
 
 
 def export_onnx(
@@ -259,7 +300,6 @@ def export_onnx(
     path: Union[str, os.PathLike],
     example_input: torch.Tensor,
     log_points: LogPoints = "raise",
-    opset: int = OPSET,
 ) -> None:
     """Write ``model`` as an ONNX file: QDQ form when quantized, float otherwise.
 
@@ -272,7 +312,6 @@ def export_onnx(
         example_input: an input batch (its batch size must be 2 or more for the dynamic
             dimension to be traced as such).
         log_points: what to do with log quantizers and log-int-softmax (see :func:`qdq_export_mode`).
-        opset: the ONNX opset (13 or later).
 
     Raises:
         OnnxExportError: see :func:`qdq_export_mode`.
@@ -286,7 +325,7 @@ def export_onnx(
                 model,
                 (example_input,),
                 dynamo=True,
-                opset_version=opset,
+                opset_version=OPSET,
                 input_names=["input"],
                 output_names=["logits"],
                 dynamic_shapes=({0: batch},),
