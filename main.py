@@ -2,7 +2,7 @@
 
 User errors (a bad path, value or file) end with one sentence on stderr and exit code 2;
 ``--debug`` shows the traceback instead. SIGTERM is handled like Ctrl-C, so an interrupted
-run leaves no results file and no half-written state file.
+run leaves no results file and no half-written state or ONNX file.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(err, SystemExit) and not _interrupted:
             raise
         name = signal.Signals(_interrupted[-1]).name if _interrupted else "SIGINT"
-        print(f"interrupted by {name}: no results and no state file were written", file=sys.stderr)
+        print(f"interrupted by {name}: no results, state or ONNX file were written", file=sys.stderr)
         return 130
     finally:
         for sig, handler in previous.items():

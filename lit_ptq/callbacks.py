@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any, Optional
@@ -11,6 +12,7 @@ from typing import Any, Optional
 import torch
 from pytorch_lightning import Callback, LightningModule, Trainer
 from pytorch_lightning.callbacks import TQDMProgressBar
+from pytorch_lightning.callbacks.progress.tqdm_progress import Tqdm
 from pytorch_lightning.utilities import rank_zero_only
 
 from .errors import ConfigError
@@ -55,23 +57,49 @@ class CalibrationCallback(Callback):
         if self.save_state is not None:
             check_writable(self.save_state, "calibration.save_state")
 
-    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def prepare(
+        self, pl_module: LightningModule, datamodule: Optional[Any] = None, trainer: Optional[Trainer] = None
+    ) -> bool:
+        """Calibrate (or load) the quantizers of ``pl_module``, broadcast them, save the state.
+
+        What :meth:`on_validation_start` does, usable without a running validation loop (the
+        ``export`` subcommand): the first ``calib_batches`` batches of
+        ``datamodule.calib_dataloader()`` (or ``load_state``), then rank 0's quantizer state
+        broadcast to every rank and, with ``save_state``, written by rank 0. The module must
+        already be on the device to calibrate on.
+
+        Args:
+            pl_module: a :class:`~lit_ptq.module.PTQModule` (anything with ``quantized`` and ``model``).
+            datamodule: gives :meth:`~lit_ptq.data.ImageNetDataModule.calib_dataloader`; not
+                needed with ``load_state``.
+            trainer: for the progress bar and the rank (``None``: no bar, rank 0).
+
+        Returns:
+            False when there is nothing to calibrate (a float or ONNX module), else True.
+        """
         if not getattr(pl_module, "quantized", False):
-            return
+            return False
         start = time.perf_counter()
         if self.load_state is not None:
             self._load(pl_module)
         else:
-            self._calibrate(trainer, pl_module)
+            if datamodule is None:
+                raise ValueError("calibration needs a datamodule with calib_dataloader() (or load_state)")
+            self._calibrate(datamodule, pl_module, trainer)
         broadcast_quant_state(pl_module.model)
-        if self.save_state is not None and trainer.is_global_zero:
+        if self.save_state is not None and (trainer is None or trainer.is_global_zero):
             self._save(pl_module)
         self.seconds = time.perf_counter() - start
         log.info("calibration took %.2f s (%d images)", self.seconds, self.calib_images)
-        pl_module.log("calibration/seconds", self.seconds, rank_zero_only=True)
+        return True
 
-    def _calibrate(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        loader = trainer.datamodule.calib_dataloader()
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Run :meth:`prepare` with the trainer's datamodule and log ``calibration/seconds``."""
+        if self.prepare(pl_module, trainer.datamodule, trainer):
+            pl_module.log("calibration/seconds", self.seconds, rank_zero_only=True)
+
+    def _calibrate(self, datamodule: Any, pl_module: LightningModule, trainer: Optional[Trainer]) -> None:
+        loader = datamodule.calib_dataloader()
         last: list[torch.Tensor] = []
         bar = _progress(trainer, len(loader))
 
@@ -106,11 +134,18 @@ class CalibrationCallback(Callback):
         self.calib_images = 0
 
 
-def _progress(trainer: Trainer, total: int) -> Optional[Any]:
-    bar = trainer.progress_bar_callback
-    if not isinstance(bar, TQDMProgressBar) or not trainer.is_global_zero or bar.is_disabled:
+def _progress(trainer: Optional[Trainer], total: int) -> Optional[Any]:
+    """The calibration progress bar: the trainer's validation bar while it runs a loop, a bar
+    of the same style outside one (``export``), None when the trainer shows no bars."""
+    if trainer is None or not trainer.is_global_zero:
         return None
-    tqdm_bar = bar.init_validation_tqdm()
+    bar = trainer.progress_bar_callback
+    if not isinstance(bar, TQDMProgressBar) or bar.is_disabled:
+        return None
+    try:
+        tqdm_bar = bar.init_validation_tqdm()
+    except TypeError:  # not attached to a running trainer: no loop, so a bar of its own
+        tqdm_bar = Tqdm(total=total, dynamic_ncols=True, file=sys.stdout, bar_format=bar.BAR_FORMAT, leave=False)
     tqdm_bar.reset(total=total)
     tqdm_bar.set_description("Calibration")
     return tqdm_bar

@@ -1,4 +1,9 @@
-"""The LightningCLI of lit_ptq: ``python main.py validate --config configs/...yaml``."""
+"""The LightningCLI of lit_ptq: ``python main.py validate --config configs/...yaml``.
+
+Subcommands: Lightning's (``validate``, ``test``, ...) and ``export``, which calibrates as
+``validate`` does and writes the model as ONNX (``--output model.onnx``); ``validate
+--model.onnx model.onnx`` evaluates such a file with onnxruntime.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from .io import atomic_path, check_writable
 from .module import PTQModule
 from .quant import QuantizerStats
 from .results import report_markdown, results_record
+from .trainer import PTQTrainer, check_onnx_output
 
 __all__ = ["LitPTQCLI", "cli_main"]
 
@@ -40,6 +46,10 @@ class LitPTQCLI(LightningCLI):
     Adds the ``calibration`` callback options, ``--results_path`` (one JSON file per run,
     written atomically), links the model's name, input size and class count into the data
     module, and logs hparams, metrics and the per-quantizer report to TensorBoard.
+
+    The ``export`` subcommand (:meth:`lit_ptq.trainer.PTQTrainer.export`) takes the same
+    config plus ``--output FILE.onnx`` and ``--log_points {raise,float_ops}``;
+    ``--results_path`` is ignored there.
     """
 
     def __init__(self, **kwargs: Any) -> None:
@@ -48,8 +58,14 @@ class LitPTQCLI(LightningCLI):
         kwargs.setdefault("trainer_defaults", TRAINER_DEFAULTS)
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("parser_kwargs", {"exit_on_error": False})  # main.py prints parse errors in one line
+        kwargs.setdefault("trainer_class", PTQTrainer)
         self._started = 0.0
         super().__init__(PTQModule, ImageNetDataModule, **kwargs)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Lightning's subcommands plus ``export`` (its model and datamodule come from the config)."""
+        return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}}
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_lightning_class_args(CalibrationCallback, "calibration")
@@ -63,8 +79,22 @@ class LitPTQCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self._run_config()
-        if cfg.get("results_path"):
+        onnx = cfg.model.get("onnx")
+        if self.subcommand == "export":
+            if onnx:
+                raise ConfigError(f"model.onnx={onnx} is for validate; export writes the PyTorch model: remove model.onnx")
+            check_onnx_output(cfg.output, "--output")
+        elif cfg.get("results_path"):
             check_writable(cfg.results_path, "--results_path")
+        if onnx:
+            for option in ("save_state", "load_state"):
+                if cfg.calibration.get(option):
+                    raise ConfigError(
+                        f"calibration.{option} is set but model.onnx={onnx} is evaluated without calibrating; "
+                        f"remove calibration.{option}"
+                    )
+            cfg.data.calib_batches = 0  # the file holds its quantization: no calibration images
+            return
         CalibrationCallback(**dict(cfg.calibration)).check_paths()
         quantized = cfg.model.get("method") is not None
         if quantized and not cfg.calibration.get("load_state") and cfg.data.get("calib_batches") == 0:
@@ -106,8 +136,9 @@ class LitPTQCLI(LightningCLI):
             with atomic_path(path) as tmp, open(tmp, "w") as f:
                 json.dump(record, f, indent=2, allow_nan=True)
             log.info("results written to %s", path)
+        backend = " onnxruntime" if record.get("backend") == "onnxruntime" else ""
         print(
-            f"{record['model']} {record['method']} {record['placement'] or ''} {record['bits']}: "
+            f"{record['model']} {record['method']} {record['placement'] or ''} {record['bits']}{backend}: "
             f"acc1 {record['acc1']:.2f} acc5 {record['acc5']:.2f} loss {record['loss']:.4f} "
             f"on {record['num_images']} images ({seconds:.1f} s)"
         )
@@ -116,7 +147,8 @@ class LitPTQCLI(LightningCLI):
         logger = self.trainer.logger
         if not isinstance(logger, TensorBoardLogger):
             return
-        hparams = {k: record[k] for k in ("model", "method", "placement", "bits", "ptf", "lis", "calib_images") if k in record}
+        keys = ("model", "method", "placement", "bits", "ptf", "lis", "calib_images", "backend")
+        hparams = {k: record[k] for k in keys if k in record}
         hparams = {k: ("none" if v is None else v) for k, v in hparams.items()}
         logger.log_hyperparams(hparams, {f"hp/{k}": record[k] for k in ("acc1", "acc5", "loss", "skipped_files")})
         if report:

@@ -11,14 +11,19 @@ __all__ = ["atomic_path", "check_writable"]
 
 
 @contextlib.contextmanager
-def atomic_path(path: str) -> Iterator[str]:
+def atomic_path(path: str, suffix: str = ".tmp") -> Iterator[str]:
     """Yield a temporary path beside ``path``; on success it is renamed to ``path``.
 
     On any exception (``KeyboardInterrupt`` and ``SystemExit`` included) the temporary file
     is removed and ``path`` is left as it was.
+
+    Args:
+        path: the file to write.
+        suffix: the ending of the temporary file's name, for writers that choose a format
+            by extension (``".onnx"``).
     """
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=suffix, dir=folder)
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)

@@ -30,10 +30,15 @@ def report_markdown(report: list[QuantizerStats]) -> str:
 def results_record(
     module: "PTQModule", metrics: dict[str, float], calib: "CalibrationCallback", extra: dict[str, Any]
 ) -> dict[str, Any]:
-    """One run's result, as written to ``--results_path`` (acc1 / acc5 in percent)."""
+    """One run's result, as written to ``--results_path`` (acc1 / acc5 in percent).
+
+    ``backend`` says what computed the logits (``pytorch`` or ``onnxruntime``; see
+    :attr:`PTQModule.backend`); an ONNX run's summary also names the file (``onnx``).
+    """
     summary = module.run_summary()
     return dict(
         **summary,
+        backend=getattr(module, "backend", "pytorch"),
         calib_images=calib.calib_images,
         calibration_seconds=round(calib.seconds, 3),
         acc1=round(100.0 * metrics["val/acc1"], 4),  # torchmetrics computes in float32: keep its digits

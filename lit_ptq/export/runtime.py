@@ -1,0 +1,216 @@
+"""Exported ONNX files at run time: their ``lit_ptq`` metadata, checks, and onnxruntime sessions.
+
+An ONNX file written by ``main.py export`` carries, in its ``metadata_props``, the key
+:data:`METADATA_KEY` whose value is a JSON object describing the run that produced it::
+
+    {"summary": {...PTQModule.run_summary()...}, "calib_images": 1000, "load_state": null,
+     "log_points": "raise", "format": "qdq", "input_size": [3, 32, 32], "opset": 18}
+
+``main.py validate --model.onnx FILE`` reads it back (:func:`read_onnx_file`) to report what
+the file is and to check that it fits the config before any image is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from ..errors import ConfigError
+from ..quant.quantize import quant_points
+from ..quant.quantizer import LogQuantizer, LogSoftmaxQuantizer, TensorQuantizer
+from .onnx import OnnxExportError, _integer_dtype, ort_session_options
+
+__all__ = [
+    "METADATA_KEY",
+    "OnnxFileInfo",
+    "read_onnx_file",
+    "embed_metadata",
+    "check_exportable",
+    "create_session",
+]
+
+log = logging.getLogger(__name__)
+
+METADATA_KEY = "lit_ptq"
+"""The ``metadata_props`` key under which an exported file describes its run (a JSON object)."""
+
+Dim = Union[int, str, None]
+
+
+@dataclass(frozen=True)
+class OnnxFileInfo:
+    """What :func:`read_onnx_file` found in an ONNX file.
+
+    Attributes:
+        path: the file.
+        input_name: the graph's (only) image input.
+        input_shape: its dimensions: an int where fixed, the symbolic name (``"batch"``) or
+            None where dynamic.
+        output_name: the graph's first output (the logits).
+        output_shape: its dimensions, like ``input_shape``.
+        metadata: the decoded :data:`METADATA_KEY` entry, None when the file has none.
+    """
+
+    path: str
+    input_name: str
+    input_shape: tuple[Dim, ...]
+    output_name: str
+    output_shape: tuple[Dim, ...]
+    metadata: Optional[dict[str, Any]] = field(default=None)
+
+    @property
+    def image_size(self) -> Optional[tuple[int, ...]]:
+        """``(channels, height, width)`` the file expects, None where any of them is dynamic."""
+        dims = self.input_shape[1:]
+        return tuple(dims) if all(isinstance(d, int) for d in dims) else None  # type: ignore[return-value]
+
+
+def _dims(value_info: Any) -> tuple[Dim, ...]:
+    shape = value_info.type.tensor_type.shape
+    return tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in shape.dim)
+
+
+def read_onnx_file(path: str, option: str = "model.onnx") -> OnnxFileInfo:
+    """Check that ``path`` is an ONNX image classifier and read its input, output and metadata.
+
+    The graph is parsed (``onnx.load`` without external data); no onnxruntime session is made.
+
+    Args:
+        path: the ``.onnx`` file.
+        option: how the path is named in error messages.
+
+    Raises:
+        ConfigError: the file does not exist, is not an ONNX model (a text file, a ``.pt``
+            checkpoint, ...), or has no single 4-D image input and 2-D logits output.
+    """
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    if not os.path.exists(path):
+        raise ConfigError(f"{option}={path} does not exist; write one with main.py export --output {path}")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{option}={path} is not a file; give the path of an .onnx file")
+    not_onnx = f"{option}={path} is not an ONNX model; give a file written by main.py export"
+    try:
+        proto = onnx.load(path, load_external_data=False)
+    except DecodeError:
+        raise ConfigError(f"{not_onnx} (its bytes are not an ONNX protobuf)") from None
+    except (ValueError, RuntimeError) as err:
+        raise ConfigError(f"{not_onnx} ({type(err).__name__}: {' '.join(str(err).split())[:200]})") from None
+    except OSError as err:
+        raise ConfigError(f"{option}={path} cannot be read ({err.strerror})") from None
+    graph = proto.graph
+    initializers = {i.name for i in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in initializers]
+    if proto.ir_version <= 0 or not graph.node or not inputs or not graph.output:
+        raise ConfigError(not_onnx)
+    if len(inputs) != 1 or len(_dims(inputs[0])) != 4 or len(_dims(graph.output[0])) != 2:
+        shapes = ", ".join(f"{i.name}{list(_dims(i))}" for i in inputs)
+        raise ConfigError(
+            f"{option}={path} is not an image classifier with one (batch, channels, height, width) input "
+            f"and (batch, classes) logits (inputs: {shapes}); give a file written by main.py export"
+        )
+    metadata = None
+    for prop in proto.metadata_props:
+        if prop.key == METADATA_KEY:
+            try:
+                metadata = json.loads(prop.value)
+            except ValueError:
+                log.warning("%s: its %r metadata is not JSON; reporting the run from the config", path, METADATA_KEY)
+            if not isinstance(metadata, dict):
+                metadata = None
+    return OnnxFileInfo(
+        path=path,
+        input_name=inputs[0].name,
+        input_shape=_dims(inputs[0]),
+        output_name=graph.output[0].name,
+        output_shape=_dims(graph.output[0]),
+        metadata=metadata,
+    )
+
+
+def embed_metadata(path: str, metadata: dict[str, Any]) -> None:
+    """Store ``metadata`` (JSON) under :data:`METADATA_KEY` in the ONNX file ``path``, rewriting it in place.
+
+    Write to a temporary path (:func:`lit_ptq.io.atomic_path`) when the file must never be
+    seen half-written.
+    """
+    import onnx
+
+    proto = onnx.load(path)
+    props = {p.key: p.value for p in proto.metadata_props}
+    props[METADATA_KEY] = json.dumps(metadata)
+    onnx.helper.set_model_props(proto, props)  # replaces the list
+    onnx.save(proto, path)
+
+
+def check_exportable(model: nn.Module, log_points: str = "raise") -> None:
+    """Refuse, before calibration, a quantized model that :func:`~lit_ptq.export.export_onnx` would refuse after it.
+
+    Logarithmic quantizers and log-int-softmax with ``log_points="raise"``, and quantizers
+    wider than 8 bits, cannot be written as QDQ; finding out after minutes of calibration
+    would waste them.
+
+    Raises:
+        OnnxExportError: naming the first such quant point.
+    """
+    for name, point in quant_points(model):
+        if log_points == "raise" and isinstance(point, (LogQuantizer, LogSoftmaxQuantizer)):
+            kind = "log-int-softmax (LIS)" if isinstance(point, LogSoftmaxQuantizer) else "logarithmic quantizer"
+            raise OnnxExportError(
+                f"quant point {name} is a {kind}, which ONNX QuantizeLinear/DequantizeLinear cannot express; "
+                "export with --log_points float_ops to trace it as float operators"
+            )
+        if isinstance(point, TensorQuantizer):
+            _integer_dtype(point)
+
+
+def _spinning_allowed() -> bool:
+    """onnxruntime's threads spin while waiting, as OpenMP's do, unless ``OMP_WAIT_POLICY=PASSIVE``."""
+    return os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE"
+
+
+def create_session(path: str, device: torch.device, option: str = "model.onnx") -> Any:
+    """An onnxruntime ``InferenceSession`` of ``path`` that computes as the exported model does.
+
+    Session options from :func:`~lit_ptq.export.ort_session_options`, with as many intra-op
+    threads as torch uses (``torch.get_num_threads()``: Lightning's DDP on CPU divides the
+    cores among the ranks) and, under ``OMP_WAIT_POLICY=PASSIVE`` (``main.py``'s default),
+    no spinning threads.
+
+    Args:
+        path: the ONNX file.
+        device: where the module runs: ``cuda`` runs on onnxruntime's
+            ``CUDAExecutionProvider`` on the same GPU, anything else on the CPU.
+        option: how the path is named in error messages.
+
+    Raises:
+        ConfigError: ``device`` is a GPU but this onnxruntime has no ``CUDAExecutionProvider``
+            (a CPU-only ``onnxruntime`` package), or onnxruntime cannot load the file.
+    """
+    import onnxruntime
+
+    options = ort_session_options(intra_op_num_threads=torch.get_num_threads())
+    if not _spinning_allowed():
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    if device.type == "cuda":
+        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+            raise ConfigError(
+                f"{option}={path} should run on {device} but this onnxruntime has no CUDAExecutionProvider "
+                f"(it has {', '.join(onnxruntime.get_available_providers())}); install onnxruntime-gpu "
+                "or evaluate on the CPU with --trainer.accelerator cpu"
+            )
+        providers: list[Any] = [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
+    else:
+        providers = ["CPUExecutionProvider"]
+    try:
+        return onnxruntime.InferenceSession(path, options, providers=providers)
+    except Exception as err:  # onnxruntime's own exception types (Fail, InvalidGraph, ...) are not exported
+        raise ConfigError(f"onnxruntime cannot load {option}={path}: {' '.join(str(err).split())[:300]}") from None
