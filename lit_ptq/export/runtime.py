@@ -4,7 +4,7 @@ An ONNX file written by ``main.py export`` carries, in its ``metadata_props``, t
 :data:`METADATA_KEY` whose value is a JSON object describing the run that produced it::
 
     {"summary": {...PTQModule.run_summary()...}, "calib_images": 1000, "load_state": null,
-     "log_points": "raise", "format": "qdq", "input_size": [3, 32, 32], "opset": 18}
+     "log_points": "raise", "format": "qdq", "input_size": [3, 32, 32], "opset": 20}
 
 ``main.py validate --model.onnx FILE`` reads it back (:func:`read_onnx_file`) to report what
 the file is and to check that it fits the config before any image is loaded.
