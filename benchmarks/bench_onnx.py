@@ -93,7 +93,7 @@ def validate(setup: GridSetup, module: PTQModule, calibration: Optional[Calibrat
     start = time.perf_counter()
     trainer.validate(module, datamodule=setup.datamodule, verbose=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    extra = dict(seconds=round(time.perf_counter() - start, 3), backend=module.backend)
+    extra = dict(seconds=round(time.perf_counter() - start, 3))
     return results_record(module, metrics, calibration, extra), recorder.logits
 
 

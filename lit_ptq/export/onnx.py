@@ -34,10 +34,13 @@ Arithmetic differences from the PyTorch fake quantization (``Arithmetic.SEED``):
 - onnxruntime's fused integer kernels (``QLinearMatMul``, ``MatMulIntegerToFloat``, ...)
   accumulate in int32 and requantize with their own float arithmetic, so its outputs are
   close to, not equal to, the fake-quantized ones.
-- A weight DequantizeLinear feeding a MatMul whose other input is float (the ``seed``
-  placement leaves the LayerNorm outputs float) becomes ``MatMulNBits``, which by default
-  (``session.qdq_matmulnbits_accuracy_level=4``) quantizes that float input to int8 on the
-  fly, an approximation the PyTorch model does not make; :func:`ort_session_options`
+- Linears with a bias export as ``Gemm`` over the flattened tokens (see
+  :func:`_gemm_forward`), which onnxruntime runs as ``QGemm`` (bias inside) when the input
+  is quantized too; their float rounding differs from torch's ``MatMul`` + ``Add`` order.
+- A weight DequantizeLinear feeding a ``MatMul`` whose other input is float (a bias-free
+  linear the placement leaves unquantized at its input) becomes ``MatMulNBits``, which by
+  default (``session.qdq_matmulnbits_accuracy_level=4``) quantizes that float input to int8
+  on the fly, an approximation the PyTorch model does not make; :func:`ort_session_options`
   turns it off.
 
 FQ-ViT's PTF LayerNorm inputs are per-channel scales and zero points and export as per-axis
