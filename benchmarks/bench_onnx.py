@@ -2,11 +2,12 @@
 
 Three measurements, each printed as a table (nothing is asserted)::
 
-    python benchmarks/bench_onnx.py parity --config configs/demo.yaml --json results/demo_onnx.json --markdown results/demo_onnx.md
+    python benchmarks/bench_onnx.py parity --config configs/demo.yaml --recipe-configs configs/demo_w6a6.yaml configs/demo_w4a4.yaml configs/demo_w4a4_recon.yaml --json results/demo_onnx.json --markdown results/demo_onnx.md
     python benchmarks/bench_onnx.py static --config configs/demo.yaml --json results/demo_ort_static.json --markdown results/demo_ort_static.md
     python benchmarks/bench_onnx.py speed --models itpn_base deit_base_patch16_224 --json benchmarks/results_cpu_onnx.json
 
-``parity``: for each observer and placement at 8/8/8 (and each ``--recipe-config``), the
+``parity``: for each observer and placement at 8/8/8, FQ-ViT's PTF and PTF + LIS (MinMax,
+``full``) and each ``--recipe-configs`` config, the
 product path three times: ``Trainer.validate`` of the fake-quantized :class:`PTQModule`
 (calibration saved to a state file), ``PTQTrainer.export`` of the same config from that
 state (what ``main.py export --calibration.load_state`` runs), and ``Trainer.validate`` of
@@ -114,6 +115,13 @@ def compare(reference: torch.Tensor, other: torch.Tensor) -> dict[str, float]:
 # --------------------------------------------------------------------------- parity
 
 
+FQVIT_CELLS: tuple[dict[str, Any], ...] = (
+    dict(method="minmax", placement="full", bits="8/8/8", ptf=True),
+    dict(method="minmax", placement="full", bits="8/8/4", ptf=True, lis=True),
+)
+"""FQ-ViT's power-of-two factors (per-axis Q/DQ) and log-int-softmax (float operators)."""
+
+
 def parity_cells(methods: Sequence[str], placements: Sequence[str]) -> list[dict[str, Any]]:
     """The quantization settings compared: each observer at each placement, 8/8/8."""
     return [dict(method=m, placement=p, bits="8/8/8") for p in placements for m in methods]
@@ -131,18 +139,19 @@ def _recipe_cell(config: str) -> dict[str, Any]:
 def run_parity(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Validate, export and validate the export of every cell; print and write the table."""
     setup = load_setup(args.config)
-    cells = parity_cells(args.methods, args.placements) + [_recipe_cell(c) for c in args.recipe_configs]
+    cells = parity_cells(args.methods, args.placements) + (list(FQVIT_CELLS) if args.fqvit else [])
+    cells += [_recipe_cell(c) for c in args.recipe_configs]
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, cell in enumerate(cells, 1):
             model_args = {**setup.model, **cell}
             state, path = os.path.join(tmp, f"state{i}.pt"), os.path.join(tmp, f"model{i}.onnx")
             torch_record, torch_logits = validate(setup, PTQModule(**model_args), CalibrationCallback(save_state=state))
-            log_points = "float_ops" if cell.get("recipe") else args.log_points
+            log_points = "float_ops" if cell.get("recipe") or cell.get("lis") else args.log_points
             export(setup, model_args, path, state, log_points)
             ort_record, ort_logits = validate(setup, PTQModule(**{**setup.model, "onnx": path}))
             row = dict(
-                **{k: torch_record.get(k) for k in ("model", "method", "placement", "bits", "recipe", "softmax")},
+                **{k: torch_record.get(k) for k in ("model", "method", "placement", "bits", "ptf", "lis", "recipe", "softmax")},
                 log_points=log_points,
                 calib_images=torch_record["calib_images"],
                 num_images=torch_record["num_images"],
@@ -163,9 +172,14 @@ def run_parity(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def _placement(row: dict[str, Any]) -> str:
+    """``full + ptf + lis``, ``matmul + repq_gptq``: the placement and what acts on it."""
+    extras = [k for k in ("ptf", "lis") if row.get(k)] + ([row["recipe"]] if row.get("recipe") else [])
+    return " + ".join([row["placement"], *extras])
+
+
 def _label(row: dict[str, Any]) -> str:
-    recipe = f" {row['recipe']}" if row.get("recipe") else ""
-    return f"{row['method']} {row['placement']}{recipe} {row['bits']}"
+    return f"{row['method']} {_placement(row)} {row['bits']}"
 
 
 def parity_markdown(rows: Sequence[dict[str, Any]]) -> str:
@@ -175,9 +189,8 @@ def parity_markdown(rows: Sequence[dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        placement = r["placement"] + (f" + {r['recipe']}" if r.get("recipe") else "")
         lines.append(
-            f"| {r['method']} | {placement} | {r['bits']} | {r['acc1_pytorch']:.2f} | {r['acc1_onnxruntime']:.2f} | "
+            f"| {r['method']} | {_placement(r)} | {r['bits']} | {r['acc1_pytorch']:.2f} | {r['acc1_onnxruntime']:.2f} | "
             f"{r['delta']:+.2f} | {r['agreement']:.2f} | {r['max_logit_diff']:.3g} |"
         )
     return "\n".join(lines) + "\n"
@@ -287,6 +300,13 @@ def _time_round_robin(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[s
     return times
 
 
+def model_input_size(model_name: str) -> int:
+    """The input side of a registered model."""
+    from lit_ptq.models import model_entry
+
+    return int(model_entry(model_name)[1].input_size[-1])
+
+
 def _speed_files(model_name: str, folder: str, placements: Sequence[str], calib: list[torch.Tensor]) -> tuple[torch.nn.Module, dict[str, str]]:
     """Export the float model, our QDQ file per placement and quantize_static's; return the float model and the paths."""
     from lit_ptq.models import create_model
@@ -322,7 +342,7 @@ def run_speed(args: argparse.Namespace) -> dict[str, Any]:
     for model_name in args.models:
         with tempfile.TemporaryDirectory() as folder:
             gen = torch.Generator().manual_seed(0)
-            size = 224
+            size = model_input_size(model_name)
             calib = [torch.randn(args.calib_batch_size, 3, size, size, generator=gen) for _ in range(args.calib_batches)]
             model, files = _speed_files(model_name, folder, args.placements, calib)
             sessions = {
@@ -390,8 +410,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     sub = p.add_subparsers(dest="command", required=True)
     parity = sub.add_parser("parity", help="fake-quantized PyTorch vs its ONNX export in onnxruntime, on a main.py config")
     parity.add_argument("--config", default="configs/demo.yaml", help="a main.py YAML config (model, data, seed)")
-    parity.add_argument("--methods", nargs="+", default=list(GRID_METHODS))
+    parity.add_argument("--methods", nargs="*", default=list(GRID_METHODS))
     parity.add_argument("--placements", nargs="+", default=list(GRID_PLACEMENTS))
+    parity.add_argument("--fqvit", action=argparse.BooleanOptionalAction, default=True, help="also FQ-ViT's PTF and PTF + LIS (MinMax, full)")
     parity.add_argument("--recipe-configs", nargs="*", default=[], help="configs of low-bit recipes (exported with log_points=float_ops)")
     parity.add_argument("--log-points", default="raise", choices=["raise", "float_ops"])
     parity.add_argument("--json", default=None)
