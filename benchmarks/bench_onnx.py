@@ -24,7 +24,10 @@ its MinMax, Percentile and Entropy methods, each evaluated through ``PTQModule(o
 onnxruntime float, our QDQ file for each placement (MinMax 8/8/8 calibrated on random
 images) and ``quantize_static``'s file of the float graph (MinMax, the same images), at each
 batch size; every timing is one forward, interleaved round-robin, and the table gives the
-median, the speed-up over onnxruntime float and the file size.
+median, the speed-up over onnxruntime float and the file size. torch and onnxruntime use
+``--threads`` threads; the sessions are made as ``validate --model.onnx`` makes them
+(:func:`lit_ptq.export.runtime.create_session`: no spinning threads under
+``OMP_WAIT_POLICY=PASSIVE``).
 """
 
 from __future__ import annotations
@@ -49,7 +52,8 @@ import torch  # noqa: E402
 from pytorch_lightning import Callback, Trainer, seed_everything  # noqa: E402
 
 from lit_ptq.callbacks import CalibrationCallback  # noqa: E402
-from lit_ptq.export import export_onnx, ort_session_options  # noqa: E402
+from lit_ptq.export import export_onnx  # noqa: E402
+from lit_ptq.export.runtime import create_session  # noqa: E402
 from lit_ptq.io import atomic_path  # noqa: E402
 from lit_ptq.module import PTQModule  # noqa: E402
 from lit_ptq.results import results_record  # noqa: E402
@@ -345,10 +349,7 @@ def run_speed(args: argparse.Namespace) -> dict[str, Any]:
             size = model_input_size(model_name)
             calib = [torch.randn(args.calib_batch_size, 3, size, size, generator=gen) for _ in range(args.calib_batches)]
             model, files = _speed_files(model_name, folder, args.placements, calib)
-            sessions = {
-                name: onnxruntime.InferenceSession(path, ort_session_options(args.threads), providers=["CPUExecutionProvider"])
-                for name, path in files.items()
-            }
+            sessions = {name: create_session(path, torch.device("cpu")) for name, path in files.items()}
             sizes = {name: os.path.getsize(path) / 1e6 for name, path in files.items()}
             for batch_size in args.batch_sizes:
                 x = torch.randn(batch_size, 3, size, size, generator=gen)
