@@ -513,7 +513,8 @@ class ImageNetDataModule(LightningDataModule):
         root = self.root
         if split == "test":
             check_test_split(root)
-        _check_root(root)
+        else:
+            _check_root(root)
         scanned = {}
         if self.calib_batches > 0:
             scanned["train"] = scan_image_folder(os.path.join(root, "train"))

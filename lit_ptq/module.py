@@ -23,7 +23,7 @@ class PTQModule(LightningModule):
     """A model from the registry, optionally fake-quantized, evaluated on top-1 / top-5 / loss.
 
     Calibration is not done here: :class:`lit_ptq.callbacks.CalibrationCallback` calibrates
-    the quantizers before validation.
+    the quantizers before validation, test or predict.
 
     With ``onnx`` set, the module evaluates that ONNX file (as written by ``main.py export``)
     with onnxruntime instead: no PyTorch model is built and no checkpoint is read, nothing is

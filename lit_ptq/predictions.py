@@ -88,7 +88,9 @@ class PredictionWriter(Callback):
     (``torch.distributed.gather_object``), ordered by image index (the sorted paths of
     :attr:`~lit_ptq.data.ImageNetDataModule.predict_dataset`) and written by rank 0 alone
     (:func:`write_predictions`), which then prints one line. Works with any launcher, since
-    nothing is returned to the launching process.
+    nothing is returned to the launching process. The trainer's datamodule must be an
+    :class:`~lit_ptq.data.ImageNetDataModule` (its ``predict_dataset`` names the paths and
+    classes).
 
     Args:
         output: the ``.csv`` or ``.jsonl`` file.
