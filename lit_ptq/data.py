@@ -369,19 +369,30 @@ class UnpaddedDistributedSampler(DistributedSampler):
     even the ranks out, which counts some validation images twice. Being a
     DistributedSampler subclass, Lightning leaves it in place.
 
+    With fewer indices than ranks, the last ranks get none, and Lightning skips their loop
+    (hooks included) while the others wait for them in collective calls. ``fill_empty=True``
+    gives such a rank index 0 instead, a duplicate its consumer must drop (``main.py
+    predict`` keeps each image's first row).
+
     Args:
         dataset: the dataset to split.
         num_replicas: world size (default: from torch.distributed).
         rank: this process's rank (default: from torch.distributed).
+        fill_empty: give a rank that would get no index the index 0 (a non-empty dataset's).
     """
 
-    def __init__(self, dataset: Dataset, num_replicas: Optional[int] = None, rank: Optional[int] = None) -> None:
+    def __init__(
+        self, dataset: Dataset, num_replicas: Optional[int] = None, rank: Optional[int] = None, fill_empty: bool = False
+    ) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
         self.total_size = len(dataset)  # type: ignore[arg-type]
-        self.num_samples = len(range(self.rank, self.total_size, self.num_replicas))
+        self.indices = range(self.rank, self.total_size, self.num_replicas)
+        if fill_empty and not self.indices and self.total_size:
+            self.indices = range(1)
+        self.num_samples = len(self.indices)
 
     def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.total_size, self.num_replicas))
+        return iter(self.indices)
 
     def __len__(self) -> int:
         return self.num_samples
@@ -663,7 +674,7 @@ class ImageNetDataModule(LightningDataModule):
         self.setup(stage)
         dataset = self._splits[{"validate": "val"}.get(stage, stage)]
         rank, world_size = self._rank_and_world_size()
-        sampler = UnpaddedDistributedSampler(dataset, num_replicas=world_size, rank=rank)
+        sampler = UnpaddedDistributedSampler(dataset, num_replicas=world_size, rank=rank, fill_empty=stage == "predict")
         return self._loader(dataset, self.batch_size, sampler=sampler)
 
     def val_dataloader(self) -> CheckedDataLoader:
@@ -675,8 +686,10 @@ class ImageNetDataModule(LightningDataModule):
         return self._split_loader("test")
 
     def predict_dataloader(self) -> CheckedDataLoader:
-        """Every image under ``predict_root`` exactly once across ranks, in sorted-path order
-        (rank ``r``: ``r, r+W, ...``); batches are ``(images, indices into predict_dataset)``."""
+        """Every image under ``predict_root`` across ranks, in sorted-path order (rank ``r``:
+        ``r, r+W, ...``); batches are ``(images, indices into predict_dataset)``. Exactly once,
+        except that with fewer images than ranks the ranks left without one read image 0 again
+        (``fill_empty``)."""
         return self._split_loader("predict")
 
     @property

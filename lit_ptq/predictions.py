@@ -85,7 +85,7 @@ class PredictionWriter(Callback):
     """Collects :meth:`~lit_ptq.module.PTQModule.predict_step`'s rows and writes the file at the end.
 
     Every rank keeps its own rows; at ``on_predict_end`` they are gathered on global rank 0
-    (``torch.distributed.gather_object``), ordered by image index (the sorted paths of
+    (``torch.distributed.gather_object``), ordered by image index, one row per index (the sorted paths of
     :attr:`~lit_ptq.data.ImageNetDataModule.predict_dataset`) and written by rank 0 alone
     (:func:`write_predictions`), which then prints one line. Works with any launcher, since
     nothing is returned to the launching process. The trainer's datamodule must be an
@@ -126,9 +126,7 @@ class PredictionWriter(Callback):
         if not trainer.is_global_zero:
             return
         index = torch.cat([r["index"] for r in rows]) if rows else torch.empty(0, dtype=torch.int64)
-        if index.unique().numel() != index.numel():
-            raise RuntimeError("an image was predicted twice; the predict sampler must split the images without repeats")
-        order = index.argsort()
+        order = _first_of_each(index)
         k = min(5, len(dataset.classes))
         classes = torch.cat([r["classes"] for r in rows])[order] if rows else torch.empty(0, k, dtype=torch.int64)
         probs = torch.cat([r["probs"] for r in rows])[order] if rows else torch.empty(0, k)
@@ -140,6 +138,17 @@ class PredictionWriter(Callback):
         if skipped:
             log.warning("skipped %d unreadable image(s) (data.skip_unreadable=true): no row for them", skipped)
         print(f"{_describe(pl_module)}: top-{k} classes of {len(paths)} images written to {self.output} ({seconds:.1f} s)")
+
+
+def _first_of_each(index: torch.Tensor) -> torch.Tensor:
+    """Positions that order ``index`` ascending, keeping the first row of each repeated index
+    (a rank that had no image of its own predicted image 0 again; see ``fill_empty`` of
+    :class:`~lit_ptq.data.UnpaddedDistributedSampler`)."""
+    order = index.argsort(stable=True)
+    ordered = index[order]
+    first = torch.ones_like(ordered, dtype=torch.bool)
+    first[1:] = ordered[1:] != ordered[:-1]
+    return order[first]
 
 
 def _gather(rows: list[dict[str, torch.Tensor]], world_size: int) -> list[dict[str, torch.Tensor]]:

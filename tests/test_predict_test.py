@@ -318,10 +318,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_two_ranks_write_every_image_once(pt_config, pt_root, val_predictions, tmp_path):
-    """Two CPU ranks, 59 images (29 + 30): the one-process file, byte for byte."""
+@pytest.mark.parametrize("images", [59, 1])
+def test_ddp_two_ranks_write_every_image_once(pt_config, pt_root, val_predictions, tmp_path, images):
+    """Two CPU ranks: 59 images (30 + 29) give the one-process file, byte for byte; so does 1
+    image, which leaves rank 1 without one of its own (it predicts image 0 again, dropped)."""
+    folder = pt_root / "val"
+    if images == 1:
+        folder = tmp_path / "one"
+        folder.mkdir()
+        first = Path(val_predictions["rows"][0]["path"])
+        shutil.copyfile(first, folder / first.name)
     out = tmp_path / "ddp.csv"
-    args = ["predict", "--config", str(pt_config), "--data.predict_root", str(pt_root / "val"), "--output", str(out),
+    args = ["predict", "--config", str(pt_config), "--data.predict_root", str(folder), "--output", str(out),
             "--trainer.strategy", "ddp", "--trainer.devices", "2"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
     pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -334,5 +342,16 @@ def test_ddp_two_ranks_write_every_image_once(pt_config, pt_root, val_prediction
             raise
     assert proc.returncode == 0, stderr[-4000:]
     assert "Traceback" not in stderr
-    assert stdout.count("written to") == 1 and "top-5 classes of 59 images" in stdout  # rank 0 alone writes and prints
-    assert out.read_text() == val_predictions["path"].read_text()
+    assert stdout.count("written to") == 1 and f"top-5 classes of {images} images" in stdout  # rank 0 alone writes
+    expected = val_predictions["path"].read_text().splitlines()[: images + 1]
+    if images == 1:
+        expected[1] = expected[1].replace(str(pt_root / "val" / Path(expected[1].split(",")[0]).parent.name), str(folder))
+    assert out.read_text().splitlines() == expected
+
+
+@pytest.mark.parametrize("size, fill, expected", [(5, False, [[0, 2, 4], [1, 3]]), (1, False, [[0], []]), (1, True, [[0], [0]])])
+def test_unpadded_sampler_fills_an_empty_rank_only_when_asked(size, fill, expected):
+    from lit_ptq.data import UnpaddedDistributedSampler
+
+    samplers = [UnpaddedDistributedSampler(range(size), num_replicas=2, rank=r, fill_empty=fill) for r in (0, 1)]
+    assert [list(s) for s in samplers] == expected and [len(s) for s in samplers] == [len(e) for e in expected]
