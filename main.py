@@ -1,4 +1,5 @@
-"""Entry point: ``python main.py validate --config configs/itpn_base_minmax.yaml [--debug]``.
+"""Entry point: ``python main.py validate --config configs/itpn_base_minmax.yaml [--debug]``
+(or ``test``, ``predict``, ``export``; ``fit`` is refused: lit_ptq does not train).
 
 User errors (a bad path, value or file) end with one sentence on stderr and exit code 2;
 ``--debug`` shows the traceback instead. SIGTERM is handled like Ctrl-C, so an interrupted

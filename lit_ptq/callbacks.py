@@ -1,4 +1,4 @@
-"""Calibration callback: calibrates the quantizers on the first N batches before validation."""
+"""Calibration callback: calibrates the quantizers on the first N batches before validation, test or predict."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 
 class CalibrationCallback(Callback):
-    """Calibrate before validation: observers on, the first N batches, qparams, broadcast.
+    """Calibrate before validation (and test, and predict): observers on, the first N batches, qparams, broadcast.
 
     Every rank runs the same calibration batches (``datamodule.calib_dataloader()``), then
     rank 0's quantizer buffers are broadcast so the state is identical everywhere. Instead of
@@ -97,6 +97,15 @@ class CalibrationCallback(Callback):
         """Run :meth:`prepare` with the trainer's datamodule and log ``calibration/seconds``."""
         if self.prepare(pl_module, trainer.datamodule, trainer):
             pl_module.log("calibration/seconds", self.seconds, rank_zero_only=True)
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """As :meth:`on_validation_start`, before ``main.py test``."""
+        if self.prepare(pl_module, trainer.datamodule, trainer):
+            pl_module.log("calibration/seconds", self.seconds, rank_zero_only=True)
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Run :meth:`prepare` before ``main.py predict`` (nothing is logged: Lightning does not log in predict)."""
+        self.prepare(pl_module, trainer.datamodule, trainer)
 
     def _calibrate(self, datamodule: Any, pl_module: LightningModule, trainer: Optional[Trainer]) -> None:
         loader = datamodule.calib_dataloader()

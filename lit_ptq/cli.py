@@ -1,8 +1,10 @@
 """The LightningCLI of lit_ptq: ``python main.py validate --config configs/...yaml``.
 
-Subcommands: Lightning's (``validate``, ``test``, ...) and ``export``, which calibrates as
-``validate`` does and writes the model as ONNX (``--output model.onnx``); ``validate
---model.onnx model.onnx`` evaluates such a file with onnxruntime.
+Subcommands: ``validate`` (``val/``), ``test`` (``test/``), ``predict`` (top-5 classes of
+every image under ``--data.predict_root``, written to ``--output FILE.csv|.jsonl``) and
+``export``, which calibrates as ``validate`` does and writes the model as ONNX (``--output
+model.onnx``); ``--model.onnx model.onnx`` evaluates or predicts with such a file in
+onnxruntime. Lightning's ``fit`` is not offered: lit_ptq does not train.
 """
 
 from __future__ import annotations
@@ -12,24 +14,28 @@ import logging
 import math
 import sys
 import time
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import torch
 from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from .callbacks import CalibrationCallback
-from .data import ImageNetDataModule
+from .data import ImageNetDataModule, check_predict_root, check_test_split
 from .errors import ConfigError
 from .io import atomic_path, check_writable
 from .module import PTQModule
+from .predictions import check_predictions_output
 from .quant import QuantizerStats
 from .results import report_markdown, results_record
 from .trainer import PTQTrainer, check_onnx_output
 
-__all__ = ["LitPTQCLI", "cli_main"]
+__all__ = ["LitPTQCLI", "cli_main", "refuse_fit"]
 
 log = logging.getLogger(__name__)
+
+EVALUATIONS = ("validate", "test", "predict")
+"""Lightning's subcommands the CLI offers, in ``--help``'s order (``fit`` trains: not offered)."""
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     "logger": {
@@ -49,7 +55,10 @@ class LitPTQCLI(LightningCLI):
 
     The ``export`` subcommand (:meth:`lit_ptq.trainer.PTQTrainer.export`) takes the same
     config plus ``--output FILE.onnx`` and ``--log_points {raise,float_ops}``;
-    ``--results_path`` is ignored there.
+    ``--results_path`` is ignored there. ``test`` runs validate's pipeline on ``test/``
+    (its record has ``split: "test"``); ``predict`` (:meth:`lit_ptq.trainer.PTQTrainer.predict`)
+    takes ``--data.predict_root FOLDER`` and ``--output FILE.csv|.jsonl`` and ignores
+    ``--results_path``.
     """
 
     def __init__(self, **kwargs: Any) -> None:
@@ -64,8 +73,10 @@ class LitPTQCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        """Lightning's subcommands plus ``export`` (its model and datamodule come from the config)."""
-        return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}}
+        """Lightning's evaluation subcommands (not ``fit``) plus ``export`` (its model and
+        datamodule come from the config)."""
+        lightning = LightningCLI.subcommands()
+        return {**{name: lightning[name] for name in EVALUATIONS}, "export": {"model", "datamodule"}}
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_lightning_class_args(CalibrationCallback, "calibration")
@@ -84,8 +95,14 @@ class LitPTQCLI(LightningCLI):
             if onnx:
                 raise ConfigError(f"model.onnx={onnx} is for validate; export writes the PyTorch model: remove model.onnx")
             check_onnx_output(cfg.output, "--output")
+        elif self.subcommand == "predict":
+            check_predictions_output(cfg.get("output"), "--output")
+            check_predict_root(cfg.data.get("predict_root"))
+            cfg.trainer.logger = False  # predict logs nothing: no empty TensorBoard version folders
         elif cfg.get("results_path"):
             check_writable(cfg.results_path, "--results_path")
+        if self.subcommand == "test":
+            check_test_split(cfg.data.root)
         if onnx:
             for option in ("save_state", "load_state"):
                 if cfg.calibration.get(option):
@@ -113,6 +130,20 @@ class LitPTQCLI(LightningCLI):
         self._started = time.perf_counter()
 
     def after_validate(self) -> None:
+        self._report("val")
+
+    def before_test(self) -> None:
+        self.datamodule.setup("test")
+        self._started = time.perf_counter()
+
+    def after_test(self) -> None:
+        self._report("test")
+
+    def before_predict(self) -> None:
+        self.datamodule.setup("predict")  # the folder, its images and the class names, before calibrating
+
+    def _report(self, split: Literal["val", "test"]) -> None:
+        """Print the run's line and, on global rank 0, write the results JSON and the TensorBoard hparams."""
         seconds = time.perf_counter() - self._started
         metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items()}
         skipped = torch.tensor(float(len(self.datamodule.skipped_files)))
@@ -125,7 +156,7 @@ class LitPTQCLI(LightningCLI):
             seed=self._run_config().get("seed_everything"),
             device=str(self.model.device),
         )
-        record = results_record(self.model, metrics, calib, extra)
+        record = results_record(self.model, metrics, calib, extra, split)
         if not self.trainer.is_global_zero:
             return
         if skipped:
@@ -137,9 +168,10 @@ class LitPTQCLI(LightningCLI):
                 json.dump(record, f, indent=2, allow_nan=True)
             log.info("results written to %s", path)
         backend = " onnxruntime" if record.get("backend") == "onnxruntime" else ""
+        which = "test " if split == "test" else ""
         print(
             f"{record['model']} {record['method']} {record['placement'] or ''} {record['bits']}{backend}: "
-            f"acc1 {record['acc1']:.2f} acc5 {record['acc5']:.2f} loss {record['loss']:.4f} "
+            f"{which}acc1 {record['acc1']:.2f} acc5 {record['acc5']:.2f} loss {record['loss']:.4f} "
             f"on {record['num_images']} images ({seconds:.1f} s)"
         )
 
@@ -164,8 +196,36 @@ class LitPTQCLI(LightningCLI):
             exp.flush()
 
 
+def refuse_fit(args: list[str]) -> None:
+    """Fail in one line when the subcommand is Lightning's ``fit``: lit_ptq quantizes, it does not train.
+
+    The subcommand is the first argument that is neither an option nor the value of
+    ``-c`` / ``--config``.
+
+    Raises:
+        ConfigError: the subcommand is ``fit``.
+    """
+    values = iter(args)
+    for arg in values:
+        if arg in ("-c", "--config"):
+            next(values, None)
+        elif not arg.startswith("-"):
+            if arg == "fit":
+                raise ConfigError(
+                    "fit is not a subcommand of lit_ptq: it does not train, it quantizes an already trained "
+                    "checkpoint (model.checkpoint); run `main.py validate --config CONFIG` to calibrate and "
+                    "evaluate it (or test / predict), or `main.py export --config CONFIG --output model.onnx`"
+                )
+            return
+
+
 def cli_main(args: Optional[list[str]] = None) -> LitPTQCLI:
-    """Run the CLI (``args`` default to ``sys.argv[1:]``)."""
+    """Run the CLI (``args`` default to ``sys.argv[1:]``).
+
+    Raises:
+        ConfigError: the subcommand is ``fit`` (see :func:`refuse_fit`), or an option is wrong.
+    """
+    refuse_fit(sys.argv[1:] if args is None else args)
     if args is None:
         return LitPTQCLI()
     saved = sys.argv

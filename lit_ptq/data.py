@@ -1,10 +1,11 @@
-"""ImageNet-style data for post-training quantization: calibration and evaluation loaders.
+"""ImageNet-style data for post-training quantization: calibration, evaluation and prediction loaders.
 
 The protocol is the one of FQ-ViT (Lin et al., "FQ-ViT: Post-Training Quantization for Fully
 Quantized Vision Transformer", IJCAI 2022) and its iTPN fork: calibration takes the first
 ``calib_batches`` batches of a shuffled loader over ``train/`` with the *evaluation*
-transform; evaluation reads every image of ``val/`` once. Both splits are ImageFolder trees
-(one sub-folder per class, classes indexed in sorted order).
+transform; evaluation reads every image of ``val/`` (or, for ``main.py test``, ``test/``)
+once. The splits are ImageFolder trees (one sub-folder per class, classes indexed in sorted
+order). Prediction reads every image under any folder (flat or nested), unlabelled.
 
 Unreadable images. A worker process cannot raise a clean exception: the DataLoader re-raises
 it in the main process wrapped in a traceback text. So decoding never raises here:
@@ -42,10 +43,14 @@ __all__ = [
     "ImageNetDataModule",
     "UnpaddedDistributedSampler",
     "UnreadableImage",
+    "check_predict_root",
+    "check_test_split",
     "collate_checked",
     "eval_transform",
     "load_rgb",
+    "read_class_names",
     "scan_image_folder",
+    "scan_images",
 ]
 
 log = logging.getLogger(__name__)
@@ -134,8 +139,7 @@ def scan_image_folder(split_dir: str) -> tuple[list[str], list[tuple[str, int]]]
         raise DataError(
             f"{split_dir} is missing; data.root must hold train/ and val/ folders with one sub-folder per class"
         )
-    with os.scandir(split_dir) as entries:
-        classes = sorted(e.name for e in entries if e.is_dir() and _visible(e.name))
+    classes = _class_folders(split_dir)
     if not classes:
         raise DataError(
             f"{split_dir} holds no class folders; put each class's images in its own sub-folder (ImageFolder layout)"
@@ -155,6 +159,101 @@ def scan_image_folder(split_dir: str) -> tuple[list[str], list[tuple[str, int]]]
                 f"class folder {class_dir} holds no images ({', '.join(extensions)}); add images or remove the folder"
             )
     return classes, samples
+
+
+def _class_folders(split_dir: str) -> list[str]:
+    """The sorted names of the visible sub-folders of ``split_dir`` (an ImageFolder split's classes)."""
+    with os.scandir(split_dir) as entries:
+        return sorted(e.name for e in entries if e.is_dir() and _visible(e.name))
+
+
+def check_predict_root(folder: Optional[str]) -> None:
+    """Fail unless ``folder`` (``data.predict_root``) is set and is a folder (nothing is listed).
+
+    Raises:
+        ConfigError: ``folder`` is None.
+        DataError: ``folder`` does not exist or is not a folder.
+    """
+    if folder is None:
+        raise ConfigError("predict needs data.predict_root: set --data.predict_root to a folder of images")
+    if not os.path.isdir(folder):
+        raise DataError(
+            f"data.predict_root={folder} does not exist or is not a folder; "
+            "set it to a folder of images (flat or in sub-folders)"
+        )
+
+
+def scan_images(folder: str) -> list[str]:
+    """Every image under ``folder`` (``data.predict_root``), recursively, sorted by path.
+
+    Images are files with an image extension (case-insensitive) in ``folder`` or any
+    sub-folder, at any depth; hidden folders and files (names starting with ``.``) are
+    ignored. Nothing is decoded. Each path is ``os.path.join(folder, relative_path)``.
+
+    Raises:
+        ConfigError, DataError: as :func:`check_predict_root`; or the folder holds no images.
+    """
+    check_predict_root(folder)
+    extensions = tuple(IMG_EXTENSIONS)
+    paths: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = [d for d in dirnames if _visible(d)]
+        paths += [os.path.join(dirpath, f) for f in filenames if _visible(f) and f.lower().endswith(extensions)]
+    if not paths:
+        raise DataError(
+            f"data.predict_root={folder} holds no images ({', '.join(extensions)}), not even in sub-folders; "
+            "add images or point data.predict_root at another folder"
+        )
+    return sorted(paths)
+
+
+def check_test_split(root: str) -> None:
+    """Fail unless ``root`` holds a ``test/`` folder (what ``main.py test`` evaluates).
+
+    Raises:
+        DataError: ``root`` or ``root/test`` is missing.
+    """
+    _check_root(root)
+    if not os.path.isdir(os.path.join(root, "test")):
+        raise DataError(
+            f"data.root={root} has no test/ folder; main.py test evaluates ROOT/test (ImageFolder layout): "
+            "add a test/ split, or run main.py validate to evaluate ROOT/val"
+        )
+
+
+def read_class_names(path: str) -> list[str]:
+    """Class names from a text file (``data.class_names``): one per line, in class-index order.
+
+    Surrounding whitespace is stripped and trailing empty lines are ignored.
+
+    Raises:
+        DataError: the file is missing or unreadable, holds no names, or has an empty line
+            among the names.
+    """
+    option = f"data.class_names={path}"
+    if not os.path.isfile(path):
+        raise DataError(f"{option} does not exist; give a text file with one class name per line, in class-index order")
+    try:
+        with open(path, encoding="utf-8") as f:
+            names = [line.strip() for line in f.read().splitlines()]
+    except (OSError, UnicodeDecodeError) as err:
+        reason = getattr(err, "strerror", None) or str(err)
+        raise DataError(f"cannot read {option} ({reason}); give a UTF-8 text file with one class name per line") from None
+    while names and not names[-1]:
+        names.pop()
+    if not names:
+        raise DataError(f"{option} holds no class names; write one class name per line, in class-index order")
+    if "" in names:
+        raise DataError(f"{option}: line {names.index('') + 1} is empty; write one class name per line, with no blank lines")
+    return names
+
+
+def _check_root(root: str) -> None:
+    if not os.path.isdir(root):
+        raise DataError(
+            f"dataset root {root} does not exist or is not a folder; "
+            "set data.root to a folder holding train/ and val/ in ImageFolder layout"
+        )
 
 
 @dataclass(frozen=True)
@@ -270,26 +369,37 @@ class UnpaddedDistributedSampler(DistributedSampler):
     even the ranks out, which counts some validation images twice. Being a
     DistributedSampler subclass, Lightning leaves it in place.
 
+    With fewer indices than ranks, the last ranks get none, and Lightning skips their loop
+    (hooks included) while the others wait for them in collective calls. ``fill_empty=True``
+    gives such a rank index 0 instead, a duplicate its consumer must drop (``main.py
+    predict`` keeps each image's first row).
+
     Args:
         dataset: the dataset to split.
         num_replicas: world size (default: from torch.distributed).
         rank: this process's rank (default: from torch.distributed).
+        fill_empty: give a rank that would get no index the index 0 (a non-empty dataset's).
     """
 
-    def __init__(self, dataset: Dataset, num_replicas: Optional[int] = None, rank: Optional[int] = None) -> None:
+    def __init__(
+        self, dataset: Dataset, num_replicas: Optional[int] = None, rank: Optional[int] = None, fill_empty: bool = False
+    ) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
         self.total_size = len(dataset)  # type: ignore[arg-type]
-        self.num_samples = len(range(self.rank, self.total_size, self.num_replicas))
+        self.indices = range(self.rank, self.total_size, self.num_replicas)
+        if fill_empty and not self.indices and self.total_size:
+            self.indices = range(1)
+        self.num_samples = len(self.indices)
 
     def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.total_size, self.num_replicas))
+        return iter(self.indices)
 
     def __len__(self) -> int:
         return self.num_samples
 
 
 class ImageNetDataModule(LightningDataModule):
-    """Calibration and validation loaders over an ImageFolder dataset (``ROOT/train``, ``ROOT/val``).
+    """Calibration, evaluation and prediction loaders over an ImageFolder dataset (``ROOT/train``, ``ROOT/val``).
 
     Batches are ``(images, targets)``: float ``(B, 3, H, W)`` normalized with the model's
     mean/std, and int64 class indices (sorted class-folder order).
@@ -300,6 +410,10 @@ class ImageNetDataModule(LightningDataModule):
       transform; identical on every rank and on every iteration.
     * :meth:`val_dataloader`: every image of ``val/`` exactly once across all ranks, rank
       ``r`` of ``W`` reading images ``r, r+W, ...`` (:class:`UnpaddedDistributedSampler`).
+    * :meth:`test_dataloader`: the same over ``test/`` (``main.py test``).
+    * :meth:`predict_dataloader`: every image under ``predict_root`` (:func:`scan_images`,
+      sorted paths) exactly once across ranks; its "targets" are the images' indices into
+      :attr:`predict_dataset`, whose ``samples[i][0]`` is the path.
 
     Unreadable images raise :class:`~lit_ptq.errors.DataError` naming the file, in the main
     process. With ``skip_unreadable=True`` they are dropped from their batch instead and their
@@ -307,17 +421,23 @@ class ImageNetDataModule(LightningDataModule):
 
     Args:
         root: folder holding ``train/`` and ``val/`` in ImageFolder layout (``train/`` is
-            needed only when ``calib_batches > 0``).
+            needed only when ``calib_batches > 0``, or to name the classes of a prediction;
+            ``test/`` only for ``main.py test``).
         model_name: registered model whose evaluation transform to use.
         img_size: input side, overriding the registered one.
-        batch_size: validation batch size.
+        batch_size: validation batch size (also for test and predict).
         num_workers: DataLoader worker processes.
         calib_batch_size: calibration batch size.
         calib_batches: number of calibration batches (0: no calibration).
         seed: seed of the calibration shuffle.
-        num_classes: when set, both splits must have this many class folders.
+        num_classes: when set, every split (and the class names of a prediction) must have
+            this many classes.
         skip_unreadable: drop unreadable images (and count them) instead of raising.
         pin_memory: pin batches in page-locked memory (for GPU runs).
+        predict_root: the folder ``main.py predict`` runs the model on: every image in it or
+            in its sub-folders (flat or ImageFolder layout), unlabelled.
+        class_names: a text file with one class name per line, in class-index order, naming
+            the classes of a prediction; by default the class folders of ``root/train``.
 
     Attributes:
         eval_cfg: the model's :class:`~lit_ptq.models.EvalConfig`, with ``img_size`` applied.
@@ -341,6 +461,8 @@ class ImageNetDataModule(LightningDataModule):
         num_classes: Optional[int] = None,
         skip_unreadable: bool = False,
         pin_memory: bool = False,
+        predict_root: Optional[str] = None,
+        class_names: Optional[str] = None,
     ) -> None:
         super().__init__()
         for name, value in (("batch_size", batch_size), ("calib_batch_size", calib_batch_size)):
@@ -368,6 +490,8 @@ class ImageNetDataModule(LightningDataModule):
         self.num_classes = num_classes
         self.skip_unreadable = skip_unreadable
         self.pin_memory = pin_memory
+        self.predict_root = predict_root
+        self.class_names = class_names
         if img_size is not None:
             eval_cfg = replace(eval_cfg, input_size=(eval_cfg.input_size[0], img_size, img_size))
         self.eval_cfg = eval_cfg
@@ -375,60 +499,134 @@ class ImageNetDataModule(LightningDataModule):
         self.classes: list[str] = []
         self.skipped_files: list[str] = []
         self._train: Optional[ImageFileDataset] = None
-        self._val: Optional[ImageFileDataset] = None
+        self._train_scanned = False
+        self._splits: dict[str, ImageFileDataset] = {}
 
     def setup(self, stage: Optional[str] = None) -> None:
-        """List and check the dataset folders (once; no image is decoded).
+        """List and check the folders a stage reads (once per split; no image is decoded).
+
+        ``stage`` ``"test"`` reads ``test/``, ``"predict"`` reads ``predict_root`` (see
+        :meth:`_setup_predict`), any other stage ``val/``; ``train/`` is read too when
+        ``calib_batches > 0``.
 
         Raises:
             DataError: root or a split missing, a split without class folders, an empty class
                 folder, a class count other than ``num_classes``, different class folders in
-                ``train/`` and ``val/``, or a ``train/`` too small for the calibration batches.
+                ``train/`` and the evaluated split, or a ``train/`` too small for the
+                calibration batches; for predict, see :meth:`_setup_predict`.
         """
-        if self._val is not None:
+        split = {"test": "test", "predict": "predict"}.get(stage or "", "val")
+        if split in self._splits:
+            return
+        if split == "predict":
+            self._setup_predict()
             return
         root = self.root
-        if not os.path.isdir(root):
-            raise DataError(
-                f"dataset root {root} does not exist or is not a folder; "
-                "set data.root to a folder holding train/ and val/ in ImageFolder layout"
-            )
-        splits = ["train", "val"] if self.calib_batches > 0 else ["val"]
-        scanned = {split: scan_image_folder(os.path.join(root, split)) for split in splits}
-        for split, (classes, _) in scanned.items():
+        if split == "test":
+            check_test_split(root)
+        else:
+            _check_root(root)
+        scanned = {}
+        if self.calib_batches > 0:
+            scanned["train"] = scan_image_folder(os.path.join(root, "train"))
+        scanned[split] = scan_image_folder(os.path.join(root, split))
+        for name, (classes, _) in scanned.items():
+            self._check_class_count(os.path.join(root, name), len(classes))
+        classes, samples = scanned[split]
+        if "train" in scanned:
+            if scanned["train"][0] != classes:
+                raise DataError(self._class_mismatch(scanned["train"][0], classes, split))
+            self._set_train(*scanned["train"])
+        self._splits[split] = ImageFileDataset(samples, classes, self.transform)
+        self.classes = list(classes)
+
+    def _setup_predict(self) -> None:
+        """List ``predict_root`` and name its classes; with calibration, list ``train/`` too.
+
+        The class names are ``class_names``' lines when it is set, else the class folders of
+        ``root/train``.
+
+        Raises:
+            ConfigError: ``predict_root`` is not set.
+            DataError: ``predict_root`` is missing or holds no images; ``class_names`` is
+                unusable; ``root/train`` is missing when it is needed; the class count
+                differs from ``num_classes``; or ``train/`` is too small for calibration.
+        """
+        paths = scan_images(self.predict_root)  # type: ignore[arg-type]
+        if self.calib_batches > 0:
+            self._setup_train()
+        if self.class_names is not None:
+            classes = read_class_names(self.class_names)
             if self.num_classes is not None and len(classes) != self.num_classes:
                 raise DataError(
-                    f"{os.path.join(root, split)} has {len(classes)} class folders but data.num_classes="
-                    f"{self.num_classes}; point data.root at a dataset with {self.num_classes} classes "
-                    "or change data.num_classes"
+                    f"data.class_names={self.class_names} lists {len(classes)} class names but data.num_classes="
+                    f"{self.num_classes}; give one name per class, in class-index order"
                 )
-        val_classes, val_samples = scanned["val"]
-        if "train" in scanned:
-            train_classes, train_samples = scanned["train"]
-            if train_classes != val_classes:
-                raise DataError(self._class_mismatch(train_classes, val_classes))
-            needed = self.calib_batches * self.calib_batch_size
-            if len(train_samples) < needed:
-                raise DataError(
-                    f"calib_batches={self.calib_batches} x calib_batch_size={self.calib_batch_size} needs "
-                    f"{needed} images but {os.path.join(root, 'train')} has {len(train_samples)}; "
-                    "lower data.calib_batches or data.calib_batch_size, or add images"
-                )
-            self._train = ImageFileDataset(train_samples, train_classes, self.transform)
-        self._val = ImageFileDataset(val_samples, val_classes, self.transform)
-        self.classes = list(val_classes)
+        elif self._train is not None:
+            classes = list(self._train.classes)
+        else:
+            classes = self._train_class_folders()
+        samples = [(path, index) for index, path in enumerate(paths)]
+        self._splits["predict"] = ImageFileDataset(samples, classes, self.transform)
+        self.classes = list(classes)
 
-    def _class_mismatch(self, train_classes: list[str], val_classes: list[str]) -> str:
+    def _train_class_folders(self) -> list[str]:
+        """The class folders of ``root/train`` (names only), for a prediction's class names."""
+        train_dir = os.path.join(self.root, "train")
+        if not os.path.isdir(train_dir):
+            raise DataError(
+                f"{train_dir} is missing, and predictions name their classes after its class folders; "
+                "set data.root to the training data's root, or data.class_names to a file with one class name per line"
+            )
+        classes = _class_folders(train_dir)
+        if not classes:
+            raise DataError(
+                f"{train_dir} holds no class folders to name the predicted classes after; "
+                "set data.class_names to a file with one class name per line"
+            )
+        self._check_class_count(train_dir, len(classes))
+        return classes
+
+    def _setup_train(self) -> None:
+        """List and check ``train/`` alone (the calibration images), once."""
+        if self._train_scanned:
+            return
+        _check_root(self.root)
+        train_dir = os.path.join(self.root, "train")
+        classes, samples = scan_image_folder(train_dir)
+        self._check_class_count(train_dir, len(classes))
+        self._set_train(classes, samples)
+
+    def _set_train(self, classes: list[str], samples: list[tuple[str, int]]) -> None:
+        needed = self.calib_batches * self.calib_batch_size
+        if len(samples) < needed:
+            raise DataError(
+                f"calib_batches={self.calib_batches} x calib_batch_size={self.calib_batch_size} needs "
+                f"{needed} images but {os.path.join(self.root, 'train')} has {len(samples)}; "
+                "lower data.calib_batches or data.calib_batch_size, or add images"
+            )
+        self._train = ImageFileDataset(samples, classes, self.transform)
+        self._train_scanned = True
+
+    def _check_class_count(self, split_dir: str, count: int) -> None:
+        if self.num_classes is not None and count != self.num_classes:
+            raise DataError(
+                f"{split_dir} has {count} class folders but data.num_classes="
+                f"{self.num_classes}; point data.root at a dataset with {self.num_classes} classes "
+                "or change data.num_classes"
+            )
+
+    def _class_mismatch(self, train_classes: list[str], split_classes: list[str], split: str = "val") -> str:
         def show(names: list[str]) -> str:
             more = f" and {len(names) - _SHOW} more" if len(names) > _SHOW else ""
             return (", ".join(names[:_SHOW]) or "none") + more
 
-        only_train = sorted(set(train_classes) - set(val_classes))
-        only_val = sorted(set(val_classes) - set(train_classes))
-        train_dir, val_dir = os.path.join(self.root, "train"), os.path.join(self.root, "val")
+        only_train = sorted(set(train_classes) - set(split_classes))
+        only_split = sorted(set(split_classes) - set(train_classes))
+        train_dir, split_dir = os.path.join(self.root, "train"), os.path.join(self.root, split)
         return (
-            f"{train_dir} and {val_dir} hold different class folders (only in train/: {show(only_train)}; "
-            f"only in val/: {show(only_val)}); give both splits the same class folders"
+            f"{train_dir} and {split_dir} hold different class folders (only in train/: {show(only_train)}; "
+            f"only in {split}/: {show(only_split)}); give both splits the same class folders"
         )
 
     def _rank_and_world_size(self) -> tuple[int, int]:
@@ -451,7 +649,8 @@ class ImageNetDataModule(LightningDataModule):
 
     def calib_indices(self) -> list[int]:
         """Indices into ``train/`` of the calibration images, in loading order."""
-        self.setup()
+        if self.calib_batches > 0:
+            self._setup_train()
         if self._train is None:
             return []
         generator = torch.Generator().manual_seed(self.seed)
@@ -462,22 +661,36 @@ class ImageNetDataModule(LightningDataModule):
         """The calibration batches: exactly ``calib_batches`` batches of seeded-shuffled ``train/``.
 
         The same on every rank, on every iteration and for any ``num_workers`` (the transform
-        is deterministic). With ``calib_batches=0`` it yields nothing.
+        is deterministic). With ``calib_batches=0`` it yields nothing. Only ``train/`` is read.
         """
-        self.setup()
         indices = self.calib_indices()
         dataset = Subset(self._train, indices) if self._train is not None else ImageFileDataset([], [], self.transform)
         return self._loader(
             dataset, self.calib_batch_size, shuffle=False, generator=torch.Generator().manual_seed(self.seed)
         )
 
+    def _split_loader(self, stage: str) -> CheckedDataLoader:
+        """Every image of a stage's dataset exactly once across ranks (rank ``r``: ``r, r+W, ...``)."""
+        self.setup(stage)
+        dataset = self._splits[{"validate": "val"}.get(stage, stage)]
+        rank, world_size = self._rank_and_world_size()
+        sampler = UnpaddedDistributedSampler(dataset, num_replicas=world_size, rank=rank, fill_empty=stage == "predict")
+        return self._loader(dataset, self.batch_size, sampler=sampler)
+
     def val_dataloader(self) -> CheckedDataLoader:
         """Every ``val/`` image exactly once across ranks, in a fixed order (rank ``r``: ``r, r+W, ...``)."""
-        self.setup()
-        assert self._val is not None
-        rank, world_size = self._rank_and_world_size()
-        sampler = UnpaddedDistributedSampler(self._val, num_replicas=world_size, rank=rank)
-        return self._loader(self._val, self.batch_size, sampler=sampler)
+        return self._split_loader("validate")
+
+    def test_dataloader(self) -> CheckedDataLoader:
+        """Every ``test/`` image exactly once across ranks, as :meth:`val_dataloader` does for ``val/``."""
+        return self._split_loader("test")
+
+    def predict_dataloader(self) -> CheckedDataLoader:
+        """Every image under ``predict_root`` across ranks, in sorted-path order (rank ``r``:
+        ``r, r+W, ...``); batches are ``(images, indices into predict_dataset)``. Exactly once,
+        except that with fewer images than ranks the ranks left without one read image 0 again
+        (``fill_empty``)."""
+        return self._split_loader("predict")
 
     @property
     def train_dataset(self) -> Optional[ImageFileDataset]:
@@ -487,4 +700,15 @@ class ImageNetDataModule(LightningDataModule):
     @property
     def val_dataset(self) -> Optional[ImageFileDataset]:
         """The ``val/`` split after :meth:`setup`."""
-        return self._val
+        return self._splits.get("val")
+
+    @property
+    def test_dataset(self) -> Optional[ImageFileDataset]:
+        """The ``test/`` split after ``setup("test")``."""
+        return self._splits.get("test")
+
+    @property
+    def predict_dataset(self) -> Optional[ImageFileDataset]:
+        """The images under ``predict_root`` after ``setup("predict")``: ``samples[i]`` is
+        ``(path, i)``, ``classes`` the class names the predictions use."""
+        return self._splits.get("predict")

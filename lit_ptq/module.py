@@ -23,7 +23,7 @@ class PTQModule(LightningModule):
     """A model from the registry, optionally fake-quantized, evaluated on top-1 / top-5 / loss.
 
     Calibration is not done here: :class:`lit_ptq.callbacks.CalibrationCallback` calibrates
-    the quantizers before validation.
+    the quantizers before validation, test or predict.
 
     With ``onnx`` set, the module evaluates that ONNX file (as written by ``main.py export``)
     with onnxruntime instead: no PyTorch model is built and no checkpoint is read, nothing is
@@ -197,6 +197,29 @@ class PTQModule(LightningModule):
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "test")
+
+    def predict_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0
+    ) -> Optional[dict[str, torch.Tensor]]:
+        """Top-5 (at most ``num_classes``) classes of each image and their softmax probabilities.
+
+        ``batch`` is ``(images, indices)`` as :meth:`~lit_ptq.data.ImageNetDataModule.predict_dataloader`
+        yields it. The logits are :meth:`predict_logits`' (the validation batch size), so an
+        image gets the class validation would score it with; the classes are ranked on the
+        logits, ties as ``argmax`` breaks them.
+
+        Returns:
+            ``{"index": (B,), "classes": (B, k), "probs": (B, k)}`` on the CPU (int64, int64,
+            float32), or None for an empty batch.
+        """
+        images, indices = batch
+        if images.numel() == 0:
+            return None
+        logits = self.predict_logits(images)
+        k = min(5, logits.shape[1])
+        classes = logits.topk(k, dim=1).indices
+        probs = logits.softmax(dim=1).gather(1, classes)
+        return dict(index=indices.cpu(), classes=classes.cpu(), probs=probs.cpu())
 
 
 _RECORD_KEYS = frozenset(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from .quant import QuantizerStats
 
@@ -28,12 +28,19 @@ def report_markdown(report: list[QuantizerStats]) -> str:
 
 
 def results_record(
-    module: "PTQModule", metrics: dict[str, float], calib: "CalibrationCallback", extra: dict[str, Any]
+    module: "PTQModule",
+    metrics: dict[str, float],
+    calib: "CalibrationCallback",
+    extra: dict[str, Any],
+    split: Literal["val", "test"] = "val",
 ) -> dict[str, Any]:
     """One run's result, as written to ``--results_path`` (acc1 / acc5 in percent).
 
-    ``backend`` says what computed the logits (``pytorch`` or ``onnxruntime``; see
-    :attr:`PTQModule.backend`); an ONNX run's summary also names the file (``onnx``).
+    ``metrics`` are the trainer's callback metrics of the evaluated ``split`` (``val/acc1``
+    or ``test/acc1``, ...); the record names the split (``split``: ``val`` for validate,
+    ``test`` for test). ``backend`` says what computed the logits (``pytorch`` or
+    ``onnxruntime``; see :attr:`PTQModule.backend`); an ONNX run's summary also names the
+    file (``onnx``).
     """
     summary = module.run_summary()
     return dict(
@@ -41,9 +48,10 @@ def results_record(
         backend=getattr(module, "backend", "pytorch"),
         calib_images=calib.calib_images,
         calibration_seconds=round(calib.seconds, 3),
-        acc1=round(100.0 * metrics["val/acc1"], 4),  # torchmetrics computes in float32: keep its digits
-        acc5=round(100.0 * metrics["val/acc5"], 4),
-        loss=metrics["val/loss"],
-        num_images=int(round(metrics["val/num_images"])),
+        acc1=round(100.0 * metrics[f"{split}/acc1"], 4),  # torchmetrics computes in float32: keep its digits
+        acc5=round(100.0 * metrics[f"{split}/acc5"], 4),
+        loss=metrics[f"{split}/loss"],
+        num_images=int(round(metrics[f"{split}/num_images"])),
+        split=split,
         **extra,
     )

@@ -1,10 +1,12 @@
-"""The Trainer of the CLI: Lightning's, plus ``export`` (calibrate as ``validate`` does, write ONNX)."""
+"""The Trainer of the CLI: Lightning's, plus ``export`` (calibrate as ``validate`` does, write ONNX)
+and ``predict(output=...)`` (write every image's top-5 classes to a CSV or JSON Lines file)."""
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Literal, Optional
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
 
 import torch
 from pytorch_lightning import LightningDataModule, LightningModule, Trainer
@@ -12,6 +14,7 @@ from pytorch_lightning import LightningDataModule, LightningModule, Trainer
 from .callbacks import CalibrationCallback
 from .errors import ConfigError
 from .io import atomic_path, check_writable
+from .predictions import PredictionWriter
 
 __all__ = ["PTQTrainer", "check_onnx_output"]
 
@@ -31,11 +34,85 @@ def check_onnx_output(path: str, option: str = "--output") -> None:
 
 
 class PTQTrainer(Trainer):
-    """Lightning's :class:`~pytorch_lightning.Trainer` with an :meth:`export` method.
+    """Lightning's :class:`~pytorch_lightning.Trainer` with an :meth:`export` method and a
+    :meth:`predict` that writes a predictions file.
 
     ``LitPTQCLI`` uses it so that ``main.py export`` parses and runs like ``validate``
-    (LightningCLI builds a subcommand's options from the trainer method of that name).
+    (LightningCLI builds a subcommand's options from the trainer method of that name, and
+    its help line from the method's docstring).
     """
+
+    def test(
+        self,
+        model: Optional[LightningModule] = None,
+        dataloaders: Any = None,
+        ckpt_path: Optional[Union[str, Path]] = None,
+        verbose: bool = True,
+        datamodule: Optional[LightningDataModule] = None,
+        weights_only: Optional[bool] = None,
+    ) -> list[Any]:
+        """Calibrate as validate does, then evaluate every image of data.root's test/ split.
+
+        Lightning's :meth:`~pytorch_lightning.Trainer.test`; the trainer's
+        :class:`~lit_ptq.callbacks.CalibrationCallback` calibrates at ``on_test_start``.
+
+        Args:
+            model: the :class:`~lit_ptq.module.PTQModule`.
+            dataloaders: test dataloaders (the CLI uses the datamodule's ``test/``).
+            ckpt_path: a Lightning checkpoint to load first (lit_ptq reads its weights from
+                ``model.checkpoint`` instead).
+            verbose: print Lightning's table of the test metrics.
+            datamodule: the :class:`~lit_ptq.data.ImageNetDataModule`.
+            weights_only: passed to ``torch.load`` for ``ckpt_path``.
+
+        Returns:
+            Lightning's list of metric dicts, one per dataloader.
+        """
+        return super().test(model, dataloaders, ckpt_path, verbose, datamodule, weights_only)
+
+    def predict(
+        self,
+        model: Optional[LightningModule] = None,
+        dataloaders: Any = None,
+        datamodule: Optional[LightningDataModule] = None,
+        return_predictions: Optional[bool] = None,
+        ckpt_path: Optional[Union[str, Path]] = None,
+        weights_only: Optional[bool] = None,
+        output: Optional[str] = None,
+    ) -> Optional[list[Any]]:
+        """Calibrate as validate does, then write the top-5 classes of every image of data.predict_root.
+
+        Lightning's :meth:`~pytorch_lightning.Trainer.predict`; the trainer's
+        :class:`~lit_ptq.callbacks.CalibrationCallback` calibrates at ``on_predict_start``.
+        With ``output``, a :class:`~lit_ptq.predictions.PredictionWriter` gathers every
+        rank's rows and global rank 0 writes them to ``output`` (CSV or JSON Lines by its
+        extension, atomically), one row per image in sorted-path order, and prints one line.
+
+        Args:
+            model: the :class:`~lit_ptq.module.PTQModule`.
+            dataloaders: predict dataloaders (the CLI uses the datamodule's ``predict_root``).
+            datamodule: the :class:`~lit_ptq.data.ImageNetDataModule`.
+            return_predictions: also return the rows in memory (default: not with ``output``).
+            ckpt_path: a Lightning checkpoint to load first (lit_ptq reads its weights from
+                ``model.checkpoint`` instead).
+            weights_only: passed to ``torch.load`` for ``ckpt_path``.
+            output: the predictions file, ``.csv`` or ``.jsonl`` (required by ``main.py predict``);
+                its folder must exist and be writable (checked before any compute).
+
+        Returns:
+            Lightning's predictions when ``return_predictions`` is true, else None.
+
+        Raises:
+            ConfigError: ``output`` does not end in ``.csv`` / ``.jsonl`` or cannot be written.
+        """
+        if output is None:
+            return super().predict(model, dataloaders, datamodule, return_predictions, ckpt_path, weights_only)
+        writer = PredictionWriter(output)
+        self.callbacks.append(writer)
+        try:
+            return super().predict(model, dataloaders, datamodule, bool(return_predictions), ckpt_path, weights_only)
+        finally:
+            self.callbacks.remove(writer)
 
     def export(
         self,
