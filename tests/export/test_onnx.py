@@ -1,6 +1,6 @@
 """QDQ ONNX export (``lit_ptq.export.onnx``): graph structure and onnxruntime agreement.
 
-Skipped where onnx / onnxruntime are not installed (they are not in requirements.txt).
+Skipped where onnx / onnxruntime are not installed (requirements.txt pins them).
 """
 
 from __future__ import annotations
@@ -77,6 +77,28 @@ def test_qdq_graph_has_pairs_and_int8_weights(qdq):
     owners = [name.rsplit(".", 1)[0] for name, _ in model.named_modules() if name.endswith("weight_quantizer")]
     assert not floats & {f"{owner}.weight" for owner in owners}  # only the int8 codes are stored
     assert graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch
+
+
+def _optimized_ops(path: Path, tmp_path: Path) -> Counter:
+    """The operators of the graph onnxruntime runs after its optimizations."""
+    options = ort_session_options(intra_op_num_threads=1)
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+
+
+def test_linears_export_as_gemm_that_onnxruntime_runs_as_qgemm(tmp_path, images):
+    """Linears with a bias and a quantized weight are Gemm (bias inside), GELU one operator;
+    under ``matmul`` every such linear becomes onnxruntime's integer QGemm."""
+    model = _model(QuantConfig(method="minmax", placement="matmul", bits="8/8/8"))
+    path = tmp_path / "matmul.onnx"
+    export_onnx(model, path, images[:2])
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    with_bias = sum(1 for m in linears if m.bias is not None)
+    ops = Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+    assert ops["Gemm"] == with_bias and ops["Gelu"] > 0 and ops["Erf"] == 0
+    optimized = _optimized_ops(path, tmp_path)
+    assert optimized["QGemm"] == with_bias and optimized["Gemm"] == 0
 
 
 def test_qdq_activation_types_follow_the_spec(qdq):
