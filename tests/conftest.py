@@ -9,7 +9,9 @@ seeded random weights saved once per session.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Optional
 
 import pytest
 import torch
@@ -66,3 +68,39 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "itpn_tiny_random.pt"
     torch.save({"model": model.state_dict()}, path)
     return path
+
+
+def _tiny_config(
+    root: Path, checkpoint: Path, calib_batch_size: int, calib_batches: int, logger: Optional[dict[str, Any]] = None
+) -> dict[str, Any]:
+    trainer: dict[str, Any] = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False, "enable_model_summary": False}
+    if logger is not None:
+        trainer["logger"] = logger
+    return {
+        "seed_everything": 0,
+        "model": {
+            "model_name": "itpn_tiny",
+            "checkpoint": str(checkpoint),
+            "num_classes": 10,
+            "method": "minmax",
+            "placement": "seed",
+            "bits": "8/8/8",
+        },
+        "data": {
+            "root": str(root),
+            "batch_size": 10,
+            "num_workers": 0,
+            "calib_batch_size": calib_batch_size,
+            "calib_batches": calib_batches,
+        },
+        "trainer": trainer,
+    }
+
+
+@pytest.fixture(scope="session")
+def make_tiny_config() -> Callable[..., dict[str, Any]]:
+    """``make_tiny_config(root, checkpoint, calib_batch_size, calib_batches, logger=None)``: a
+    ``main.py`` config shaped like configs/demo.yaml (MinMax, seed placement, 8/8/8) for
+    ``itpn_tiny`` on a small tree, batches of 10, one CPU process without a progress bar;
+    ``logger`` sets ``trainer.logger`` (Lightning's default otherwise)."""
+    return _tiny_config

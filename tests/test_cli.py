@@ -54,36 +54,12 @@ class DumpQuantState(Callback):
 
 
 @pytest.fixture(scope="module")
-def tiny_config(tmp_path_factory, fmnist_root, tiny_checkpoint) -> Path:
+def tiny_config(tmp_path_factory, fmnist_root, tiny_checkpoint, make_tiny_config) -> Path:
     """A config shaped like configs/itpn_*.yaml, for itpn_tiny on the small tree."""
-    config = {
-        "seed_everything": 0,
-        "model": {
-            "model_name": "itpn_tiny",
-            "checkpoint": str(tiny_checkpoint),
-            "num_classes": 10,
-            "method": "minmax",
-            "placement": "seed",
-            "bits": "8/8/8",
-        },
-        "data": {
-            "root": str(fmnist_root),
-            "batch_size": 10,
-            "num_workers": 0,
-            "calib_batch_size": CALIB_BATCH_SIZE,
-            "calib_batches": CALIB_BATCHES,
-        },
-        "trainer": {
-            "accelerator": "cpu",
-            "devices": 1,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "logger": {
-                "class_path": "pytorch_lightning.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": "tb_logs", "name": "tiny", "default_hp_metric": False},
-            },
-        },
-    }
+    config = make_tiny_config(fmnist_root, tiny_checkpoint, CALIB_BATCH_SIZE, CALIB_BATCHES, logger={
+        "class_path": "pytorch_lightning.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": "tb_logs", "name": "tiny", "default_hp_metric": False},
+    })
     path = tmp_path_factory.mktemp("config") / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

@@ -43,27 +43,9 @@ def pt_root(tmp_path_factory, fmnist_root) -> Path:
 
 
 @pytest.fixture(scope="module")
-def pt_config(tmp_path_factory, pt_root, tiny_checkpoint) -> Path:
+def pt_config(tmp_path_factory, pt_root, tiny_checkpoint, make_tiny_config) -> Path:
     """A config shaped like configs/demo.yaml (minmax, seed placement, 8/8/8) for itpn_tiny on ``pt_root``."""
-    config = {
-        "seed_everything": 0,
-        "model": {
-            "model_name": "itpn_tiny",
-            "checkpoint": str(tiny_checkpoint),
-            "num_classes": 10,
-            "method": "minmax",
-            "placement": "seed",
-            "bits": "8/8/8",
-        },
-        "data": {
-            "root": str(pt_root),
-            "batch_size": 10,
-            "num_workers": 0,
-            "calib_batch_size": CALIB_BATCH_SIZE,
-            "calib_batches": CALIB_BATCHES,
-        },
-        "trainer": {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False, "enable_model_summary": False},
-    }
+    config = make_tiny_config(pt_root, tiny_checkpoint, CALIB_BATCH_SIZE, CALIB_BATCHES)
     path = tmp_path_factory.mktemp("pt_config") / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
