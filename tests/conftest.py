@@ -8,7 +8,12 @@ seeded random weights saved once per session.
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
@@ -104,3 +109,37 @@ def make_tiny_config() -> Callable[..., dict[str, Any]]:
     ``itpn_tiny`` on a small tree, batches of 10, one CPU process without a progress bar;
     ``logger`` sets ``trainer.logger`` (Lightning's default otherwise)."""
     return _tiny_config
+
+
+SUBPROCESS_TIMEOUT = 300
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _main_subprocess(args: list[str], ddp: bool = False, **env: str) -> subprocess.CompletedProcess:
+    if ddp:
+        env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), **env}
+    environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), **env}
+    command = [sys.executable, str(REPO / "main.py"), *args]
+    pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with subprocess.Popen(command, cwd=REPO, env=environ, start_new_session=True, **pipes) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=SUBPROCESS_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # DDP ranks Lightning started belong to the group too
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+
+
+@pytest.fixture(scope="session")
+def main_subprocess() -> Callable[..., subprocess.CompletedProcess]:
+    """``main_subprocess(args, ddp=False, **env)``: run ``python main.py ARGS`` in its own
+    process group and return its ``CompletedProcess``; on a timeout the whole group (DDP
+    ranks included) is killed. ``ddp=True`` sets ``MASTER_ADDR`` / a free ``MASTER_PORT``.
+    ``tests/`` is on the path so that ``--trainer.callbacks`` can name a test module's callback."""
+    return _main_subprocess

@@ -11,10 +11,7 @@ import io
 import json
 import os
 import re
-import signal
-import socket
-import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +36,6 @@ RESULT_FIELDS = {
 }  # fmt: skip
 CALIB_BATCH_SIZE = 16
 CALIB_BATCHES = 2
-SUBPROCESS_TIMEOUT = 300
 
 
 class DumpQuantState(Callback):
@@ -83,30 +79,6 @@ def _print_config(args: list[str], capsys) -> dict[str, Any]:
         cli_main(args + ["--print_config"])
     assert exit_info.value.code in (0, None)
     return yaml.safe_load(capsys.readouterr().out)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _main_subprocess(args: list[str], **env: str) -> subprocess.CompletedProcess:
-    """Run ``python main.py ARGS`` in its own process group; on timeout the whole group is killed.
-
-    ``tests/`` is on the path so that ``--trainer.callbacks`` can name ``test_cli.DumpQuantState``.
-    """
-    environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), **env}
-    command = [sys.executable, str(REPO / "main.py"), *args]
-    pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    with subprocess.Popen(command, cwd=REPO, env=environ, start_new_session=True, **pipes) as proc:
-        try:
-            stdout, stderr = proc.communicate(timeout=SUBPROCESS_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # DDP ranks Lightning started belong to the group too
-            proc.communicate()
-            raise
-    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
 
 
 def _check_record(record: dict[str, Any], num_val_images: int, method: str, world_size: int) -> None:
@@ -268,14 +240,14 @@ class TestOneProcess:
         steps = [e.step for e in acc.Scalars("sqnr_by_layer/weight")]
         assert steps == list(range(len(weight_points)))  # one step per weight quantizer, in module order
 
-    def test_subprocess_run_with_overrides(self, tiny_config, tmp_path, num_val_images):
+    def test_subprocess_run_with_overrides(self, tiny_config, tmp_path, num_val_images, main_subprocess):
         """main.py end to end, here turning the config's minmax run into a float one from the command line."""
         out = tmp_path / "fp32"
         overrides = ["--model.method", "null", "--data.batch_size", "7", "--trainer.logger", "false"]
         args = _run_args(tiny_config, out, *overrides)
         args.remove("--calibration.save_state")
         args.remove(str(out / "state.qstate"))
-        proc = _main_subprocess(args)
+        proc = main_subprocess(args)
         assert proc.returncode == 0, proc.stderr
         assert "Traceback" not in proc.stderr
         record = json.loads((out / "results.json").read_text())
@@ -316,7 +288,7 @@ class TestOneProcess:
         assert not any("Traceback" in line for line in err)
 
 
-def _ddp_run(tiny_config: Path, out: Path, method: str, *extra: str) -> tuple[dict[str, Any], list[dict[str, torch.Tensor]]]:
+def _ddp_run(main_subprocess: Callable[..., Any], tiny_config: Path, out: Path, method: str, *extra: str) -> tuple[dict[str, Any], list[dict[str, torch.Tensor]]]:
     dump = json.dumps({"class_path": "test_cli.DumpQuantState", "init_args": {"folder": str(out)}})
     args = _run_args(
         tiny_config,
@@ -328,7 +300,7 @@ def _ddp_run(tiny_config: Path, out: Path, method: str, *extra: str) -> tuple[di
         "--trainer.accelerator", "cpu",
         f"--trainer.callbacks+={dump}",
     )  # fmt: skip
-    proc = _main_subprocess(args, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    proc = main_subprocess(args, ddp=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     record = json.loads((out / "results.json").read_text())
     states = [torch.load(out / f"rank{r}.pt", map_location="cpu", weights_only=True) for r in (0, 1)]
@@ -352,15 +324,15 @@ def _check_ddp_equals_one_process(one: dict[str, Any], record: dict[str, Any], s
 
 
 class TestTwoProcesses:
-    def test_ddp_minmax_equals_one_process(self, one_process_run, tiny_config, tmp_path, num_val_images):
+    def test_ddp_minmax_equals_one_process(self, one_process_run, tiny_config, tmp_path, num_val_images, main_subprocess):
         one = one_process_run("minmax")
-        record, states = _ddp_run(tiny_config, tmp_path / "ddp_minmax", "minmax")
+        record, states = _ddp_run(main_subprocess, tiny_config, tmp_path / "ddp_minmax", "minmax")
         _check_ddp_equals_one_process(one, record, states, tmp_path / "ddp_minmax", num_val_images)
 
-    def test_ddp_with_a_recipe_equals_one_process(self, one_process_run, tiny_config, tmp_path, num_val_images):
+    def test_ddp_with_a_recipe_equals_one_process(self, one_process_run, tiny_config, tmp_path, num_val_images, main_subprocess):
         recipe = ("--model.placement", "matmul", "--model.bits", "4/4/4", "--model.recipe", "repq_gptq")
         one = one_process_run("mse", *recipe)
-        record, states = _ddp_run(tiny_config, tmp_path / "ddp_recipe", "mse", *recipe)
+        record, states = _ddp_run(main_subprocess, tiny_config, tmp_path / "ddp_recipe", "mse", *recipe)
         _check_ddp_equals_one_process(one, record, states, tmp_path / "ddp_recipe", num_val_images)
         saved = torch.load(tmp_path / "ddp_recipe" / "state.qstate", map_location="cpu", weights_only=True)
         one_saved = torch.load(one["out"] / "state.qstate", map_location="cpu", weights_only=True)
@@ -368,7 +340,7 @@ class TestTwoProcesses:
         assert all(torch.equal(saved["params"][k], v) for k, v in one_saved["params"].items())
 
     @pytest.mark.slow
-    def test_ddp_omse_equals_one_process(self, one_process_run, tiny_config, tmp_path, num_val_images):
+    def test_ddp_omse_equals_one_process(self, one_process_run, tiny_config, tmp_path, num_val_images, main_subprocess):
         one = one_process_run("omse")
-        record, states = _ddp_run(tiny_config, tmp_path / "ddp_omse", "omse")
+        record, states = _ddp_run(main_subprocess, tiny_config, tmp_path / "ddp_omse", "omse")
         _check_ddp_equals_one_process(one, record, states, tmp_path / "ddp_omse", num_val_images)

@@ -9,11 +9,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -37,7 +32,6 @@ REPO = Path(__file__).resolve().parents[1]
 CALIB_BATCH_SIZE = 16
 CALIB_BATCHES = 2
 CALIB_IMAGES = CALIB_BATCH_SIZE * CALIB_BATCHES
-SUBPROCESS_TIMEOUT = 300
 NO_LOGGER = ("--trainer.logger", "false")
 
 
@@ -313,28 +307,15 @@ class TestErrors:
         assert "is for validate" in self._error(args, capsys)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_ddp_two_ranks_equal_one_process(export_config, exported, ort_run, tmp_path):
+def test_ddp_two_ranks_equal_one_process(export_config, exported, ort_run, tmp_path, main_subprocess):
     """Two CPU ranks, each with its own session: the same metrics as the one-process ONNX run."""
     out = tmp_path / "ddp"
     out.mkdir()
     args = ["validate", "--config", str(export_config), "--model.onnx", str(exported["path"]),
             "--results_path", str(out / "results.json"), "--trainer.strategy", "ddp", "--trainer.devices", "2",
             *NO_LOGGER]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
-    pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    with subprocess.Popen([sys.executable, str(REPO / "main.py"), *args], cwd=REPO, env=env, start_new_session=True, **pipes) as proc:
-        try:
-            _, stderr = proc.communicate(timeout=SUBPROCESS_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-            raise
+    proc = main_subprocess(args, ddp=True)
+    _, stderr = proc.stdout, proc.stderr
     assert proc.returncode == 0, stderr[-4000:]
     record, one = json.loads((out / "results.json").read_text()), ort_run["record"]
     assert record["world_size"] == 2 and record["backend"] == "onnxruntime"

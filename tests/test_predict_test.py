@@ -13,10 +13,6 @@ import io
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +24,6 @@ import main as main_script
 REPO = Path(__file__).resolve().parents[1]
 CALIB_BATCH_SIZE = 16
 CALIB_BATCHES = 2
-SUBPROCESS_TIMEOUT = 300
 QUIET = ("--trainer.logger", "false")
 
 
@@ -294,14 +289,8 @@ class TestSubcommands:
         assert "main.py validate" in err[0] and "main.py export" in err[0]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("images", [59, 1])
-def test_ddp_two_ranks_write_every_image_once(pt_config, pt_root, val_predictions, tmp_path, images):
+def test_ddp_two_ranks_write_every_image_once(pt_config, pt_root, val_predictions, tmp_path, images, main_subprocess):
     """Two CPU ranks: 59 images (30 + 29) give the one-process file, byte for byte; so does 1
     image, which leaves rank 1 without one of its own (it predicts image 0 again, dropped)."""
     folder = pt_root / "val"
@@ -313,15 +302,8 @@ def test_ddp_two_ranks_write_every_image_once(pt_config, pt_root, val_prediction
     out = tmp_path / "ddp.csv"
     args = ["predict", "--config", str(pt_config), "--data.predict_root", str(folder), "--output", str(out),
             "--trainer.strategy", "ddp", "--trainer.devices", "2"]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
-    pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    with subprocess.Popen([sys.executable, str(REPO / "main.py"), *args], cwd=REPO, env=env, start_new_session=True, **pipes) as proc:
-        try:
-            stdout, stderr = proc.communicate(timeout=SUBPROCESS_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-            raise
+    proc = main_subprocess(args, ddp=True)
+    stdout, stderr = proc.stdout, proc.stderr
     assert proc.returncode == 0, stderr[-4000:]
     assert "Traceback" not in stderr
     assert stdout.count("written to") == 1 and f"top-5 classes of {images} images" in stdout  # rank 0 alone writes
