@@ -54,7 +54,7 @@ from pytorch_lightning import Callback, Trainer, seed_everything  # noqa: E402
 from lit_ptq.callbacks import CalibrationCallback  # noqa: E402
 from lit_ptq.export import export_onnx  # noqa: E402
 from lit_ptq.export.runtime import create_session  # noqa: E402
-from lit_ptq.io import atomic_path  # noqa: E402
+from lit_ptq.io import write_text  # noqa: E402
 from lit_ptq.module import PTQModule  # noqa: E402
 from lit_ptq.results import results_record  # noqa: E402
 from lit_ptq.tools.table import GRID_METHODS, GRID_PLACEMENTS, GridSetup, load_setup, quiet_lightning  # noqa: E402
@@ -402,8 +402,7 @@ def _machine() -> str:
 
 def _write(path: Optional[str], text: str) -> None:
     if path:
-        with atomic_path(path) as tmp, open(tmp, "w") as f:
-            f.write(text)
+        write_text(path, text)
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:

@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from lit_ptq.io import atomic_path  # noqa: E402
+from lit_ptq.io import write_text  # noqa: E402
 from lit_ptq.tools.table import Cell, load_setup, quiet_lightning, run_cell  # noqa: E402
 
 log = logging.getLogger("bench_recipes")
@@ -133,8 +133,7 @@ def run_blocks(args: argparse.Namespace) -> dict[str, Any]:
 
 def _write(path: Optional[str], text: str) -> None:
     if path:
-        with atomic_path(path) as tmp, open(tmp, "w") as f:
-            f.write(text)
+        write_text(path, text)
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:

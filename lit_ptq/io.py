@@ -7,7 +7,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 
-__all__ = ["atomic_path", "check_writable"]
+__all__ = ["atomic_path", "check_writable", "write_text"]
 
 
 @contextlib.contextmanager
@@ -51,3 +51,9 @@ def check_writable(path: str, option: str) -> None:
             pass
     except OSError as err:
         raise ConfigError(f"{option}={path}: cannot write in {folder} ({err.strerror}); choose a writable folder") from None
+
+
+def write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(text)

@@ -43,7 +43,7 @@ from lit_ptq.callbacks import CalibrationCallback
 from lit_ptq.results import results_record
 from lit_ptq.data import ImageNetDataModule
 from lit_ptq.errors import ConfigError, UserError
-from lit_ptq.io import atomic_path, check_writable
+from lit_ptq.io import check_writable, write_text
 from lit_ptq.module import PTQModule
 from lit_ptq.quant import METHODS, PLACEMENTS, parse_bits
 
@@ -258,13 +258,7 @@ def markdown_table(records: Sequence[dict[str, Any]]) -> str:
 
 
 def _write_json(path: str, records: list[dict[str, Any]]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        json.dump(records, f, indent=2, allow_nan=True)
-
-
-def _write_text(path: str, text: str) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        f.write(text)
+    write_text(path, json.dumps(records, indent=2, allow_nan=True))
 
 
 def _bits_setting(text: str) -> tuple[str, bool]:
@@ -307,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     table = markdown_table(records)
     if args.markdown:
-        _write_text(args.markdown, table)
+        write_text(args.markdown, table)
     print(table)
     print(f"{len(records)} runs in {time.perf_counter() - start:.0f} s")
     return 0
