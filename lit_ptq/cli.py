@@ -66,7 +66,10 @@ class LitPTQCLI(LightningCLI):
         kwargs.setdefault("save_config_callback", None)
         kwargs.setdefault("trainer_defaults", TRAINER_DEFAULTS)
         kwargs.setdefault("auto_configure_optimizers", False)
-        kwargs.setdefault("parser_kwargs", {"exit_on_error": False})  # main.py prints parse errors in one line
+        kwargs.setdefault(
+            "parser_kwargs",
+            {"exit_on_error": False, "description": "lit_ptq: post-training quantization of vision transformers (calibrate, evaluate, predict, export)"},
+        )  # exit_on_error: main.py prints parse errors in one line
         kwargs.setdefault("trainer_class", PTQTrainer)
         self._started = 0.0
         super().__init__(PTQModule, ImageNetDataModule, **kwargs)
