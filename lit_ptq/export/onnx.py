@@ -74,6 +74,7 @@ from ..quant.quantizer import (
     TensorQuantizer,
     WeightQuantizer,
 )
+from .graph import sink_dequantize
 
 __all__ = ["export_onnx", "qdq_export_mode", "ort_session_options", "OnnxExportError", "OPSET"]
 
@@ -307,7 +308,10 @@ def export_onnx(
     """Write ``model`` as an ONNX file: QDQ form when quantized, float otherwise.
 
     The batch dimension is dynamic; the input is named ``input`` and the output ``logits``.
-    The model is exported in eval mode on the CPU and its training flag restored.
+    The model is exported in eval mode and its training flag restored. Per-tensor
+    ``DequantizeLinear`` nodes are then moved below the data movement that reads them
+    (:func:`lit_ptq.export.graph.sink_dequantize`), so that onnxruntime sees the attention
+    operands' dequantization right at their matmul.
 
     Args:
         model: a calibrated lit_ptq model (``quantize`` mode), or a float model.
@@ -335,7 +339,11 @@ def export_onnx(
                 custom_translation_table={_QD.quantize_per_channel.default: _quantize_per_channel_onnx},
                 verbose=False,
             )
-        program.save(os.fspath(path))
+        import onnx
+
+        model_proto = program.model_proto
+        sink_dequantize(model_proto)
+        onnx.save_model(model_proto, os.fspath(path))
     finally:
         model.train(was_training)
 

@@ -16,6 +16,7 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 from lit_ptq.export import OnnxExportError, export_onnx, ort_session_options  # noqa: E402
+from lit_ptq.export.graph import MOVABLE_OPS, sink_dequantize  # noqa: E402
 from lit_ptq.models import create_model  # noqa: E402
 from lit_ptq.quant import QuantConfig, calibrate, quantize_, set_quant_mode  # noqa: E402
 from lit_ptq.quant.quantizer import NotCalibratedError, QuantPoint  # noqa: E402
@@ -56,6 +57,14 @@ def qdq(request, tmp_path_factory, images):
     return model, path, expected
 
 
+def _source(producers: dict, name: str):
+    """The node that computed ``name``, looking through data movement (``MOVABLE_OPS``)."""
+    node = producers[name]
+    while node.op_type in MOVABLE_OPS:
+        node = producers[node.input[0]]
+    return node
+
+
 def test_qdq_graph_has_pairs_and_int8_weights(qdq):
     model, path, _ = qdq
     graph = onnx.load(str(path)).graph
@@ -64,11 +73,13 @@ def test_qdq_graph_has_pairs_and_int8_weights(qdq):
     n_weights = sum(1 for name, _ in model.named_modules() if name.endswith("weight_quantizer"))
     assert len(weights) == n_weights
     assert ops["QuantizeLinear"] > 0
-    assert ops["DequantizeLinear"] == ops["QuantizeLinear"] + n_weights
     producers = {out: n for n in graph.node for out in n.output}
-    for node in graph.node:  # every activation DQ reads a Q: the pairs are adjacent
-        if node.op_type == "DequantizeLinear" and node.input[0] in producers:
-            assert producers[node.input[0]].op_type == "QuantizeLinear"
+    activation_dqs = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in producers]
+    # every activation DQ reads a Q, directly or through data movement (sink_dequantize)
+    assert {_source(producers, n.input[0]).op_type for n in activation_dqs} == {"QuantizeLinear"}
+    assert {_source(producers, n.input[0]).name for n in activation_dqs} == {
+        n.name for n in graph.node if n.op_type == "QuantizeLinear"
+    }  # and every Q is dequantized somewhere
     names = {w.name for w in weights}
     weight_dqs = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in names]
     assert len(weight_dqs) == n_weights
@@ -160,13 +171,13 @@ def test_log_int_softmax_raises_naming_the_point(tmp_path, images):
 @pytest.mark.parametrize("bits", ["8/8/8", "8/6/8"])
 def test_ptf_norm_inputs_are_per_axis_pairs(tmp_path, images, bits):
     """FQ-ViT's PTF LayerNorm inputs (per channel, power-of-two factors on one base scale)
-    are per-channel scales and zero points: one per-axis QuantizeLinear each, directly
-    followed by its DequantizeLinear. A 6-bit grid is clamped before QuantizeLinear."""
+    are per-channel scales and zero points: one per-axis QuantizeLinear each, followed by
+    its DequantizeLinear (directly, or through data movement). A 6-bit grid is clamped before QuantizeLinear."""
     model = _model(QuantConfig(placement="full", ptf=True, bits=bits))
     export_onnx(model, tmp_path / "ptf.onnx", images[:2])
     graph = onnx.load(str(tmp_path / "ptf.onnx")).graph
     producers = {out: n for n in graph.node for out in n.output}
-    assert {producers[n.input[0]].op_type for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in producers} == {
+    assert {_source(producers, n.input[0]).op_type for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in producers} == {
         "QuantizeLinear"
     }
     inits = {i.name: i for i in graph.initializer}
