@@ -163,7 +163,7 @@ def output_divergence(reference: torch.Tensor, logits: torch.Tensor) -> tuple[fl
     """
     if reference.shape != logits.shape or reference.dim() != 2 or reference.shape[0] == 0:
         raise ValueError(f"need two (N, classes) logit batches of one shape, got {tuple(reference.shape)} and {tuple(logits.shape)}")
-    ref, out = reference.double(), logits.double()
+    ref, out = reference.detach().double(), logits.detach().double()
     agreement = 100.0 * float((ref.argmax(1) == out.argmax(1)).double().mean())
     log_p, log_q = ref.log_softmax(1), out.log_softmax(1)
     kl = float((log_p.exp() * (log_p - log_q)).sum(1).mean())
