@@ -63,12 +63,12 @@ HPARAM_COLUMNS: tuple[HParamColumn, ...] = (
     HParamColumn("placement", str, True, "which tensors are quantized (seed, full, matmul); none in float"),
     HParamColumn("bits", str, True, "weights/activations/attention bit widths; 32/32/32 in float"),
     HParamColumn("ptf", bool, True, "FQ-ViT's power-of-two factors for LayerNorm inputs"),
-    HParamColumn("lis", bool, True, "FQ-ViT's log-int-softmax"),
+    HParamColumn("overrides", int, True, "number of model.overrides entries (per-layer settings: mixed precision)"),
+    HParamColumn("lis", bool, False, "FQ-ViT's log-int-softmax"),
     HParamColumn("model", str, False, "registered model name"),
     HParamColumn("recipe", str, False, "low-bit recipe (repq, repq_gptq, recon) or none"),
     HParamColumn("softmax", str, False, "softmax-output quantizer (uniform, log2, log_sqrt2); none in float"),
     HParamColumn("arithmetic", str, False, "seed or fused fake quantization; none in float"),
-    HParamColumn("overrides", int, False, "number of model.overrides entries (per-layer settings)"),
     HParamColumn("calib_images", int, False, "images calibration saw (0 in float or with a loaded state)"),
     HParamColumn("backend", str, False, "what computed the logits: pytorch or onnxruntime"),
     HParamColumn("checkpoint", str, False, "float weights file; none when not set"),
@@ -98,7 +98,7 @@ def run_hparams(summary: Mapping[str, Any]) -> dict[str, HParamValue]:
     """
     quantized = summary.get("method") not in (None, "fp32")
     none = "none"
-    return dict(
+    values: dict[str, HParamValue] = dict(
         method=str(summary.get("method") or "fp32"),
         placement=str(summary.get("placement") or none),
         bits=str(summary.get("bits") or "32/32/32"),
@@ -113,6 +113,7 @@ def run_hparams(summary: Mapping[str, Any]) -> dict[str, HParamValue]:
         backend=str(summary.get("backend") or "pytorch"),
         checkpoint=str(summary.get("checkpoint") or none),
     )
+    return {c.name: values[c.name] for c in HPARAM_COLUMNS}
 
 
 def run_name(hparams: Mapping[str, HParamValue]) -> str:
