@@ -47,7 +47,7 @@ def sensitivity_figure(points: Sequence[PointSensitivity], top: int, images: int
     labels = [f"{p.name} ({p.bits}b)" for p in shown]
     colors = [ROLE_COLORS.get(p.role, "#7f7f7f") for p in shown]
     rows = range(len(shown))
-    fig, axes = plt.subplots(1, 3, sharey=True, figsize=(12, 1.4 + 0.3 * len(shown)), gridspec_kw={"width_ratios": [3, 2, 2]})
+    fig, axes = plt.subplots(1, 3, sharey=True, figsize=(10, 1.6 + 0.3 * len(shown)), gridspec_kw={"width_ratios": [3, 2, 2]})
     panels = (
         ([p.kl for p in shown], "KL(float || quantized), nats", "{:.3g}"),
         ([p.top1_drop for p in shown], "top-1 changed, % of images", "{:.1f}"),
@@ -66,8 +66,8 @@ def sensitivity_figure(points: Sequence[PointSensitivity], top: int, images: int
     handles = [plt.Rectangle((0, 0), 1, 1, color=ROLE_COLORS.get(r, "#7f7f7f")) for r in roles]
     axes[-1].legend(handles, roles, fontsize=7, loc="lower right")
     fig.suptitle(
-        f"Sensitivity: each quant point alone quantized (others float), {images} calibration images; "
-        f"worst {len(shown)} of {len(points)} by KL",
+        f"Sensitivity: each quant point alone quantized (the others float) on {images} calibration images\n"
+        f"the worst {len(shown)} of {len(points)} quant points by KL, worst at the top",
         fontsize=10,
     )
     fig.tight_layout()
@@ -86,7 +86,7 @@ def histogram_figure(histograms: Sequence[ActivationHistogram]) -> Any:
     plt = _pyplot()
     cols = min(3, max(1, len(histograms)))
     rows = max(1, math.ceil(len(histograms) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.9 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.6 * rows), squeeze=False)
     for ax in axes.flat[len(histograms) :]:
         ax.axis("off")
     for ax, h in zip(axes.flat, histograms):
@@ -97,6 +97,6 @@ def histogram_figure(histograms: Sequence[ActivationHistogram]) -> Any:
                 ax.axvline(x, color="#d62728", linestyle="--", linewidth=1)
         ax.set_title(f"{h.name}\n{h.role}, {h.bits} bits, clipped {100 * h.clipped:.2f} %", fontsize=8)
         ax.tick_params(labelsize=7)
-    fig.suptitle("Values each point sees in the float model (red dashes: its grid's lowest and highest level)", fontsize=9)
+    fig.suptitle("Values each point sees in the float model; red dashes: its grid's lowest and highest level", fontsize=9)
     fig.tight_layout()
     return fig

@@ -493,10 +493,10 @@ class SensitivityCallback(Callback):
         """Write the mixed-precision config to ``output`` (atomically)."""
         hp = pl_module.hparams
         comment = [
-            f"Mixed precision for {hp.model_name} {config.method} {config.placement} {config.bits}: the {len(result.kept)} most",
-            f"sensitive quant points (of {len(result.points)}; KL of the output with each point alone quantized, on",
-            f"{result.images} calibration images) at {result.keep_bits} bits. Written by lit_ptq --sensitivity.output;",
-            "use it after the run's own options: python main.py validate --config RUN.yaml ... --config THIS.yaml",
+            f"Mixed precision for {hp.model_name} {config.method} {config.placement} {config.bits}, written by --sensitivity.output:",
+            f"the {len(result.kept)} most sensitive of its {len(result.points)} quant points (KL of the output with each point alone",
+            f"quantized, on {result.images} calibration images) at {result.keep_bits} bits, the others as the run's config says.",
+            "Pass it after the run's own options: python main.py validate --config RUN.yaml ... --config THIS.yaml",
         ]
         assert self.output is not None
         with atomic_path(self.output) as tmp, open(tmp, "w") as f:

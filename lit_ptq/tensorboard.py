@@ -63,7 +63,7 @@ HPARAM_COLUMNS: tuple[HParamColumn, ...] = (
     HParamColumn("placement", str, True, "which tensors are quantized (seed, full, matmul); none in float"),
     HParamColumn("bits", str, True, "weights/activations/attention bit widths; 32/32/32 in float"),
     HParamColumn("ptf", bool, True, "FQ-ViT's power-of-two factors for LayerNorm inputs"),
-    HParamColumn("overrides", int, True, "number of model.overrides entries (per-layer settings: mixed precision)"),
+    HParamColumn("overrides", str, True, "model.overrides (per-layer settings, mixed precision): how many entries set what; none"),
     HParamColumn("lis", bool, False, "FQ-ViT's log-int-softmax"),
     HParamColumn("model", str, False, "registered model name"),
     HParamColumn("recipe", str, False, "low-bit recipe (repq, repq_gptq, recon) or none"),
@@ -108,7 +108,7 @@ def run_hparams(summary: Mapping[str, Any]) -> dict[str, HParamValue]:
         recipe=str(summary.get("recipe") or none),
         softmax=str(summary.get("softmax") or ("uniform" if quantized else none)),
         arithmetic=str(summary.get("arithmetic") or none) if quantized else none,
-        overrides=len(summary.get("overrides") or {}),
+        overrides=_overrides_summary(summary.get("overrides") or {}),
         calib_images=int(summary.get("calib_images") or 0),
         backend=str(summary.get("backend") or "pytorch"),
         checkpoint=str(summary.get("checkpoint") or none),
@@ -116,13 +116,24 @@ def run_hparams(summary: Mapping[str, Any]) -> dict[str, HParamValue]:
     return {c.name: values[c.name] for c in HPARAM_COLUMNS}
 
 
-def run_name(hparams: Mapping[str, HParamValue]) -> str:
+def _overrides_summary(overrides: Mapping[str, Any]) -> str:
+    """``model.overrides`` in a few words: ``8 x {bits: 8}``, ``1 x null, 2 x {bits: 6}``, ``none``."""
+    counts: dict[str, int] = {}
+    for setting in overrides.values():
+        label = "null" if setting is None else "{" + ", ".join(f"{k}: {v}" for k, v in setting.items()) + "}"
+        counts[label] = counts.get(label, 0) + 1
+    return ", ".join(f"{n} x {label}" for label, n in counts.items()) or "none"
+
+
+def run_name(summary: Mapping[str, Any]) -> str:
     """``<model>/<settings>``, e.g. ``itpn_tiny/omse-seed-w4a4a4`` or ``itpn_tiny/fp32``.
 
-    The settings are the method, placement and bit widths (``w<W>a<A>a<Attn>``), then what is
-    set of ``ptf``, ``lis``, the recipe, a softmax quantizer other than the default, ``fused``
-    arithmetic, ``mixed<n>`` for ``n`` overrides and ``onnx`` for an ONNX file.
+    ``summary`` is what :func:`run_hparams` takes. The settings are the method, placement and
+    bit widths (``w<W>a<A>a<Attn>``), then what is set of ``ptf``, ``lis``, the recipe, a
+    softmax quantizer other than the default, ``fused`` arithmetic, ``mixed<n>`` for ``n``
+    entries of ``overrides`` and ``onnx`` for an ONNX file.
     """
+    hparams = run_hparams(summary)
     if hparams["method"] == "fp32":
         settings = "fp32"
     else:
@@ -136,8 +147,8 @@ def run_name(hparams: Mapping[str, HParamValue]) -> str:
             parts.append(str(hparams["softmax"]))
         if hparams["arithmetic"] == "fused":
             parts.append("fused")
-        if hparams["overrides"]:
-            parts.append(f"mixed{hparams['overrides']}")
+        if summary.get("overrides"):
+            parts.append(f"mixed{len(summary['overrides'])}")
         settings = "-".join(parts)
     if hparams["backend"] == "onnxruntime":
         settings += "-onnx"
@@ -150,7 +161,7 @@ def name_logger(logger: Optional[Logger], summary: Mapping[str, Any]) -> None:
     Call it before anything is logged: a logger whose log folder is already open keeps it.
     """
     if isinstance(logger, TensorBoardLogger) and logger._experiment is None:
-        logger._name = run_name(run_hparams(summary))
+        logger._name = run_name(summary)
 
 
 def _hparams_summary(tag: str, data: plugin_data_pb2.HParamsPluginData) -> summary_pb2.Summary:

@@ -28,7 +28,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 import main as main_script
 from lit_ptq.cli import cli_main
 from lit_ptq.quant import quantizers
-from lit_ptq.tensorboard import run_hparams, run_name
+from lit_ptq.tensorboard import run_name
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -373,7 +373,7 @@ def _check_ddp_equals_one_process(one: dict[str, Any], record: dict[str, Any], s
         assert torch.equal(rank1[key], value), key
     saved = torch.load(out / "state.qstate", map_location="cpu", weights_only=True)["state"]
     assert all(torch.equal(saved[k], v) for k, v in one["state"].items())
-    run_dir = out / "tb" / run_name(run_hparams(record))  # <model>/<settings>
+    run_dir = out / "tb" / run_name(record)  # <model>/<settings>
     assert [v.name for v in run_dir.iterdir()] == ["version_0"]  # rank 0 logs alone
 
 

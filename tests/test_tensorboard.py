@@ -99,7 +99,7 @@ class TestNamesAndHparams:
         ],
     )  # fmt: skip
     def test_run_name_says_the_settings(self, summary, name):
-        assert run_name(run_hparams(summary)) == name
+        assert run_name(summary) == name
 
     def test_every_run_has_every_column_with_its_type(self):
         float_run = run_hparams(dict(model="itpn_tiny", method="fp32", placement=None, bits="32/32/32", calib_images=0))
@@ -118,7 +118,7 @@ class TestNamesAndHparams:
         values, experiment = _hparams(_events(run_dir))
         assert values["ptf"] == ("bool_value", False) and values["lis"] == ("bool_value", False)
         assert values["method"] == ("string_value", "minmax") and values["bits"] == ("string_value", "4/4/4")
-        assert values["calib_images"] == ("number_value", 32.0) and values["overrides"] == ("number_value", 0.0)
+        assert values["calib_images"] == ("number_value", 32.0) and values["overrides"] == ("string_value", "none")
         assert set(values) == {c.name for c in HPARAM_COLUMNS}
         shown = {info.name for info in experiment.hparam_infos if info.differs}
         assert shown == set(VISIBLE) and {"method", "placement", "bits", "ptf"} <= shown
@@ -173,6 +173,8 @@ class TestSensitivityRun:
         assert overrides == sensitivity_run["record"]["sensitivity"]["mixed_precision"]["overrides"]
         run = _run(config, tmp_path, "--config", str(written))
         assert run["record"]["overrides"] == overrides and run["record"]["bits"] == "4/4/4"
+        values, _ = _hparams(_events(tmp_path / "tb" / "itpn_tiny" / f"minmax-seed-w4a4a4-mixed{KEEP}" / "version_0"))
+        assert values["overrides"] == ("string_value", f"{KEEP} x {{bits: 8}}")
         assert (tmp_path / "tb" / "itpn_tiny" / f"minmax-seed-w4a4a4-mixed{KEEP}" / "version_0").is_dir()
 
     @pytest.mark.parametrize(
