@@ -47,11 +47,11 @@ def sensitivity_figure(points: Sequence[PointSensitivity], top: int, images: int
     labels = [f"{p.name} ({p.bits}b)" for p in shown]
     colors = [ROLE_COLORS.get(p.role, "#7f7f7f") for p in shown]
     rows = range(len(shown))
-    fig, axes = plt.subplots(1, 3, sharey=True, figsize=(10, 1.6 + 0.3 * len(shown)), gridspec_kw={"width_ratios": [3, 2, 2]})
+    fig, axes = plt.subplots(1, 3, sharey=True, figsize=(9, 1.6 + 0.3 * len(shown)), gridspec_kw={"width_ratios": [3, 2, 2]})
     panels = (
-        ([p.kl for p in shown], "KL(float || quantized), nats", "{:.3g}"),
-        ([p.top1_drop for p in shown], "top-1 changed, % of images", "{:.1f}"),
-        ([p.sqnr_db if math.isfinite(p.sqnr_db) else 0.0 for p in shown], "own SQNR, dB (lower is worse)", "{:.1f}"),
+        ([p.kl for p in shown], "KL(float || quantized) (nats)", "{:.3g}"),
+        ([p.top1_drop for p in shown], "top-1 changed (%)", "{:.1f}"),
+        ([p.sqnr_db if math.isfinite(p.sqnr_db) else 0.0 for p in shown], "own SQNR (dB)", "{:.1f}"),
     )
     for ax, (values, title, fmt) in zip(axes, panels):
         bars = ax.barh(rows, values, color=colors)
@@ -86,7 +86,7 @@ def histogram_figure(histograms: Sequence[ActivationHistogram]) -> Any:
     plt = _pyplot()
     cols = min(3, max(1, len(histograms)))
     rows = max(1, math.ceil(len(histograms) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 2.5 * rows), squeeze=False)
     for ax in axes.flat[len(histograms) :]:
         ax.axis("off")
     for ax, h in zip(axes.flat, histograms):

@@ -362,7 +362,7 @@ def sensitivity_markdown(points: Sequence[PointSensitivity], top: int) -> str:
     ]
     for i, p in enumerate(points[:top], 1):
         lines.append(
-            f"| {i} | {p.name} | {p.role} | {p.bits} | {p.kl:.4g} | {p.agreement:.2f} | {p.top1_drop:.2f} | "
+            f"| {i} | {p.name} | {p.role} | {p.bits} | {p.kl:.3g} | {p.agreement:.2f} | {p.top1_drop:.2f} | "
             f"{p.sqnr_db:.2f} | {100 * p.clipped:.2f} |"
         )
     return "\n".join(lines)
