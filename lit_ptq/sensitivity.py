@@ -14,6 +14,7 @@ after validation (``python main.py validate ... --sensitivity.enabled true``).
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import time
@@ -162,7 +163,8 @@ def output_divergence(reference: torch.Tensor, logits: torch.Tensor) -> tuple[fl
         ``(agreement, kl)``: 100 and 0 for identical logits.
     """
     if reference.shape != logits.shape or reference.dim() != 2 or reference.shape[0] == 0:
-        raise ValueError(f"need two (N, classes) logit batches of one shape, got {tuple(reference.shape)} and {tuple(logits.shape)}")
+        shapes = f"{tuple(reference.shape)} and {tuple(logits.shape)}"
+        raise ValueError(f"need two (N, classes) logit batches of one shape, got {shapes}")
     ref, out = reference.detach().double(), logits.detach().double()
     agreement = 100.0 * float((ref.argmax(1) == out.argmax(1)).double().mean())
     log_p, log_q = ref.log_softmax(1), out.log_softmax(1)
@@ -424,14 +426,18 @@ class SensitivityCallback(Callback):
         """
         if not self.enabled:
             if self.output is not None:
-                raise ConfigError(f"sensitivity.output={self.output} is written by a sensitivity run; add --sensitivity.enabled true")
+                raise ConfigError(
+                    f"sensitivity.output={self.output} is written by a sensitivity run; add --sensitivity.enabled true"
+                )
             return
         if subcommand not in (None, "validate"):
             raise ConfigError(f"sensitivity.enabled=true is for validate, not {subcommand}; remove it")
         if not quantized:
             raise ConfigError("sensitivity.enabled=true measures quant points but model.method is null (float); set model.method")
         if onnx:
-            raise ConfigError(f"sensitivity.enabled=true measures the PyTorch model's quant points, not model.onnx={onnx}; remove one")
+            raise ConfigError(
+                f"sensitivity.enabled=true measures the PyTorch model's quant points, not model.onnx={onnx}; remove one"
+            )
         for name in ("images", "top"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -440,10 +446,16 @@ class SensitivityCallback(Callback):
             raise ConfigError(f"sensitivity.batch_size={self.batch_size!r} must be a positive integer or null")
         if isinstance(self.histograms, bool) or not isinstance(self.histograms, int) or self.histograms < 0:
             raise ConfigError(f"sensitivity.histograms={self.histograms!r} must be an integer >= 0")
-        keep_count(self.keep, 1)
+        if importlib.util.find_spec("matplotlib") is None:
+            raise ConfigError(
+                "sensitivity.enabled=true needs matplotlib for its chart, which is not installed; pip install -r requirements.txt"
+            )
+        keep_count(self.keep, 0)  # raises on a keep of the wrong type or range
         _check_keep_bits(self.keep_bits)
         if calib_images < 1:
-            raise ConfigError("sensitivity.enabled=true measures on calibration images but data.calib_batches=0; set data.calib_batches >= 1")
+            raise ConfigError(
+                "sensitivity.enabled=true measures on calibration images but data.calib_batches=0; set data.calib_batches >= 1"
+            )
         if self.output is not None:
             check_writable(self.output, "sensitivity.output")
 
@@ -477,6 +489,8 @@ class SensitivityCallback(Callback):
 
     def _images(self, datamodule: Any) -> torch.Tensor:
         """The first ``images`` calibration images, as one tensor."""
+        if not hasattr(datamodule, "calib_dataloader"):
+            raise ValueError("sensitivity needs a datamodule with calib_dataloader() (an ImageNetDataModule)")
         taken: list[torch.Tensor] = []
         count = 0
         for batch in datamodule.calib_dataloader():
@@ -493,8 +507,10 @@ class SensitivityCallback(Callback):
         """Write the mixed-precision config to ``output`` (atomically)."""
         hp = pl_module.hparams
         comment = [
-            f"Mixed precision for {hp.model_name} {config.method} {config.placement} {config.bits}, written by --sensitivity.output:",
-            f"the {len(result.kept)} most sensitive of its {len(result.points)} quant points (KL of the output with each point alone",
+            f"Mixed precision for {hp.model_name} {config.method} {config.placement} {config.bits}, "
+            "written by --sensitivity.output:",
+            f"the {len(result.kept)} most sensitive of its {len(result.points)} quant points "
+            "(KL of the output with each point alone",
             f"quantized, on {result.images} calibration images) at {result.keep_bits} bits, the others as the run's config says.",
             "Pass it after the run's own options: python main.py validate --config RUN.yaml ... --config THIS.yaml",
         ]

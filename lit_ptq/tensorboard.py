@@ -31,8 +31,12 @@ from .sensitivity import SensitivityResult, overrides_yaml, sensitivity_markdown
 __all__ = [
     "HPARAM_COLUMNS",
     "METRICS",
+    "VISIBLE",
     "HParamColumn",
+    "log_hparams",
+    "log_report",
     "log_run",
+    "log_sensitivity",
     "name_logger",
     "run_hparams",
     "run_name",
@@ -63,7 +67,7 @@ HPARAM_COLUMNS: tuple[HParamColumn, ...] = (
     HParamColumn("placement", str, True, "which tensors are quantized (seed, full, matmul); none in float"),
     HParamColumn("bits", str, True, "weights/activations/attention bit widths; 32/32/32 in float"),
     HParamColumn("ptf", bool, True, "FQ-ViT's power-of-two factors for LayerNorm inputs"),
-    HParamColumn("overrides", str, True, "model.overrides (per-layer settings, mixed precision): how many entries set what; none"),
+    HParamColumn("overrides", str, True, "model.overrides (per-layer settings): how many entries set what, or none"),
     HParamColumn("lis", bool, False, "FQ-ViT's log-int-softmax"),
     HParamColumn("model", str, False, "registered model name"),
     HParamColumn("recipe", str, False, "low-bit recipe (repq, repq_gptq, recon) or none"),
@@ -182,7 +186,8 @@ def _experiment_summary() -> summary_pb2.Summary:
             info.domain_discrete.extend([False, True])
         infos.append(info)
     metrics = [api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag), display_name=name) for tag, name in METRICS]
-    return _hparams_summary(metadata.EXPERIMENT_TAG, plugin_data_pb2.HParamsPluginData(experiment=api_pb2.Experiment(hparam_infos=infos, metric_infos=metrics)))
+    experiment = api_pb2.Experiment(hparam_infos=infos, metric_infos=metrics)
+    return _hparams_summary(metadata.EXPERIMENT_TAG, plugin_data_pb2.HParamsPluginData(experiment=experiment))
 
 
 def _session_end_summary() -> summary_pb2.Summary:

@@ -79,6 +79,7 @@ def sensitivity_run(config, tmp_path_factory) -> dict[str, Any]:
         config, out,
         "--sensitivity.enabled", "true", "--sensitivity.images", str(SENSITIVITY_IMAGES), "--sensitivity.batch_size", "8",
         "--sensitivity.keep", str(KEEP), "--sensitivity.output", str(out / "mixed.yaml"), "--sensitivity.top", "10",
+        "--calibration.save_state", str(out / "state.qstate"),
     )  # fmt: skip
 
 
@@ -176,6 +177,16 @@ class TestSensitivityRun:
         values, _ = _hparams(_events(tmp_path / "tb" / "itpn_tiny" / f"minmax-seed-w4a4a4-mixed{KEEP}" / "version_0"))
         assert values["overrides"] == ("string_value", f"{KEEP} x {{bits: 8}}")
         assert (tmp_path / "tb" / "itpn_tiny" / f"minmax-seed-w4a4a4-mixed{KEEP}" / "version_0").is_dir()
+
+    def test_a_loaded_state_is_measured_on_the_same_images(self, sensitivity_run, config, tmp_path):
+        """Calibrate once, measure many: with calibration.load_state the calibration images are still read."""
+        run = _run(
+            config, tmp_path, "--calibration.load_state", str(sensitivity_run["out"] / "state.qstate"),
+            "--sensitivity.enabled", "true", "--sensitivity.images", str(SENSITIVITY_IMAGES), "--sensitivity.batch_size", "8",
+        )  # fmt: skip
+        assert run["record"]["calib_images"] == 0 and run["record"]["acc1"] == sensitivity_run["record"]["acc1"]
+        measured = [(p["name"], p["kl"], p["agreement"]) for p in run["record"]["sensitivity"]["points"]]
+        assert measured == [(p["name"], p["kl"], p["agreement"]) for p in sensitivity_run["record"]["sensitivity"]["points"]]
 
     @pytest.mark.parametrize(
         "extra, message",
