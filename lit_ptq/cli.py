@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import sys
 import time
 from typing import Any, Literal, Optional
 
 import torch
 from pytorch_lightning.cli import LightningCLI
-from pytorch_lightning.loggers import TensorBoardLogger
 
 from .callbacks import CalibrationCallback
 from .data import ImageNetDataModule, check_predict_root, check_test_split
@@ -27,7 +25,9 @@ from .io import atomic_path, check_writable
 from .module import PTQModule
 from .predictions import check_predictions_output
 from .quant import QuantizerStats
-from .results import report_markdown, results_record
+from .results import results_record
+from .sensitivity import SensitivityCallback
+from .tensorboard import log_run, name_logger
 from .trainer import PTQTrainer, check_onnx_output
 
 __all__ = ["LitPTQCLI", "cli_main", "refuse_fit"]
@@ -50,8 +50,11 @@ class LitPTQCLI(LightningCLI):
     """LightningCLI over :class:`PTQModule` and :class:`ImageNetDataModule`.
 
     Adds the ``calibration`` callback options, ``--results_path`` (one JSON file per run,
-    written atomically), links the model's name, input size and class count into the data
-    module, and logs hparams, metrics and the per-quantizer report to TensorBoard.
+    written atomically), the ``sensitivity`` callback options (per-layer sensitivity and a
+    mixed-precision config, :class:`lit_ptq.sensitivity.SensitivityCallback`), links the model's
+    name, input size and class count into the data module, names the TensorBoard run after its
+    settings and logs hparams, metrics, the per-quantizer report and the sensitivity to it
+    (:mod:`lit_ptq.tensorboard`).
 
     The ``export`` subcommand (:meth:`lit_ptq.trainer.PTQTrainer.export`) takes the same
     config plus ``--output FILE.onnx`` and ``--log_points {raise,float_ops}``;
@@ -83,6 +86,7 @@ class LitPTQCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_lightning_class_args(CalibrationCallback, "calibration")
+        parser.add_lightning_class_args(SensitivityCallback, "sensitivity")
         parser.link_arguments("model.model_name", "data.model_name")
         parser.link_arguments("model.img_size", "data.img_size")
         parser.link_arguments("model.num_classes", "data.num_classes")
@@ -94,6 +98,10 @@ class LitPTQCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         cfg = self._run_config()
         onnx = cfg.model.get("onnx")
+        sensitivity = SensitivityCallback(**dict(cfg.sensitivity))
+        sensitivity.check_options(
+            cfg.model.get("method") is not None, onnx, cfg.data.calib_batches * cfg.data.calib_batch_size, self.subcommand
+        )
         if self.subcommand == "export":
             if onnx:
                 raise ConfigError(f"model.onnx={onnx} is for validate; export writes the PyTorch model: remove model.onnx")
@@ -122,13 +130,17 @@ class LitPTQCLI(LightningCLI):
                 "data.calib_batches=0 but model.method is set: quantization needs calibration batches; "
                 "set data.calib_batches >= 1, load a state with calibration.load_state, or set model.method=null"
             )
-        if not quantized or cfg.calibration.get("load_state"):
-            cfg.data.calib_batches = 0  # nothing is calibrated, so no calibration images are needed
+        if not quantized or (cfg.calibration.get("load_state") and not sensitivity.enabled):
+            cfg.data.calib_batches = 0  # nothing is calibrated (or measured), so no calibration images are needed
 
     def _calibration(self) -> CalibrationCallback:
         return next(cb for cb in self.trainer.callbacks if isinstance(cb, CalibrationCallback))
 
+    def _sensitivity(self) -> SensitivityCallback:
+        return next(cb for cb in self.trainer.callbacks if isinstance(cb, SensitivityCallback))
+
     def before_validate(self) -> None:
+        name_logger(self.trainer.logger, dict(self.model.run_summary(), backend=self.model.backend))
         self.datamodule.setup("validate")
         self._started = time.perf_counter()
 
@@ -159,6 +171,9 @@ class LitPTQCLI(LightningCLI):
             seed=self._run_config().get("seed_everything"),
             device=str(self.model.device),
         )
+        sensitivity = self._sensitivity()
+        if sensitivity.result is not None:
+            extra["sensitivity"] = sensitivity.result.record()
         record = results_record(self.model, metrics, calib, extra, split)
         if not self.trainer.is_global_zero:
             return
@@ -179,24 +194,8 @@ class LitPTQCLI(LightningCLI):
         )
 
     def _log_tensorboard(self, record: dict[str, Any], report: list[QuantizerStats]) -> None:
-        logger = self.trainer.logger
-        if not isinstance(logger, TensorBoardLogger):
-            return
-        keys = ("model", "method", "placement", "bits", "ptf", "lis", "calib_images", "backend")
-        hparams = {k: record[k] for k in keys if k in record}
-        hparams = {k: ("none" if v is None else v) for k, v in hparams.items()}
-        logger.log_hyperparams(hparams, {f"hp/{k}": record[k] for k in ("acc1", "acc5", "loss", "skipped_files")})
-        if report:
-            exp = logger.experiment
-            exp.add_text("quantizers/report", report_markdown(report))
-            for role in sorted({r.role for r in report}):
-                # step = position among the role's quant points (module order), so runs line up;
-                # a lossless point (infinite SQNR) leaves a gap instead of shifting the others
-                points = [r for r in report if r.role == role]
-                for i, point in enumerate(points):
-                    if math.isfinite(point.sqnr_db):
-                        exp.add_scalar(f"sqnr_by_layer/{role}", point.sqnr_db, global_step=i)
-            exp.flush()
+        sensitivity = self._sensitivity()
+        log_run(self.trainer.logger, record, report, sensitivity.result, sensitivity.top)
 
 
 def refuse_fit(args: list[str]) -> None:

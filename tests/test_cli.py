@@ -25,6 +25,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 import main as main_script
 from lit_ptq.cli import cli_main
 from lit_ptq.quant import quantizers
+from lit_ptq.tensorboard import run_name
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -217,7 +218,7 @@ class TestOneProcess:
 
     def test_tensorboard_has_hparams_report_and_sqnr(self, one_process_run):
         run = one_process_run("minmax")
-        versions = list((run["out"] / "tb" / "tiny").iterdir())
+        versions = list((run["out"] / "tb" / "itpn_tiny" / "minmax-seed-w8a8a8").iterdir())  # <model>/<settings>
         assert [v.name for v in versions] == ["version_0"]
         acc = EventAccumulator(str(versions[0]), size_guidance={"tensors": 0, "scalars": 0})
         acc.Reload()
@@ -320,7 +321,8 @@ def _check_ddp_equals_one_process(one: dict[str, Any], record: dict[str, Any], s
         assert torch.equal(rank1[key], value), key
     saved = torch.load(out / "state.qstate", map_location="cpu", weights_only=True)["state"]
     assert all(torch.equal(saved[k], v) for k, v in one["state"].items())
-    assert [v.name for v in (out / "tb" / "tiny").iterdir()] == ["version_0"]  # rank 0 logs alone
+    run_dir = out / "tb" / run_name(record)  # <model>/<settings>
+    assert [v.name for v in run_dir.iterdir()] == ["version_0"]  # rank 0 logs alone
 
 
 class TestTwoProcesses:

@@ -180,7 +180,7 @@ class TestOnnxValidate:
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
         from tensorboard.plugins.hparams import plugin_data_pb2
 
-        (version,) = list((ort_run["out"] / "tb" / "lit_ptq").iterdir())
+        (version,) = list((ort_run["out"] / "tb" / "itpn_tiny" / "minmax-seed-w8a8a8-onnx").iterdir())
         acc = EventAccumulator(str(version))
         acc.Reload()
         content = acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]

@@ -83,6 +83,11 @@ class QuantPoint(nn.Module):
         """For a report: the calibrated ``(min, max, scale)`` (min and max over channels, mean scale)."""
         return 0.0, 1.0, float("nan")
 
+    def grid_range(self) -> Optional[tuple[float, float]]:
+        """For a report: the smallest and largest value the calibrated grid represents (the
+        widest over channels), or ``None`` when the point has no fixed range."""
+        return None
+
 
 class TensorQuantizer(QuantPoint):
     """Fake-quantizes an activation with a calibrated scale and zero point.
@@ -186,6 +191,13 @@ class TensorQuantizer(QuantPoint):
         """``(min over channels, max over channels, mean scale)`` of the calibrated buffers."""
         return float(self.min_val.min()), float(self.max_val.max()), float(self.scale.mean())
 
+    def grid_range(self) -> Optional[tuple[float, float]]:
+        """``((qmin - zp) * scale, (qmax - zp) * scale)``, the lowest and highest level (the
+        widest over channels when per channel)."""
+        lo = (self.spec.qmin - self.zero_point) * self.scale
+        hi = (self.spec.qmax - self.zero_point) * self.scale
+        return float(lo.min()), float(hi.max())
+
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         """Fake-quantize ``x`` with the calibrated buffers (``x`` is left unchanged)."""
         s = self.spec
@@ -285,6 +297,10 @@ class LogQuantizer(TensorQuantizer):
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         """The log-coded copy of ``x``."""
         return fake_quant_log(x, self.scale, self.spec.bits, self.steps_per_octave)
+
+    def grid_range(self) -> Optional[tuple[float, float]]:
+        """``(0, delta)``: the largest level is ``delta`` (code 0), the others lie below it down to 0."""
+        return 0.0, float(self.scale.max())
 
     def clip_mask(self, x: torch.Tensor) -> torch.Tensor:
         """Where a positive ``x`` underflows to 0 or lies above ``delta`` (both saturate)."""

@@ -16,7 +16,7 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 from lit_ptq.export import OnnxExportError, export_onnx, ort_session_options  # noqa: E402
-from lit_ptq.export.graph import MOVABLE_OPS, sink_dequantize  # noqa: E402
+from lit_ptq.export.graph import MOVABLE_OPS  # noqa: E402
 from lit_ptq.models import create_model  # noqa: E402
 from lit_ptq.quant import QuantConfig, calibrate, quantize_, set_quant_mode  # noqa: E402
 from lit_ptq.quant.quantizer import NotCalibratedError, QuantPoint  # noqa: E402

@@ -1,0 +1,185 @@
+"""Specification of lit_ptq/sensitivity.py: the per-point sensitivity arithmetic, the activation
+histograms and the mixed-precision overrides, on the demo's ``itpn_tiny`` (conftest's
+``tiny_checkpoint``) and random images."""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+import yaml
+
+from lit_ptq.errors import ConfigError
+from lit_ptq.models import create_model
+from lit_ptq.quant import QuantConfig, QuantMode, TensorQuantizer, WeightQuantizer, calibrate, quant_points, quantize_
+from lit_ptq.sensitivity import (
+    PointSensitivity,
+    activation_histograms,
+    keep_count,
+    measure_sensitivity,
+    mixed_precision_overrides,
+    output_divergence,
+    overrides_yaml,
+    sensitivity_markdown,
+)
+
+SABOTAGED = "blocks.2.mlp.fc2_output"
+
+
+def _tiny(checkpoint, bits: str = "8/8/8", overrides=None) -> torch.nn.Module:
+    model = create_model("itpn_tiny", num_classes=10, checkpoint=str(checkpoint)).eval()
+    return quantize_(model, QuantConfig(method="minmax", placement="seed", bits=bits, overrides=overrides))
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def clipped_model(images, tiny_checkpoint) -> torch.nn.Module:
+    """A calibrated model whose point SABOTAGED has a grid 50 times too narrow (it clips hard)."""
+    model = _tiny(tiny_checkpoint)
+    calibrate(model, [images[:6], images[6:]])
+    point = dict(quant_points(model))[SABOTAGED]
+    point.scale /= 50
+    return model
+
+
+class TestOutputDivergence:
+    def test_identical_logits_agree_fully_with_no_divergence(self):
+        logits = torch.randn(7, 10)
+        assert output_divergence(logits, logits.clone()) == (100.0, 0.0)
+
+    def test_values(self):
+        reference = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+        logits = torch.tensor([[0.0, 2.0], [0.0, 1.0]])  # the first image changes class
+        agreement, kl = output_divergence(reference, logits)
+        p = torch.tensor([2.0, 0.0], dtype=torch.float64).softmax(0)
+        expected = float((p * (p.log() - p.flip(0).log())).sum()) / 2
+        assert agreement == 50.0 and kl == pytest.approx(expected, rel=1e-12)
+
+    def test_shapes_must_match(self):
+        with pytest.raises(ValueError):
+            output_divergence(torch.zeros(3, 10), torch.zeros(2, 10))
+
+
+class TestMeasureSensitivity:
+    def test_the_point_that_clips_hard_is_ranked_worst(self, clipped_model, images):
+        points = measure_sensitivity(clipped_model, images, batch_size=5)
+        assert len(points) == len(list(quant_points(clipped_model)))
+        assert points[0].name == SABOTAGED
+        assert [p.kl for p in points] == sorted((p.kl for p in points), reverse=True)
+        assert all(p.kl >= 0 and 0 <= p.agreement <= 100 for p in points)
+        assert points[0].kl > 10 * points[1].kl
+
+    def test_one_point_alone_is_what_is_measured(self, clipped_model, images):
+        """The worst point's numbers are those of the model with only that point quantizing."""
+        worst = measure_sensitivity(clipped_model, images, batch_size=12)[0]
+        modes = {n: p.mode for n, p in quant_points(clipped_model)}
+        try:
+            for name, point in quant_points(clipped_model):
+                point.mode = QuantMode.QUANTIZE if name == worst.name else QuantMode.FLOAT
+            alone = clipped_model(images)
+            for _, point in quant_points(clipped_model):
+                point.mode = QuantMode.FLOAT
+            reference = clipped_model(images)
+        finally:
+            for name, point in quant_points(clipped_model):
+                point.mode = modes[name]
+        assert output_divergence(reference, alone) == (worst.agreement, worst.kl)
+
+    def test_modes_are_restored_and_runs_repeat_exactly(self, clipped_model, images):
+        before = {n: p.mode for n, p in quant_points(clipped_model)}
+        a = measure_sensitivity(clipped_model, images[:6], batch_size=6)
+        b = measure_sensitivity(clipped_model, images[:6], batch_size=6)
+        assert {n: p.mode for n, p in quant_points(clipped_model)} == before
+        assert [(p.name, p.kl, p.agreement) for p in a] == [(p.name, p.kl, p.agreement) for p in b]
+        # another batch size changes only the last bits of the logits
+        c = measure_sensitivity(clipped_model, images[:6], batch_size=4)
+        assert c[0].name == a[0].name and c[0].kl == pytest.approx(a[0].kl, rel=1e-4)
+
+    def test_the_report_fills_sqnr_and_clipping(self, clipped_model, images):
+        from lit_ptq.quant import quant_report
+
+        report = quant_report(clipped_model, images[:6])
+        points = measure_sensitivity(clipped_model, images[:4], batch_size=4, report=report)
+        own = {r.name: r for r in report}
+        assert points[0].sqnr_db == own[points[0].name].sqnr_db and points[0].clipped == own[points[0].name].clipped
+        assert own[SABOTAGED].clipped > 0.3
+
+
+class TestHistograms:
+    def test_histograms_count_every_value_and_span_the_grid(self, clipped_model, images):
+        names = [SABOTAGED, "blocks.4.attn.qkv.weight_quantizer", "no.such.point"]
+        hists = activation_histograms(clipped_model, images[:4], names)
+        assert [h.name for h in hists] == names[:2]
+        points = dict(quant_points(clipped_model))
+        for h in hists:
+            assert sum(h.counts) == h.numel and len(h.edges) == len(h.counts) + 1
+            assert h.edges[0] <= min(h.min_val, h.grid[0]) and h.edges[-1] >= max(h.max_val, h.grid[1]) - 1e-6
+            assert h.grid == points[h.name].grid_range()
+        assert hists[0].clipped > 0.3
+        assert all(p.mode is QuantMode.QUANTIZE for _, p in quant_points(clipped_model))
+
+    def test_grid_range_is_the_lowest_and_highest_level(self, clipped_model):
+        point = dict(quant_points(clipped_model))[SABOTAGED]
+        assert isinstance(point, TensorQuantizer)
+        lo, hi = point.grid_range()
+        levels = point.fake_quant(torch.linspace(-1e4, 1e4, 10001))
+        assert levels.min().item() == pytest.approx(lo) and levels.max().item() == pytest.approx(hi)
+
+
+def _points(*specs: tuple[str, int]) -> list[PointSensitivity]:
+    return [PointSensitivity(name, "act", bits, kl=1.0 / (i + 1), agreement=100.0 - i) for i, (name, bits) in enumerate(specs)]
+
+
+class TestMixedPrecision:
+    @pytest.mark.parametrize(
+        "keep, candidates, expected",
+        [(0.1, 78, 8), (0.1, 10, 1), (1.0, 5, 5), (3, 78, 3), (0, 78, 0), (100, 7, 7), (0.5, 0, 0)],
+    )
+    def test_keep_count(self, keep, candidates, expected):
+        assert keep_count(keep, candidates) == expected
+
+    @pytest.mark.parametrize("keep", [-1, 1.5, 0.0, True, "3"])
+    def test_keep_count_refuses(self, keep):
+        with pytest.raises(ConfigError, match="sensitivity.keep"):
+            keep_count(keep, 10)
+
+    def test_the_worst_points_below_keep_bits_are_kept_after_the_configs_overrides(self):
+        config = QuantConfig(bits="4/4/4", overrides={"head.*": None, "blocks.0.*": {"bits": 6}})
+        points = _points(("a.x", 8), ("b.y", 4), ("c[1].z", 4), ("d.w", 4))
+        overrides, kept = mixed_precision_overrides(points, config, keep=2, keep_bits=8)
+        assert kept == ["b.y", "c[1].z"]  # a.x is already at 8 bits
+        assert list(overrides) == ["head.*", "blocks.0.*", "b.y", "c[[]1].z"]
+        assert overrides["head.*"] is None and overrides["blocks.0.*"] == {"bits": 6}
+        assert fnmatch.fnmatchcase("c[1].z", "c[[]1].z") and not fnmatch.fnmatchcase("c1.z", "c[[]1].z")
+        with pytest.raises(ConfigError, match="keep_bits"):
+            mixed_precision_overrides(points, config, keep=1, keep_bits=17)
+
+    def test_the_yaml_round_trips_through_quant_config(self, clipped_model, images, tiny_checkpoint):
+        # the ranking of the 8-bit model, as if measured at 4 bits
+        ranked = [replace(p, bits=4) for p in measure_sensitivity(clipped_model, images[:4], batch_size=4)]
+        config = QuantConfig(method="minmax", bits="4/4/4")
+        overrides, kept = mixed_precision_overrides(ranked, config, keep=0.1, keep_bits=8)
+        assert len(kept) == math.ceil(0.1 * len(ranked))
+        text = overrides_yaml(overrides, ["a comment"])
+        assert text.startswith("# a comment\nmodel:\n  overrides:\n")
+        loaded = yaml.safe_load(text)["model"]["overrides"]
+        assert loaded == {name: {"bits": 8} for name in kept}
+        model = _tiny(tiny_checkpoint, "4/4/4", overrides=loaded)
+        bits = {name: point.bits for name, point in quant_points(model)}
+        assert set(bits) == {p.name for p in ranked}
+        assert {n for n, b in bits.items() if b == 8} == set(kept)
+        assert all(b == 4 for n, b in bits.items() if n not in kept)
+        assert any(isinstance(p, WeightQuantizer) for _, p in quant_points(model))
+
+    def test_markdown_lists_the_worst_first(self):
+        text = sensitivity_markdown(_points(("a.x", 4), ("b.y", 4), ("c.z", 4)), top=2)
+        lines = text.splitlines()
+        assert lines[0].startswith("| rank | quant point | role | bits | KL")
+        assert len(lines) == 4 and lines[2].startswith("| 1 | a.x |") and lines[3].startswith("| 2 | b.y |")
