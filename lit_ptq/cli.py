@@ -148,6 +148,7 @@ class LitPTQCLI(LightningCLI):
         self._report("val")
 
     def before_test(self) -> None:
+        name_logger(self.trainer.logger, dict(self.model.run_summary(), backend=self.model.backend))
         self.datamodule.setup("test")
         self._started = time.perf_counter()
 
@@ -172,6 +173,8 @@ class LitPTQCLI(LightningCLI):
             device=str(self.model.device),
         )
         sensitivity = self._sensitivity()
+        if self.trainer.world_size > 1:
+            sensitivity.run(self.trainer, self.model)  # after the reduce: no rank waits on rank 0's measurement
         if sensitivity.result is not None:
             extra["sensitivity"] = sensitivity.result.record()
         record = results_record(self.model, metrics, calib, extra, split)

@@ -344,7 +344,9 @@ def mixed_precision_overrides(
     kept = [p.name for p in candidates[: keep_count(keep, len(candidates))]]
     overrides = {pattern: o.describe() for pattern, o in config.overrides}
     for name in kept:
-        overrides[_literal_pattern(name)] = {"bits": keep_bits}
+        pattern = _literal_pattern(name)
+        # moved to the end, so that no earlier wildcard of the run's own overrides wins over it
+        overrides[pattern] = {**(overrides.pop(pattern, None) or {}), "bits": keep_bits}
     return overrides, kept
 
 
@@ -460,8 +462,18 @@ class SensitivityCallback(Callback):
             check_writable(self.output, "sensitivity.output")
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Measure on global rank 0 (see the class docstring)."""
+        """Measure on global rank 0 in a one-process run; under DDP the caller runs :meth:`run`.
+
+        Under DDP the other ranks would wait in their next collective (the CLI's sum of
+        skipped files) while rank 0 measures, up to the process group's timeout; the CLI calls
+        :meth:`run` after its last collective instead.
+        """
         self.result = None
+        if trainer.world_size == 1:
+            self.run(trainer, pl_module)
+
+    def run(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Measure ``pl_module`` on global rank 0 and keep the result in :attr:`result` (no-op elsewhere)."""
         if not self.enabled or not getattr(pl_module, "quantized", False) or not trainer.is_global_zero:
             return
         calibration = next((cb for cb in trainer.callbacks if isinstance(cb, CalibrationCallback)), None)

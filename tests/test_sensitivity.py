@@ -161,6 +161,13 @@ class TestMixedPrecision:
         with pytest.raises(ConfigError, match="keep_bits"):
             mixed_precision_overrides(points, config, keep=1, keep_bits=17)
 
+    def test_a_kept_point_the_config_names_moves_after_its_wildcards_keeping_its_settings(self):
+        config = QuantConfig(bits="4/4/4", overrides={"b.y": {"observer": "mse"}, "*.y": {"bits": 4}})
+        overrides, kept = mixed_precision_overrides(_points(("b.y", 4)), config, keep=1, keep_bits=8)
+        assert kept == ["b.y"]
+        assert list(overrides) == ["*.y", "b.y"]  # later entries win: the kept width is not undone
+        assert overrides["b.y"] == {"observer": "mse", "bits": 8}
+
     def test_the_yaml_round_trips_through_quant_config(self, clipped_model, images, tiny_checkpoint):
         # the ranking of the 8-bit model, as if measured at 4 bits
         ranked = [replace(p, bits=4) for p in measure_sensitivity(clipped_model, images[:4], batch_size=4)]

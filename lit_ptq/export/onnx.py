@@ -85,6 +85,7 @@ preceding bias as ``BiasGelu``; opset 18 spells it as five elementwise operators
 LogPoints = Literal["raise", "float_ops"]
 
 _QD = torch.ops.quantized_decomposed
+_PROTOBUF_LIMIT = 2**31  # bytes: one ONNX file holds one protobuf message
 _CODES_BUFFER = "_onnx_int_codes"
 
 
@@ -321,7 +322,8 @@ def export_onnx(
         log_points: what to do with log quantizers and log-int-softmax (see :func:`qdq_export_mode`).
 
     Raises:
-        OnnxExportError: see :func:`qdq_export_mode`.
+        OnnxExportError: see :func:`qdq_export_mode`; or the graph is over 2 GiB (the
+            single-file limit: this export writes no external-data files).
     """
     was_training = model.training
     model.eval()
@@ -343,6 +345,11 @@ def export_onnx(
 
         model_proto = program.model_proto
         sink_dequantize(model_proto)
+        if model_proto.ByteSize() >= _PROTOBUF_LIMIT:
+            raise OnnxExportError(
+                f"the exported graph is {model_proto.ByteSize() / 2**30:.1f} GiB, over ONNX's 2 GiB single-file limit; "
+                "quantize it (int8 weights are a quarter of float) or export a smaller model"
+            )
         onnx.save_model(model_proto, os.fspath(path))
     finally:
         model.train(was_training)
