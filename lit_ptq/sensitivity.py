@@ -30,7 +30,7 @@ from pytorch_lightning import Callback, LightningModule, Trainer
 from .callbacks import CalibrationCallback
 from .errors import ConfigError
 from .io import atomic_path, check_writable
-from .quant import QuantConfig, QuantizerStats, QuantMode, QuantPoint, quant_points
+from .quant import QuantConfig, QuantizerStats, QuantMode, QuantPoint, float_points, quant_points
 from .quant.quantize import as_input
 
 __all__ = [
@@ -200,32 +200,27 @@ def measure_sensitivity(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be at least 1")
-    points = list(quant_points(model))
-    modes = {name: point.mode for name, point in points}
     own = {r.name: r for r in report}
     was_training = model.training
     model.eval()
     result = []
     try:
-        for _, point in points:
-            point.mode = QuantMode.FLOAT
-        reference = _logits(model, images, batch_size)
-        for name, point in points:
-            point.mode = QuantMode.QUANTIZE
-            try:
-                agreement, kl = output_divergence(reference, _logits(model, images, batch_size))
-            finally:
-                point.mode = QuantMode.FLOAT
-            stats = own.get(name)
-            result.append(
-                PointSensitivity(
-                    name, point.role, point.bits, kl, agreement,
-                    stats.sqnr_db if stats else math.nan, stats.clipped if stats else math.nan,
-                )
-            )  # fmt: skip
+        with float_points(model) as points:
+            reference = _logits(model, images, batch_size)
+            for name, point in points:
+                point.mode = QuantMode.QUANTIZE
+                try:
+                    agreement, kl = output_divergence(reference, _logits(model, images, batch_size))
+                finally:
+                    point.mode = QuantMode.FLOAT
+                stats = own.get(name)
+                result.append(
+                    PointSensitivity(
+                        name, point.role, point.bits, kl, agreement,
+                        stats.sqnr_db if stats else math.nan, stats.clipped if stats else math.nan,
+                    )
+                )  # fmt: skip
     finally:
-        for name, point in points:
-            point.mode = modes[name]
         model.train(was_training)
     return sorted(result, key=lambda p: -p.kl)
 
@@ -267,7 +262,6 @@ def activation_histograms(
     points = dict(quant_points(model))
     wanted = [n for n in names if n in points]
     found: dict[str, ActivationHistogram] = {}
-    modes = {name: point.mode for name, point in points.items()}
     hooks = []
     for name in wanted:
 
@@ -279,14 +273,11 @@ def activation_histograms(
     was_training = model.training
     model.eval()
     try:
-        for point in points.values():
-            point.mode = QuantMode.FLOAT
-        model(images.to(next(model.parameters()).device))
+        with float_points(model):
+            model(images.to(next(model.parameters()).device))
     finally:
         for h in hooks:
             h.remove()
-        for name, point in points.items():
-            point.mode = modes[name]
         model.train(was_training)
     return [found[n] for n in wanted if n in found]
 

@@ -20,7 +20,7 @@ from .config import (
     parse_bits,
 )
 from .observers import OBSERVERS, Observer, build_observer, register_observer
-from .quantize import CalibrationError, calibrate, is_quantized, quant_points, quantize_, quantizers, set_quant_mode
+from .quantize import CalibrationError, calibrate, float_points, is_quantized, quant_points, quantize_, quantizers, set_quant_mode
 from .quantizer import LogQuantizer, LogSoftmaxQuantizer, NotCalibratedError, QuantMode, QuantPoint, TensorQuantizer, WeightQuantizer
 from .registry import FAMILIES, Family, PointFactory, Site, family_of, register_family
 from .report import QuantizerStats, quant_report
@@ -72,6 +72,7 @@ __all__ = [
     "register_observer",
     "save_quant_state",
     "set_quant_mode",
+    "float_points",
     "state_meta",
     "weights_fingerprint",
 ]

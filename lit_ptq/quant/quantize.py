@@ -6,6 +6,7 @@ family's plugin (``lit_ptq/quant/plugins/``); nothing here names a model.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator
 from typing import Callable, Optional, Union
 
@@ -20,6 +21,7 @@ from .registry import PointFactory, family_of
 __all__ = [
     "quantize_",
     "set_quant_mode",
+    "float_points",
     "calibrate",
     "quantizers",
     "quant_points",
@@ -106,6 +108,27 @@ def set_quant_mode(model: nn.Module, mode: Union[QuantMode, str]) -> nn.Module:
     for _, point in quant_points(model):
         point.set_mode(mode)
     return model
+
+
+@contextlib.contextmanager
+def float_points(model: nn.Module) -> Iterator[list[tuple[str, QuantPoint]]]:
+    """Within the block every quant point of ``model`` passes its input through (``FLOAT``).
+
+    Each point's own mode is restored on exit, whatever it was (a model mixing modes keeps
+    its mix).
+
+    Yields:
+        ``(name, point)`` for every quant point, in module order.
+    """
+    points = list(quant_points(model))
+    modes = [point.mode for _, point in points]
+    try:
+        for _, point in points:
+            point.set_mode(QuantMode.FLOAT)
+        yield points
+    finally:
+        for (_, point), mode in zip(points, modes):
+            point.mode = mode
 
 
 def as_input(batch: object) -> torch.Tensor:

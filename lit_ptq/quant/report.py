@@ -9,8 +9,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .quantize import as_input, quant_points
-from .quantizer import QuantMode, QuantPoint
+from .quantize import as_input, float_points, quant_points
+from .quantizer import QuantPoint
 
 __all__ = ["QuantizerStats", "quant_report"]
 
@@ -91,7 +91,6 @@ def quant_report(model: nn.Module, batch: object) -> list[QuantizerStats]:
         One :class:`QuantizerStats` per quant point, in module order.
     """
     points = list(quant_points(model))
-    modes = {name: m.mode for name, m in points}
     accs = {name: _Accumulator() for name, _ in points}
     hooks = []
     for name, m in points:
@@ -101,13 +100,10 @@ def quant_report(model: nn.Module, batch: object) -> list[QuantizerStats]:
 
         hooks.append(m.register_forward_hook(hook))
     try:
-        for _, m in points:
-            m.set_mode(QuantMode.FLOAT)
-        device = next(model.parameters()).device
-        model(as_input(batch).to(device))
+        with float_points(model):
+            device = next(model.parameters()).device
+            model(as_input(batch).to(device))
     finally:
         for h in hooks:
             h.remove()
-        for name, m in points:
-            m.mode = modes[name]
     return [_stats(name, m, accs[name]) for name, m in points]
