@@ -21,7 +21,7 @@ from pytorch_lightning.cli import LightningCLI
 from .callbacks import CalibrationCallback
 from .data import ImageNetDataModule, check_predict_root, check_test_split
 from .errors import ConfigError
-from .io import atomic_path, check_writable
+from .io import check_writable, write_text
 from .module import PTQModule
 from .predictions import check_predictions_output
 from .quant import QuantizerStats
@@ -185,8 +185,7 @@ class LitPTQCLI(LightningCLI):
         self._log_tensorboard(record, calib.report)
         path = self._run_config().get("results_path")
         if path:
-            with atomic_path(path) as tmp, open(tmp, "w") as f:
-                json.dump(record, f, indent=2, allow_nan=True)
+            write_text(path, json.dumps(record, indent=2, allow_nan=True))
             log.info("results written to %s", path)
         backend = " onnxruntime" if record.get("backend") == "onnxruntime" else ""
         which = "test " if split == "test" else ""

@@ -29,7 +29,7 @@ from pytorch_lightning import Callback, LightningModule, Trainer
 
 from .callbacks import CalibrationCallback
 from .errors import ConfigError
-from .io import atomic_path, check_writable
+from .io import check_writable, write_text
 from .quant import QuantConfig, QuantizerStats, QuantMode, QuantPoint, float_points, quant_points
 from .quant.quantize import as_input
 
@@ -518,6 +518,5 @@ class SensitivityCallback(Callback):
             "Pass it after the run's own options: python main.py validate --config RUN.yaml ... --config THIS.yaml",
         ]
         assert self.output is not None
-        with atomic_path(self.output) as tmp, open(tmp, "w") as f:
-            f.write(overrides_yaml(result.overrides, comment))
+        write_text(self.output, overrides_yaml(result.overrides, comment))
         log.info("mixed-precision overrides written to %s", self.output)

@@ -23,7 +23,7 @@ from pytorch_lightning.loggers import Logger, TensorBoardLogger
 from tensorboard.compat.proto import summary_pb2
 from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2, summary_v2
 
-from .io import atomic_path
+from .io import write_text
 from .quant import QuantizerStats
 from .results import report_markdown
 from .sensitivity import SensitivityResult, overrides_yaml, sensitivity_markdown
@@ -208,8 +208,7 @@ def log_hparams(logger: TensorBoardLogger, hparams: Mapping[str, HParamValue], m
     file_writer.add_summary(_session_end_summary(), 0)
     os.makedirs(logger.log_dir, exist_ok=True)
     path = os.path.join(logger.log_dir, TensorBoardLogger.NAME_HPARAMS_FILE)
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        yaml.safe_dump(dict(hparams), f, sort_keys=False)
+    write_text(path, yaml.safe_dump(dict(hparams), sort_keys=False))
 
 
 def _trial_id(logger: TensorBoardLogger) -> str:
