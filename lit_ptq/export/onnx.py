@@ -198,6 +198,22 @@ def _weight_dq(point: WeightQuantizer, weight: torch.Tensor) -> torch.Tensor:
     return _QD.dequantize_per_channel(codes, scale, zp, 0, spec.qmin, spec.qmax, codes.dtype)
 
 
+def log_point_error(name: str, point: QuantPoint, option: str) -> OnnxExportError:
+    """The error for a logarithmic quantizer or log-int-softmax exported with ``log_points="raise"``.
+
+    Args:
+        name: the point's name.
+        point: the point.
+        option: how the user asks for float operators instead (``log_points='float_ops'``
+            in Python, ``--log_points float_ops`` on the CLI).
+    """
+    kind = "log-int-softmax (LIS)" if isinstance(point, LogSoftmaxQuantizer) else "logarithmic quantizer"
+    return OnnxExportError(
+        f"quant point {name} is a {kind}, which ONNX QuantizeLinear/DequantizeLinear cannot express; "
+        f"export with {option} to trace it as float operators"
+    )
+
+
 def _export_forward(point: QuantPoint, log_points: LogPoints) -> Callable[..., torch.Tensor]:
     """The ``forward`` a quant point runs under :func:`qdq_export_mode`."""
     original = type(point).forward.__get__(point)
@@ -208,11 +224,7 @@ def _export_forward(point: QuantPoint, log_points: LogPoints) -> Callable[..., t
         return original
     if isinstance(point, (LogQuantizer, LogSoftmaxQuantizer)):
         if log_points == "raise":
-            kind = "log-int-softmax (LIS)" if isinstance(point, LogSoftmaxQuantizer) else "logarithmic quantizer"
-            raise OnnxExportError(
-                f"quant point {name} is a {kind}, which ONNX QuantizeLinear/DequantizeLinear cannot express; "
-                "export with log_points='float_ops' to trace it as float operators"
-            )
+            raise log_point_error(name, point, "log_points='float_ops'")
         return original
     if isinstance(point, WeightQuantizer):
         return lambda weight: _weight_dq(point, weight)

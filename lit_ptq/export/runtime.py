@@ -24,7 +24,7 @@ import torch.nn as nn
 from ..errors import ConfigError
 from ..quant.quantize import quant_points
 from ..quant.quantizer import LogQuantizer, LogSoftmaxQuantizer, TensorQuantizer
-from .onnx import OnnxExportError, _integer_dtype, ort_session_options
+from .onnx import _integer_dtype, log_point_error, ort_session_options
 
 __all__ = [
     "METADATA_KEY",
@@ -162,11 +162,7 @@ def check_exportable(model: nn.Module, log_points: str = "raise") -> None:
     """
     for name, point in quant_points(model):
         if log_points == "raise" and isinstance(point, (LogQuantizer, LogSoftmaxQuantizer)):
-            kind = "log-int-softmax (LIS)" if isinstance(point, LogSoftmaxQuantizer) else "logarithmic quantizer"
-            raise OnnxExportError(
-                f"quant point {name} is a {kind}, which ONNX QuantizeLinear/DequantizeLinear cannot express; "
-                "export with --log_points float_ops to trace it as float operators"
-            )
+            raise log_point_error(name, point, "--log_points float_ops")
         if isinstance(point, TensorQuantizer):
             _integer_dtype(point)
 
