@@ -100,8 +100,7 @@ class CalibrationCallback(Callback):
 
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """As :meth:`on_validation_start`, before ``main.py test``."""
-        if self.prepare(pl_module, trainer.datamodule, trainer):
-            pl_module.log("calibration/seconds", self.seconds, rank_zero_only=True)
+        self.on_validation_start(trainer, pl_module)
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Run :meth:`prepare` before ``main.py predict`` (nothing is logged: Lightning does not log in predict)."""

@@ -25,7 +25,7 @@ from .io import check_writable, write_text
 from .module import PTQModule
 from .predictions import check_predictions_output
 from .quant import QuantizerStats
-from .results import results_record
+from .results import results_record, run_label
 from .sensitivity import SensitivityCallback
 from .tensorboard import log_run, name_logger
 from .trainer import PTQTrainer, check_onnx_output
@@ -139,18 +139,20 @@ class LitPTQCLI(LightningCLI):
     def _sensitivity(self) -> SensitivityCallback:
         return next(cb for cb in self.trainer.callbacks if isinstance(cb, SensitivityCallback))
 
-    def before_validate(self) -> None:
+    def _start(self, stage: Literal["validate", "test"]) -> None:
+        """Name the TensorBoard run, set up the split's data and start the run's clock."""
         name_logger(self.trainer.logger, dict(self.model.run_summary(), backend=self.model.backend))
-        self.datamodule.setup("validate")
+        self.datamodule.setup(stage)
         self._started = time.perf_counter()
+
+    def before_validate(self) -> None:
+        self._start("validate")
 
     def after_validate(self) -> None:
         self._report("val")
 
     def before_test(self) -> None:
-        name_logger(self.trainer.logger, dict(self.model.run_summary(), backend=self.model.backend))
-        self.datamodule.setup("test")
-        self._started = time.perf_counter()
+        self._start("test")
 
     def after_test(self) -> None:
         self._report("test")
@@ -187,11 +189,9 @@ class LitPTQCLI(LightningCLI):
         if path:
             write_text(path, json.dumps(record, indent=2, allow_nan=True))
             log.info("results written to %s", path)
-        backend = " onnxruntime" if record.get("backend") == "onnxruntime" else ""
         which = "test " if split == "test" else ""
         print(
-            f"{record['model']} {record['method']} {record['placement'] or ''} {record['bits']}{backend}: "
-            f"{which}acc1 {record['acc1']:.2f} acc5 {record['acc5']:.2f} loss {record['loss']:.4f} "
+            f"{run_label(record)}: {which}acc1 {record['acc1']:.2f} acc5 {record['acc5']:.2f} loss {record['loss']:.4f} "
             f"on {record['num_images']} images ({seconds:.1f} s)"
         )
 

@@ -26,6 +26,7 @@ from pytorch_lightning import Callback, LightningModule, Trainer
 
 from .errors import ConfigError
 from .io import atomic_path, check_writable
+from .results import run_label
 
 __all__ = ["FORMATS", "PredictionWriter", "check_predictions_output", "write_predictions"]
 
@@ -137,7 +138,8 @@ class PredictionWriter(Callback):
         self.summary = dict(path=self.output, images=len(paths), skipped=skipped, classes=len(dataset.classes), seconds=seconds)
         if skipped:
             log.warning("skipped %d unreadable image(s) (data.skip_unreadable=true): no row for them", skipped)
-        print(f"{_describe(pl_module)}: top-{k} classes of {len(paths)} images written to {self.output} ({seconds:.1f} s)")
+        label = run_label(dict(pl_module.run_summary(), backend=getattr(pl_module, "backend", "pytorch")))
+        print(f"{label}: top-{k} classes of {len(paths)} images written to {self.output} ({seconds:.1f} s)")
 
 
 def _first_of_each(index: torch.Tensor) -> torch.Tensor:
@@ -158,10 +160,3 @@ def _gather(rows: list[dict[str, torch.Tensor]], world_size: int) -> list[dict[s
     gathered: Optional[list[Any]] = [None] * world_size if dist.get_rank() == 0 else None
     dist.gather_object(rows, gathered, dst=0)
     return [row for part in gathered or [] for row in part]
-
-
-def _describe(pl_module: LightningModule) -> str:
-    """``itpn_tiny minmax seed 8/8/8`` (and `` onnxruntime`` for an ONNX module), as validate's line starts."""
-    s = pl_module.run_summary()
-    backend = " onnxruntime" if getattr(pl_module, "backend", "pytorch") == "onnxruntime" else ""
-    return f"{s['model']} {s['method']} {s['placement'] or ''} {s['bits']}{backend}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 from .quant import QuantizerStats
@@ -10,7 +11,18 @@ if TYPE_CHECKING:
     from .callbacks import CalibrationCallback
     from .module import PTQModule
 
-__all__ = ["results_record", "report_markdown"]
+__all__ = ["results_record", "report_markdown", "run_label"]
+
+
+def run_label(summary: Mapping[str, Any]) -> str:
+    """``itpn_tiny minmax seed 8/8/8`` (`` onnxruntime`` appended for an ONNX file): how a run's
+    printed line starts.
+
+    Args:
+        summary: a results record, or :meth:`~lit_ptq.module.PTQModule.run_summary` with ``backend``.
+    """
+    backend = " onnxruntime" if summary.get("backend") == "onnxruntime" else ""
+    return f"{summary['model']} {summary['method']} {summary['placement'] or ''} {summary['bits']}{backend}"
 
 
 def report_markdown(report: list[QuantizerStats]) -> str:
