@@ -4,7 +4,8 @@ Each uniform activation quant point becomes a ``QuantizeLinear`` / ``DequantizeL
 with its calibrated scale and zero point (uint8 for an unsigned spec, int8 for a signed
 one; per axis for a per-channel point such as FQ-ViT's PTF LayerNorm inputs), and each
 weight quantizer an int8 (uint8 for an asymmetric spec) initializer of the integer codes,
-per output channel (``axis=0``), followed by ``DequantizeLinear``. This is the "QDQ"
+per output channel, followed by ``DequantizeLinear`` (a linear's codes are stored
+transposed, ``(in, out)`` with ``axis=1``; a convolution's as its weight, ``axis=0``). This is the "QDQ"
 (quantize-dequantize) representation of the ONNX quantization format, which onnxruntime
 fuses into integer kernels:
 
@@ -35,8 +36,11 @@ Arithmetic differences from the PyTorch fake quantization (``Arithmetic.SEED``):
   accumulate in int32 and requantize with their own float arithmetic, so its outputs are
   close to, not equal to, the fake-quantized ones.
 - Linears with a bias export as ``Gemm`` over the flattened tokens (see
-  :func:`_gemm_forward`), which onnxruntime runs as ``QGemm`` (bias inside) when the input
+  :func:`_linear_forward`), which onnxruntime runs as ``QGemm`` (bias inside) when the input
   is quantized too; their float rounding differs from torch's ``MatMul`` + ``Add`` order.
+  The bias of such a linear is stored as int32 codes on the grid of the integer product
+  (:func:`bias_codes`), so it moves by at most half of ``s_x * s_w``, one step of the
+  int32 accumulator.
 - A weight DequantizeLinear feeding a ``MatMul`` whose other input is float (a bias-free
   linear the placement leaves unquantized at its input) becomes ``MatMulNBits``, which by
   default (``session.qdq_matmulnbits_accuracy_level=4``) quantizes that float input to int8
@@ -87,6 +91,10 @@ LogPoints = Literal["raise", "float_ops"]
 _QD = torch.ops.quantized_decomposed
 _PROTOBUF_LIMIT = 2**31  # bytes: one ONNX file holds one protobuf message
 _CODES_BUFFER = "_onnx_int_codes"
+CODES_SUFFIX = f".weight_quantizer.{_CODES_BUFFER}"
+"""How the initializer of a weight's integer codes is named, after its owner (``blocks.0.mlp.fc1``)."""
+_BIAS_BUFFER = "_onnx_int_bias"
+_BIAS_SCALE_BUFFER = "_onnx_bias_scale"
 
 
 class OnnxExportError(UserError, ValueError):
@@ -237,35 +245,67 @@ def _quantizing(point: Optional[nn.Module]) -> bool:
     return isinstance(point, TensorQuantizer) and point.mode is QuantMode.QUANTIZE
 
 
-def _gemm_forward(linear: QuantLinear) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``linear``'s forward as ``Reshape -> Gemm(bias) -> Reshape`` over the flattened tokens.
+def _quantized_linears(model: nn.Module) -> list[QuantLinear]:
+    """The linears whose weight is quantized: each is exported by :func:`_linear_forward`."""
+    return [m for m in model.modules() if isinstance(m, QuantLinear) and _quantizing(m.weight_quantizer)]
 
-    torch exports ``F.linear`` of a 3-d input as ``MatMul`` then ``Add``; onnxruntime turns a
-    Q/DQ ``MatMul`` into ``MatMulIntegerToFloat`` and leaves the bias ``Add`` as a separate
-    pass over the output, while a Q/DQ ``Gemm`` becomes ``QGemm`` with the bias inside.
-    The same products and sums, in another order: float rounding apart, the same outputs.
+
+def bias_codes(linear: QuantLinear) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """``linear``'s bias as int32 codes on the grid of its integer product, or None where it has none.
+
+    The scale of channel ``c`` is ``s_x * s_w[c]`` (the input's per-tensor scale times the
+    weight's), zero point 0: the QDQ form of a bias that onnxruntime's ``QGemm`` adds to its
+    int32 accumulator (and that its ``WeightBiasQuantization`` rewrite and ``quantize_static``
+    write). None where the linear has no bias, its input is not quantized per tensor, or a
+    code would leave int32 (a scale near 0).
+
+    Returns:
+        ``(codes, scale)``: int32 codes and float32 scales, one per output channel.
     """
+    point = linear.input_quantizer
+    if linear.bias is None or not _quantizing(point) or point.scale.numel() != 1:
+        return None
+    channels = linear.out_features
+    scale = (point.scale.reshape(()) * linear.weight_quantizer.scale.expand(channels)).float()
+    codes = torch.round(linear.bias.detach().double() / scale.double())
+    if not torch.isfinite(codes).all() or codes.abs().max() >= 2**31 - 1:
+        return None
+    return codes.to(torch.int32), scale
+
+
+def _linear_forward(linear: QuantLinear) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``linear``'s forward as ``Reshape -> Gemm -> Reshape`` over the flattened tokens, the
+    weight stored transposed.
+
+    The weight's integer codes are an ``(in, out)`` initializer dequantized per output channel
+    (``axis=1``), so that ``Gemm`` (``transB=0``) reads the ``DequantizeLinear`` directly, with
+    no ``Transpose`` between them. A quantized input makes the bias int32 codes on the
+    product's grid (:func:`bias_codes`): onnxruntime forms ``QGemm`` only when every input of
+    the ``Gemm`` is dequantized, and torch exports ``F.linear`` of a 3-d input as ``MatMul``
+    then ``Add`` (a separate pass over the output). Without a bias the product is a ``MatMul``.
+    """
+    point = linear.weight_quantizer
+    spec = point.spec
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         x = maybe_quant(linear.input_quantizer, x)
-        weight = maybe_quant(linear.weight_quantizer, linear.weight)
-        if x.dim() == 2:
-            return torch.addmm(linear.bias, x, weight.t())
-        out = torch.addmm(linear.bias, x.reshape(-1, x.shape[-1]), weight.t())
+        codes = getattr(point, _CODES_BUFFER)
+        channels = codes.shape[1]
+        scale, zp = point.scale.expand(channels), point.zero_point.to(torch.int32).expand(channels)
+        weight_t = _QD.dequantize_per_channel(codes, scale, zp, 1, spec.qmin, spec.qmax, codes.dtype)
+        flat = x.reshape(-1, x.shape[-1])
+        if linear.bias is None:
+            out = flat @ weight_t
+        else:
+            bias = linear.bias
+            if _BIAS_BUFFER in linear._buffers:
+                codes_b, scale_b = getattr(linear, _BIAS_BUFFER), getattr(linear, _BIAS_SCALE_BUFFER)
+                zeros = torch.zeros_like(codes_b)
+                bias = _QD.dequantize_per_channel(codes_b, scale_b, zeros, 0, -(2**31), 2**31 - 1, torch.int32)
+            out = torch.addmm(bias, flat, weight_t)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     return forward
-
-
-def _gemm_linears(model: nn.Module) -> list[QuantLinear]:
-    """The linears with a bias whose input and weight are both quantized (integer ``QGemm`` candidates)."""
-    return [
-        m
-        for m in model.modules()
-        if isinstance(m, QuantLinear)
-        and m.bias is not None
-        and _quantizing(m.weight_quantizer)
-    ]
 
 
 @contextlib.contextmanager
@@ -273,8 +313,10 @@ def qdq_export_mode(model: nn.Module, log_points: LogPoints = "raise") -> Iterat
     """Within the block, every quantizing point of ``model`` emits Q/DQ operators.
 
     Weight quantizers get a temporary buffer of their weight's integer codes (an int8
-    initializer in the exported graph), and linears with a quantized input and weight
-    compute as ``Gemm`` (see :func:`_gemm_forward`); everything is restored on exit.
+    initializer in the exported graph; transposed for a linear), linears with a quantized
+    weight compute as ``Gemm`` or ``MatMul`` over those codes (see :func:`_linear_forward`),
+    with a buffer of int32 bias codes where their input is quantized too (:func:`bias_codes`);
+    everything is restored on exit.
 
     Args:
         model: a calibrated model in ``quantize`` mode, or a float / ``float``-mode model.
@@ -301,15 +343,21 @@ def qdq_export_mode(model: nn.Module, log_points: LogPoints = "raise") -> Iterat
                     point.register_buffer(_CODES_BUFFER, weight_codes(point, owner_weight(model, name)), persistent=False)
             point.forward = forward  # type: ignore[method-assign]
             patched.append(point)
-        for linear in _gemm_linears(model):
-            linear.forward = _gemm_forward(linear)  # type: ignore[method-assign]
+        for linear in _quantized_linears(model):
+            point = linear.weight_quantizer
+            point.register_buffer(_CODES_BUFFER, getattr(point, _CODES_BUFFER).t().contiguous(), persistent=False)
+            bias = bias_codes(linear)
+            if bias is not None:
+                linear.register_buffer(_BIAS_BUFFER, bias[0], persistent=False)
+                linear.register_buffer(_BIAS_SCALE_BUFFER, bias[1], persistent=False)
+            linear.forward = _linear_forward(linear)  # type: ignore[method-assign]
             patched.append(linear)
         yield model
     finally:
         for module in patched:
             module.__dict__.pop("forward", None)
-            if _CODES_BUFFER in module._buffers:
-                del module._buffers[_CODES_BUFFER]
+            for buffer in (_CODES_BUFFER, _BIAS_BUFFER, _BIAS_SCALE_BUFFER):
+                module._buffers.pop(buffer, None)
 
 
 def export_onnx(

@@ -24,7 +24,8 @@ import torch.nn as nn
 from ..errors import ConfigError
 from ..quant.quantize import quant_points
 from ..quant.quantizer import LogQuantizer, LogSoftmaxQuantizer, TensorQuantizer
-from .onnx import _integer_dtype, log_point_error, ort_session_options
+from .graph import MOVABLE_OPS
+from .onnx import CODES_SUFFIX, _integer_dtype, log_point_error, ort_session_options
 
 __all__ = [
     "METADATA_KEY",
@@ -33,6 +34,9 @@ __all__ = [
     "embed_metadata",
     "check_exportable",
     "create_session",
+    "INTEGER_KERNELS",
+    "LinearKernel",
+    "linear_kernels",
 ]
 
 log = logging.getLogger(__name__)
@@ -210,3 +214,106 @@ def create_session(path: str, device: torch.device, option: str = "model.onnx") 
         return onnxruntime.InferenceSession(path, options, providers=providers)
     except Exception as err:  # onnxruntime's own exception types (Fail, InvalidGraph, ...) are not exported
         raise ConfigError(f"onnxruntime cannot load {option}={path}: {' '.join(str(err).split())[:300]}") from None
+
+
+INTEGER_KERNELS = frozenset(
+    ("QGemm", "QLinearMatMul", "MatMulIntegerToFloat", "MatMulInteger", "DynamicQuantizeMatMul", "QAttention")
+)
+"""onnxruntime operators that multiply integer codes (int32 accumulation), as opposed to a float
+``Gemm`` / ``MatMul`` of dequantized values or the weight-only ``MatMulNBits``."""
+
+
+@dataclass(frozen=True)
+class LinearKernel:
+    """How onnxruntime runs one linear of an exported file.
+
+    Attributes:
+        name: the linear's module name (``blocks.0.mlp.fc1``), or the name of its codes in a
+            file that another tool wrote.
+        input_quantized: whether its input reaches it dequantized (an integer-kernel candidate);
+            False for a weight-only linear (the ``seed`` placement's ``qkv`` and ``fc1``).
+        op_type: the operator of onnxruntime's optimized graph that reads its weight codes
+            (``QGemm``, ``MatMulIntegerToFloat``, ...), or that reads their dequantization
+            (``Gemm``, ``MatMul``: the float product).
+    """
+
+    name: str
+    input_quantized: bool
+    op_type: str
+
+    @property
+    def integer(self) -> bool:
+        """Whether the linear runs as an integer kernel (:data:`INTEGER_KERNELS`)."""
+        return self.op_type in INTEGER_KERNELS
+
+
+def linear_kernels(path: str, optimized_path: str) -> list[LinearKernel]:
+    """The operator onnxruntime runs each quantized linear of the exported file ``path`` with.
+
+    The file's linears are its 2-d int8 / uint8 initializers (weight codes: ours are named
+    ``<linear>`` :data:`~lit_ptq.export.onnx.CODES_SUFFIX`, ``quantize_static``'s after the
+    float weight) whose ``DequantizeLinear`` reaches a ``Gemm`` or ``MatMul``, directly or
+    through data movement; the linear's input is quantized when that
+    product's other operand comes from a ``DequantizeLinear`` too. Each is looked up in the
+    graph onnxruntime optimizes for the CPU with the options of :func:`create_session` (all
+    optimizations; ``SessionOptions.optimized_model_filepath``): the operator that reads the
+    codes, or the one that reads their dequantization.
+
+    Args:
+        path: a QDQ ONNX file (:func:`~lit_ptq.export.export_onnx`, or ``quantize_static``).
+        optimized_path: where onnxruntime writes its optimized graph.
+
+    Returns:
+        One :class:`LinearKernel` per quantized linear, in initializer order.
+    """
+    import onnx
+    import onnxruntime
+
+    def links(graph: Any) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+        producers = {out: node for node in graph.node for out in node.output}
+        consumers: dict[str, list[Any]] = {}
+        for node in graph.node:
+            for name in node.input:
+                consumers.setdefault(name, []).append(node)
+        return producers, consumers
+
+    def product_of(value: str, consumers: dict[str, list[Any]]) -> Optional[tuple[Any, str]]:
+        """The first ``Gemm`` / ``MatMul`` reading ``value`` through data movement, and the name it reads."""
+        for node in consumers.get(value, []):
+            if node.op_type in ("Gemm", "MatMul", "MatMulNBits") and value in node.input[1:2]:
+                return node, value
+            if node.op_type in MOVABLE_OPS and node.input[0] == value:
+                found = product_of(node.output[0], consumers)
+                if found is not None:
+                    return found
+        return None
+
+    graph = onnx.load(path).graph
+    producers, consumers = links(graph)
+    linears: dict[str, bool] = {}
+    for init in graph.initializer:
+        if init.data_type not in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8) or len(init.dims) != 2:
+            continue
+        for dq in consumers.get(init.name, []):
+            found = product_of(dq.output[0], consumers)
+            if dq.op_type == "DequantizeLinear" and found is not None:
+                source = producers.get(found[0].input[0])
+                while source is not None and source.op_type in MOVABLE_OPS:
+                    source = producers.get(source.input[0])
+                linears[init.name] = source is not None and source.op_type == "DequantizeLinear"
+    options = ort_session_options(intra_op_num_threads=1)
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = optimized_path
+    onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    _, optimized = links(onnx.load(optimized_path, load_external_data=False).graph)
+    kernels = []
+    for codes, input_quantized in linears.items():
+        # an integer kernel reads the codes; MatMulNBits reads a repacked copy named after them
+        readers = [n for name, nodes in optimized.items() if name.startswith(codes) for n in nodes]
+        op_type = "missing"
+        if readers:
+            reader = readers[0]
+            found = product_of(reader.output[0], optimized) if reader.op_type == "DequantizeLinear" else None
+            op_type = found[0].op_type if found is not None else reader.op_type
+        kernels.append(LinearKernel(codes.removesuffix(CODES_SUFFIX), input_quantized, op_type))
+    return kernels
