@@ -39,8 +39,8 @@ Arithmetic differences from the PyTorch fake quantization (``Arithmetic.SEED``):
   :func:`_linear_forward`), which onnxruntime runs as ``QGemm`` (bias inside) when the input
   is quantized too; their float rounding differs from torch's ``MatMul`` + ``Add`` order.
   The bias of such a linear is stored as int32 codes on the grid of the integer product
-  (:func:`bias_codes`), so it moves by at most half of ``s_x * s_w``, one step of the
-  int32 accumulator.
+  (:func:`~lit_ptq.export.graph.quantize_bias`), so it moves by at most half of
+  ``s_x * s_w``, one step of the int32 accumulator.
 - A weight DequantizeLinear feeding a ``MatMul`` whose other input is float (a bias-free
   linear the placement leaves unquantized at its input) becomes ``MatMulNBits``, which by
   default (``session.qdq_matmulnbits_accuracy_level=4``) quantizes that float input to int8
@@ -78,7 +78,7 @@ from ..quant.quantizer import (
     TensorQuantizer,
     WeightQuantizer,
 )
-from .graph import sink_dequantize
+from .graph import quantize_bias, sink_dequantize
 
 __all__ = ["export_onnx", "qdq_export_mode", "ort_session_options", "OnnxExportError", "OPSET"]
 
@@ -93,8 +93,6 @@ _PROTOBUF_LIMIT = 2**31  # bytes: one ONNX file holds one protobuf message
 _CODES_BUFFER = "_onnx_int_codes"
 CODES_SUFFIX = f".weight_quantizer.{_CODES_BUFFER}"
 """How the initializer of a weight's integer codes is named, after its owner (``blocks.0.mlp.fc1``)."""
-_BIAS_BUFFER = "_onnx_int_bias"
-_BIAS_SCALE_BUFFER = "_onnx_bias_scale"
 
 
 class OnnxExportError(UserError, ValueError):
@@ -250,39 +248,16 @@ def _quantized_linears(model: nn.Module) -> list[QuantLinear]:
     return [m for m in model.modules() if isinstance(m, QuantLinear) and _quantizing(m.weight_quantizer)]
 
 
-def bias_codes(linear: QuantLinear) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-    """``linear``'s bias as int32 codes on the grid of its integer product, or None where it has none.
-
-    The scale of channel ``c`` is ``s_x * s_w[c]`` (the input's per-tensor scale times the
-    weight's), zero point 0: the QDQ form of a bias that onnxruntime's ``QGemm`` adds to its
-    int32 accumulator (and that its ``WeightBiasQuantization`` rewrite and ``quantize_static``
-    write). None where the linear has no bias, its input is not quantized per tensor, or a
-    code would leave int32 (a scale near 0).
-
-    Returns:
-        ``(codes, scale)``: int32 codes and float32 scales, one per output channel.
-    """
-    point = linear.input_quantizer
-    if linear.bias is None or not _quantizing(point) or point.scale.numel() != 1:
-        return None
-    channels = linear.out_features
-    scale = (point.scale.reshape(()) * linear.weight_quantizer.scale.expand(channels)).float()
-    codes = torch.round(linear.bias.detach().double() / scale.double())
-    if not torch.isfinite(codes).all() or codes.abs().max() >= 2**31 - 1:
-        return None
-    return codes.to(torch.int32), scale
-
-
 def _linear_forward(linear: QuantLinear) -> Callable[[torch.Tensor], torch.Tensor]:
     """``linear``'s forward as ``Reshape -> Gemm -> Reshape`` over the flattened tokens, the
     weight stored transposed.
 
     The weight's integer codes are an ``(in, out)`` initializer dequantized per output channel
     (``axis=1``), so that ``Gemm`` (``transB=0``) reads the ``DequantizeLinear`` directly, with
-    no ``Transpose`` between them. A quantized input makes the bias int32 codes on the
-    product's grid (:func:`bias_codes`): onnxruntime forms ``QGemm`` only when every input of
-    the ``Gemm`` is dequantized, and torch exports ``F.linear`` of a 3-d input as ``MatMul``
+    no ``Transpose`` between them; torch exports ``F.linear`` of a 3-d input as ``MatMul``
     then ``Add`` (a separate pass over the output). Without a bias the product is a ``MatMul``.
+    Where the input is quantized, :func:`~lit_ptq.export.graph.quantize_bias` then makes the
+    bias int32 codes, so that onnxruntime forms ``QGemm``.
     """
     point = linear.weight_quantizer
     spec = point.spec
@@ -294,15 +269,7 @@ def _linear_forward(linear: QuantLinear) -> Callable[[torch.Tensor], torch.Tenso
         scale, zp = point.scale.expand(channels), point.zero_point.to(torch.int32).expand(channels)
         weight_t = _QD.dequantize_per_channel(codes, scale, zp, 1, spec.qmin, spec.qmax, codes.dtype)
         flat = x.reshape(-1, x.shape[-1])
-        if linear.bias is None:
-            out = flat @ weight_t
-        else:
-            bias = linear.bias
-            if _BIAS_BUFFER in linear._buffers:
-                codes_b, scale_b = getattr(linear, _BIAS_BUFFER), getattr(linear, _BIAS_SCALE_BUFFER)
-                zeros = torch.zeros_like(codes_b)
-                bias = _QD.dequantize_per_channel(codes_b, scale_b, zeros, 0, -(2**31), 2**31 - 1, torch.int32)
-            out = torch.addmm(bias, flat, weight_t)
+        out = flat @ weight_t if linear.bias is None else torch.addmm(linear.bias, flat, weight_t)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     return forward
@@ -314,8 +281,7 @@ def qdq_export_mode(model: nn.Module, log_points: LogPoints = "raise") -> Iterat
 
     Weight quantizers get a temporary buffer of their weight's integer codes (an int8
     initializer in the exported graph; transposed for a linear), linears with a quantized
-    weight compute as ``Gemm`` or ``MatMul`` over those codes (see :func:`_linear_forward`),
-    with a buffer of int32 bias codes where their input is quantized too (:func:`bias_codes`);
+    weight compute as ``Gemm`` or ``MatMul`` over those codes (see :func:`_linear_forward`);
     everything is restored on exit.
 
     Args:
@@ -346,18 +312,13 @@ def qdq_export_mode(model: nn.Module, log_points: LogPoints = "raise") -> Iterat
         for linear in _quantized_linears(model):
             point = linear.weight_quantizer
             point.register_buffer(_CODES_BUFFER, getattr(point, _CODES_BUFFER).t().contiguous(), persistent=False)
-            bias = bias_codes(linear)
-            if bias is not None:
-                linear.register_buffer(_BIAS_BUFFER, bias[0], persistent=False)
-                linear.register_buffer(_BIAS_SCALE_BUFFER, bias[1], persistent=False)
             linear.forward = _linear_forward(linear)  # type: ignore[method-assign]
             patched.append(linear)
         yield model
     finally:
         for module in patched:
             module.__dict__.pop("forward", None)
-            for buffer in (_CODES_BUFFER, _BIAS_BUFFER, _BIAS_SCALE_BUFFER):
-                module._buffers.pop(buffer, None)
+            module._buffers.pop(_CODES_BUFFER, None)
 
 
 def export_onnx(
@@ -405,6 +366,7 @@ def export_onnx(
 
         model_proto = program.model_proto
         sink_dequantize(model_proto)
+        quantize_bias(model_proto)
         if model_proto.ByteSize() >= _PROTOBUF_LIMIT:
             raise OnnxExportError(
                 f"the exported graph is {model_proto.ByteSize() / 2**30:.1f} GiB, over ONNX's 2 GiB single-file limit; "
