@@ -4,7 +4,7 @@ Three measurements, each printed as a table (nothing is asserted)::
 
     python benchmarks/bench_onnx.py parity --config configs/demo.yaml --recipe-configs configs/demo_w6a6.yaml configs/demo_w4a4.yaml configs/demo_w4a4_recon.yaml --json results/demo_onnx.json --markdown results/demo_onnx.md
     python benchmarks/bench_onnx.py static --config configs/demo.yaml --json results/demo_ort_static.json --markdown results/demo_ort_static.md
-    python benchmarks/bench_onnx.py speed --models itpn_base deit_base_patch16_224 --json benchmarks/results_cpu_onnx.json
+    python benchmarks/bench_onnx.py speed --models itpn_base deit_base_patch16_224 --weights default normal --json benchmarks/results_cpu_onnx.json
 
 ``parity``: for each observer and placement at 8/8/8, FQ-ViT's PTF and PTF + LIS (MinMax,
 ``full``) and each ``--recipe-configs`` config, the
@@ -20,11 +20,14 @@ QDQ, int8 per-channel weights, uint8 activations) on the float export of the sam
 calibrated on the same images as ``validate`` (the data module's calibration batches) with
 its MinMax, Percentile and Entropy methods, each evaluated through ``PTQModule(onnx=FILE)``.
 
-``speed``: on a model with random weights, side by side in one process: PyTorch float,
-onnxruntime float, our QDQ file for each placement (MinMax 8/8/8 calibrated on random
-images) and ``quantize_static``'s file of the float graph (MinMax, the same images), at each
-batch size; every timing is one forward, interleaved round-robin, and the table gives the
-median, the speed-up over onnxruntime float and the file size. torch and onnxruntime use
+``speed``: for each ``--weights`` draw (``default``: the constructor's initialization;
+``normal``: every parameter N(0, 0.05), LayerNorm weights N(1, 0.05); or a checkpoint file),
+side by side in one process: PyTorch float, onnxruntime float, our QDQ file for each
+placement (MinMax 8/8/8 calibrated on random images) and ``quantize_static``'s file of the
+float graph (MinMax, the same images), at each batch size; every timing is one forward,
+interleaved round-robin, and the table gives the median, the speed-up over onnxruntime float,
+the file size and how many of the file's quantized linears (input and weight quantized)
+onnxruntime runs as integer kernels (:func:`lit_ptq.export.runtime.linear_kernels`). torch and onnxruntime use
 ``--threads`` threads; the sessions are made as ``validate --model.onnx`` makes them
 (:func:`lit_ptq.export.runtime.create_session`: no spinning threads under
 ``OMP_WAIT_POLICY=PASSIVE``).
@@ -53,7 +56,7 @@ from pytorch_lightning import Callback, Trainer, seed_everything  # noqa: E402
 
 from lit_ptq.callbacks import CalibrationCallback  # noqa: E402
 from lit_ptq.export import export_onnx  # noqa: E402
-from lit_ptq.export.runtime import create_session  # noqa: E402
+from lit_ptq.export.runtime import create_session, linear_kernels  # noqa: E402
 from lit_ptq.io import write_text  # noqa: E402
 from lit_ptq.module import PTQModule  # noqa: E402
 from lit_ptq.results import results_record  # noqa: E402
@@ -311,14 +314,45 @@ def model_input_size(model_name: str) -> int:
     return int(model_entry(model_name)[1].input_size[-1])
 
 
-def _speed_files(model_name: str, folder: str, placements: Sequence[str], calib: list[torch.Tensor]) -> tuple[torch.nn.Module, dict[str, str]]:
+WEIGHT_DRAWS = ("default", "normal")
+"""The ``--weights`` draws that need no file; any other value is a checkpoint path."""
+
+
+def weights_arg(value: str) -> str:
+    """``--weights``: ``default``, ``normal`` or an existing checkpoint file."""
+    if value not in WEIGHT_DRAWS and not os.path.isfile(value):
+        raise argparse.ArgumentTypeError(f"{value!r} is neither {' nor '.join(WEIGHT_DRAWS)} nor a checkpoint file")
+    return value
+
+
+def normal_weights_(model: torch.nn.Module) -> torch.nn.Module:
+    """Every parameter drawn N(0, 0.05), then each LayerNorm weight N(1, 0.05) (generator seed 0), in place.
+
+    Weights unlike the constructors' initialization (which zeroes the biases), as a trained
+    checkpoint's are.
+    """
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.05, generator=generator)
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm) and module.weight is not None:
+                module.weight.normal_(1.0, 0.05, generator=generator)
+    return model
+
+
+def _speed_files(
+    model_name: str, folder: str, placements: Sequence[str], calib: list[torch.Tensor], weights: str, num_classes: int
+) -> tuple[torch.nn.Module, dict[str, str]]:
     """Export the float model, our QDQ file per placement and quantize_static's; return the float model and the paths."""
     from lit_ptq.models import create_model
     from lit_ptq.quant import QuantConfig, calibrate, quantize_
 
     def fresh() -> torch.nn.Module:
         torch.manual_seed(0)
-        return create_model(model_name).eval()
+        checkpoint = None if weights in WEIGHT_DRAWS else weights
+        model = create_model(model_name, num_classes=num_classes, checkpoint=checkpoint).eval()
+        return normal_weights_(model) if weights == "normal" else model
 
     model = fresh()
     files = {"onnxruntime float": os.path.join(folder, "float.onnx")}
@@ -339,38 +373,66 @@ def run_speed(args: argparse.Namespace) -> dict[str, Any]:
     import onnxruntime
 
     torch.set_num_threads(args.threads)
-    result: dict[str, Any] = dict(
+    run = dict(
         machine=_machine(), threads=args.threads, torch=torch.__version__, onnxruntime=onnxruntime.__version__,
-        date=time.strftime("%Y-%m-%d"), repeats=args.repeats, rows=[],
+        date=time.strftime("%Y-%m-%d"), repeats=args.repeats,
     )
+    result: dict[str, Any] = {**run, "rows": []}
+    if args.append and args.json and os.path.exists(args.json):
+        with open(args.json) as f:
+            result = json.load(f)
+    first = len(result["rows"])
     for model_name in args.models:
-        with tempfile.TemporaryDirectory() as folder:
-            gen = torch.Generator().manual_seed(0)
-            size = model_input_size(model_name)
-            calib = [torch.randn(args.calib_batch_size, 3, size, size, generator=gen) for _ in range(args.calib_batches)]
-            model, files = _speed_files(model_name, folder, args.placements, calib)
-            sessions = {name: create_session(path, torch.device("cpu")) for name, path in files.items()}
-            sizes = {name: os.path.getsize(path) / 1e6 for name, path in files.items()}
-            for batch_size in args.batch_sizes:
-                x = torch.randn(batch_size, 3, size, size, generator=gen)
-                feed = {"input": x.numpy()}
-                fns: dict[str, Callable[[], Any]] = {"PyTorch float": lambda: _torch_forward(model, x)}
-                fns.update({name: (lambda s=s: s.run(None, feed)) for name, s in sessions.items()})
-                times = _time_round_robin(fns, args.repeats)
-                base = statistics.median(times["onnxruntime float"])
-                for name, ts in times.items():
-                    row = dict(
-                        model=model_name, batch_size=batch_size, runtime=name, median_s=round(statistics.median(ts), 4),
-                        min_s=round(min(ts), 4), speedup_vs_ort_float=round(base / statistics.median(ts), 3),
-                        file_mb=round(sizes[name], 1) if name in sizes else None, times_s=[round(t, 4) for t in ts],
-                    )
-                    result["rows"].append(row)
-                print(speed_markdown([r for r in result["rows"] if r["model"] == model_name and r["batch_size"] == batch_size]), flush=True)
-                _write(args.json, json.dumps(result, indent=1))
-    print(f"{result['machine']}, {args.threads} threads, torch {result['torch']}, onnxruntime {result['onnxruntime']}, "
+        for weights in args.weights:
+            _speed_model(args, model_name, weights, result, run)
+    print(f"{run['machine']}, {args.threads} threads, torch {run['torch']}, onnxruntime {run['onnxruntime']}, "
           f"median of {args.repeats} interleaved runs\n")
-    print(speed_markdown(result["rows"]))
+    print(speed_markdown(result["rows"][first:]))
     return result
+
+
+def integer_linears(path: str, optimized_path: str) -> str:
+    """``29/29 QGemm``: the file's quantized linears that onnxruntime runs as integer kernels, and which."""
+    kernels = [k for k in linear_kernels(path, optimized_path) if k.input_quantized]
+    if not kernels:
+        return "–"
+    ops = sorted({k.op_type for k in kernels if k.integer})
+    return f"{sum(k.integer for k in kernels)}/{len(kernels)} {' '.join(ops)}".strip()
+
+
+def _speed_model(args: argparse.Namespace, model_name: str, weights: str, result: dict[str, Any], run: dict[str, Any]) -> None:
+    """Time one model with one weight draw: rows appended to ``result``, the JSON rewritten after each batch size.
+
+    Each row also records ``run`` (machine, threads, versions, date), which tells rows
+    appended to an older file (``--append``) from its first ones.
+    """
+    label = weights if weights in WEIGHT_DRAWS else os.path.basename(weights)
+    with tempfile.TemporaryDirectory() as folder:
+        gen = torch.Generator().manual_seed(0)
+        size = model_input_size(model_name)
+        calib = [torch.randn(args.calib_batch_size, 3, size, size, generator=gen) for _ in range(args.calib_batches)]
+        model, files = _speed_files(model_name, folder, args.placements, calib, weights, args.num_classes)
+        kernels = {name: integer_linears(path, os.path.join(folder, f"optimized{i}.onnx")) for i, (name, path) in enumerate(files.items())}
+        sessions = {name: create_session(path, torch.device("cpu")) for name, path in files.items()}
+        sizes = {name: os.path.getsize(path) / 1e6 for name, path in files.items()}
+        for batch_size in args.batch_sizes:
+            x = torch.randn(batch_size, 3, size, size, generator=gen)
+            feed = {"input": x.numpy()}
+            fns: dict[str, Callable[[], Any]] = {"PyTorch float": lambda: _torch_forward(model, x)}
+            fns.update({name: (lambda s=s: s.run(None, feed)) for name, s in sessions.items()})
+            times = _time_round_robin(fns, args.repeats)
+            base = statistics.median(times["onnxruntime float"])
+            for name, ts in times.items():
+                row = dict(
+                    model=model_name, weights=label, batch_size=batch_size, runtime=name,
+                    median_s=round(statistics.median(ts), 4), min_s=round(min(ts), 4),
+                    speedup_vs_ort_float=round(base / statistics.median(ts), 3),
+                    file_mb=round(sizes[name], 1) if name in sizes else None, integer_linears=kernels.get(name, "–"),
+                    times_s=[round(t, 4) for t in ts], **run,
+                )
+                result["rows"].append(row)
+            print(speed_markdown(result["rows"][-len(times):]), flush=True)
+            _write(args.json, json.dumps(result, indent=1))
 
 
 def _torch_forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -379,11 +441,18 @@ def _torch_forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def speed_markdown(rows: Sequence[dict[str, Any]]) -> str:
-    """One row per model, batch size and runtime: median seconds, speed-up over onnxruntime float, file size."""
-    lines = ["| model | batch | runtime | median s | x onnxruntime float | file MB |", "|---|---|---|---|---|---|"]
+    """One row per model, weights, batch size and runtime: median seconds, speed-up over onnxruntime
+    float, file size, quantized linears run as integer kernels."""
+    lines = [
+        "| model | weights | batch | runtime | median s | x onnxruntime float | file MB | integer linears |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         size = f"{r['file_mb']:.0f}" if r["file_mb"] is not None else "–"
-        lines.append(f"| {r['model']} | {r['batch_size']} | {r['runtime']} | {r['median_s']:.3f} | {r['speedup_vs_ort_float']:.2f} | {size} |")
+        lines.append(
+            f"| {r['model']} | {r['weights']} | {r['batch_size']} | {r['runtime']} | {r['median_s']:.3f} | "
+            f"{r['speedup_vs_ort_float']:.2f} | {size} | {r['integer_linears']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -422,15 +491,19 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     static.add_argument("--methods", nargs="+", default=list(STATIC_METHODS), choices=STATIC_METHODS)
     static.add_argument("--json", default=None)
     static.add_argument("--markdown", default=None)
-    speed = sub.add_parser("speed", help="PyTorch float, onnxruntime float, our QDQ files and quantize_static's, random weights")
+    speed = sub.add_parser("speed", help="PyTorch float, onnxruntime float, our QDQ files and quantize_static's")
     speed.add_argument("--models", nargs="+", default=["itpn_base", "deit_base_patch16_224"])
     speed.add_argument("--placements", nargs="+", default=["matmul", "full", "seed"])
+    speed.add_argument("--weights", nargs="+", type=weights_arg, default=["default"],
+                       help="default (the constructor's), normal (N(0, 0.05), LayerNorm weights N(1, 0.05)) or a checkpoint file")
+    speed.add_argument("--num-classes", type=int, default=1000, help="the classifier's width (a checkpoint's)")
     speed.add_argument("--batch-sizes", nargs="+", type=int, default=[8, 1])
     speed.add_argument("--calib-batches", type=int, default=2)
     speed.add_argument("--calib-batch-size", type=int, default=8)
     speed.add_argument("--repeats", type=int, default=7)
     speed.add_argument("--threads", type=int, default=os.cpu_count(), help="torch and onnxruntime intra-op threads")
     speed.add_argument("--json", default=None)
+    speed.add_argument("--append", action="store_true", help="add the rows to those of an existing --json file")
     return p.parse_args(argv)
 
 
