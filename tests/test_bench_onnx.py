@@ -80,4 +80,7 @@ def test_speed_times_every_runtime_at_every_batch_size(tmp_path, capsys) -> None
     assert by_name["onnxruntime float"]["speedup_vs_ort_float"] == 1.0
     assert by_name["PyTorch float"]["file_mb"] is None
     assert by_name["lit_ptq matmul"]["file_mb"] < by_name["onnxruntime float"]["file_mb"]
-    assert "| itpn_tiny | 1 | lit_ptq matmul |" in capsys.readouterr().out
+    assert by_name["lit_ptq matmul"]["weights"] == "default"
+    assert by_name["lit_ptq matmul"]["integer_linears"].startswith("31/31 ")  # every quantized linear an integer kernel
+    assert by_name["onnxruntime float"]["integer_linears"] == "–"
+    assert "| itpn_tiny | default | 1 | lit_ptq matmul |" in capsys.readouterr().out
