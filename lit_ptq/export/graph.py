@@ -16,8 +16,10 @@ an elementwise dequantization, so the graph computes the same values.
 onnxruntime forms ``QGemm`` only from a ``Gemm`` whose every input comes from a
 ``DequantizeLinear``, the bias an int32 one (``GemmNodeGroupSelector`` in onnxruntime's
 ``qdq_transformer/selectors_actions/qdq_selectors.cc``); its own ``WeightBiasQuantization``
-quantizes a float bias only where the ``Gemm``'s output is quantized. :func:`quantize_bias`
-writes every such bias as int32 codes, the QDQ bias of onnxruntime's quantization format.
+(``qdq_transformer/weight_bias_quantization.cc``) quantizes a float bias only where the
+``Gemm``'s output is quantized. :func:`split_bias` moves every other such bias into an ``Add``
+after a bias-free ``Gemm``: int32 codes would round it onto the grid of the product
+(``s_x * s_w``), a large step at 4 bits.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-__all__ = ["MOVABLE_OPS", "sink_dequantize", "quantize_bias"]
+__all__ = ["MOVABLE_OPS", "sink_dequantize", "split_bias"]
 
 MOVABLE_OPS = frozenset(("Reshape", "Transpose", "Gather", "Squeeze", "Unsqueeze", "Slice", "Flatten", "Split"))
 """Operators that only move or select elements of their first input (any element type)."""
@@ -106,35 +108,39 @@ def _attribute(node: Any, name: str, default: float) -> float:
     return default
 
 
-def quantize_bias(model: Any) -> int:
-    """Write the float bias of each ``Gemm`` over dequantized integer inputs as int32 codes, in place.
+def split_bias(model: Any) -> int:
+    """Move the float bias of each ``Gemm`` over dequantized integer inputs into an ``Add`` after it, in place.
 
     A ``Gemm`` (``alpha = beta = 1``) qualifies when its input ``A`` comes, through data
-    movement, from a per-tensor ``DequantizeLinear`` and its weight ``B`` straight from a
-    ``DequantizeLinear`` of a constant, per tensor or per output channel. Its bias ``b``
-    becomes ``DequantizeLinear(round(b / (s_a * s_b)), s_a * s_b)`` (int32 codes, zero point 0,
-    per channel on axis 0), which moves each bias by at most half of ``s_a * s_b``, one step
-    of the integer product's int32 accumulator. A bias whose codes would not fit int32 (a
-    scale near 0) stays float.
+    movement, from a per-tensor ``DequantizeLinear``, its weight ``B`` straight from a
+    ``DequantizeLinear``, its bias ``C`` is a float initializer, and its output does not go
+    straight into a ``QuantizeLinear`` alone (there onnxruntime's ``WeightBiasQuantization``
+    makes the bias int32 codes itself and ``QGemm`` writes quantized outputs). Without ``C``
+    onnxruntime runs the product as ``QGemm`` with float outputs; the ``Add`` then adds the
+    bias as the PyTorch model does, in float32.
 
     Args:
         model: an ``onnx.ModelProto`` (its main graph is rewritten).
 
     Returns:
-        How many biases are now int32 codes.
+        How many biases were moved.
     """
-    import numpy as np
     import onnx
-    from onnx import numpy_helper
 
     graph = model.graph
     initializers = {i.name: i for i in graph.initializer}
     producers = {out: node for node in graph.node for out in node.output}
-    replaced: list[str] = []
+    consumers = _consumers(graph)
+    moved = 0
     for gemm in list(graph.node):
         if gemm.op_type != "Gemm" or len(gemm.input) < 3 or gemm.input[2] not in initializers:
             continue
         if _attribute(gemm, "alpha", 1.0) != 1.0 or _attribute(gemm, "beta", 1.0) != 1.0:
+            continue
+        if initializers[gemm.input[2]].data_type != onnx.TensorProto.FLOAT:
+            continue
+        readers = consumers.get(gemm.output[0], [])
+        if len(readers) == 1 and readers[0].op_type == "QuantizeLinear":
             continue
         a = producers.get(gemm.input[0])
         while a is not None and a.op_type in MOVABLE_OPS:
@@ -142,33 +148,12 @@ def quantize_bias(model: Any) -> int:
         b = producers.get(gemm.input[1])
         if a is None or a.op_type != "DequantizeLinear" or not _per_tensor(a, initializers):
             continue
-        if b is None or b.op_type != "DequantizeLinear" or b.input[0] not in initializers or b.input[1] not in initializers:
+        if b is None or b.op_type != "DequantizeLinear" or b.input[0] not in initializers:
             continue
-        bias = numpy_helper.to_array(initializers[gemm.input[2]])
-        b_scale = numpy_helper.to_array(initializers[b.input[1]])
-        out_axis = 0 if _attribute(gemm, "transB", 0) else 1
-        if bias.dtype != np.float32 or bias.ndim != 1 or (b_scale.ndim == 1 and _attribute(b, "axis", 1) % 2 != out_axis):
-            continue
-        scale = (numpy_helper.to_array(initializers[a.input[1]]) * b_scale).astype(np.float32) * np.ones_like(bias)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            codes = np.round(bias.astype(np.float64) / scale.astype(np.float64))
-        if not np.isfinite(codes).all() or np.abs(codes).max(initial=0) >= 2**31 - 1:
-            continue
-        name = gemm.input[2]
-        graph.initializer.extend(
-            [
-                numpy_helper.from_array(codes.astype(np.int32), f"{name}__int32"),
-                numpy_helper.from_array(scale, f"{name}__int32_scale"),
-            ]
-        )
-        dq = onnx.helper.make_node(
-            "DequantizeLinear", [f"{name}__int32", f"{name}__int32_scale"], [f"{name}__dequantized"], name=f"{gemm.name}__bias", axis=0
-        )
-        graph.node.insert(list(graph.node).index(gemm), dq)
-        gemm.input[2] = dq.output[0]
-        replaced.append(name)
-    read = {name for node in graph.node for name in node.input}
-    for name in replaced:
-        if name not in read:
-            graph.initializer.remove(initializers[name])
-    return len(replaced)
+        bias, out = gemm.input[2], gemm.output[0]
+        del gemm.input[2]
+        gemm.output[0] = f"{out}__unbiased"
+        add = onnx.helper.make_node("Add", [gemm.output[0], bias], [out], name=f"{gemm.name}__bias")
+        graph.node.insert(list(graph.node).index(gemm) + 1, add)
+        moved += 1
+    return moved

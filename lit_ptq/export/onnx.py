@@ -38,9 +38,9 @@ Arithmetic differences from the PyTorch fake quantization (``Arithmetic.SEED``):
 - Linears with a bias export as ``Gemm`` over the flattened tokens (see
   :func:`_linear_forward`), which onnxruntime runs as ``QGemm`` (bias inside) when the input
   is quantized too; their float rounding differs from torch's ``MatMul`` + ``Add`` order.
-  The bias of such a linear is stored as int32 codes on the grid of the integer product
-  (:func:`~lit_ptq.export.graph.quantize_bias`), so it moves by at most half of
-  ``s_x * s_w``, one step of the int32 accumulator.
+  Where the output is not quantized, the bias is a float ``Add`` after a bias-free ``Gemm``
+  (:func:`~lit_ptq.export.graph.split_bias`); where it is, onnxruntime rounds the bias onto
+  the grid of the integer product (``s_x * s_w``) inside ``QGemm``.
 - A weight DequantizeLinear feeding a ``MatMul`` whose other input is float (a bias-free
   linear the placement leaves unquantized at its input) becomes ``MatMulNBits``, which by
   default (``session.qdq_matmulnbits_accuracy_level=4``) quantizes that float input to int8
@@ -78,7 +78,7 @@ from ..quant.quantizer import (
     TensorQuantizer,
     WeightQuantizer,
 )
-from .graph import quantize_bias, sink_dequantize
+from .graph import sink_dequantize, split_bias
 
 __all__ = ["export_onnx", "qdq_export_mode", "ort_session_options", "OnnxExportError", "OPSET"]
 
@@ -256,8 +256,8 @@ def _linear_forward(linear: QuantLinear) -> Callable[[torch.Tensor], torch.Tenso
     (``axis=1``), so that ``Gemm`` (``transB=0``) reads the ``DequantizeLinear`` directly, with
     no ``Transpose`` between them; torch exports ``F.linear`` of a 3-d input as ``MatMul``
     then ``Add`` (a separate pass over the output). Without a bias the product is a ``MatMul``.
-    Where the input is quantized, :func:`~lit_ptq.export.graph.quantize_bias` then makes the
-    bias int32 codes, so that onnxruntime forms ``QGemm``.
+    Where the input is quantized, :func:`~lit_ptq.export.graph.split_bias` then moves the bias
+    into an ``Add`` unless the output is quantized, so that onnxruntime forms ``QGemm``.
     """
     point = linear.weight_quantizer
     spec = point.spec
@@ -366,7 +366,7 @@ def export_onnx(
 
         model_proto = program.model_proto
         sink_dequantize(model_proto)
-        quantize_bias(model_proto)
+        split_bias(model_proto)
         if model_proto.ByteSize() >= _PROTOBUF_LIMIT:
             raise OnnxExportError(
                 f"the exported graph is {model_proto.ByteSize() / 2**30:.1f} GiB, over ONNX's 2 GiB single-file limit; "
