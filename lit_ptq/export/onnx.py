@@ -255,7 +255,8 @@ def _linear_forward(linear: QuantLinear) -> Callable[[torch.Tensor], torch.Tenso
     The weight's integer codes are an ``(in, out)`` initializer dequantized per output channel
     (``axis=1``), so that ``Gemm`` (``transB=0``) reads the ``DequantizeLinear`` directly, with
     no ``Transpose`` between them; torch exports ``F.linear`` of a 3-d input as ``MatMul``
-    then ``Add`` (a separate pass over the output). Without a bias the product is a ``MatMul``.
+    then ``Add``, while a ``Gemm`` whose output is quantized becomes a ``QGemm`` with the bias
+    inside and quantized outputs. Without a bias the product is a ``MatMul``.
     Where the input is quantized, :func:`~lit_ptq.export.graph.split_bias` then moves the bias
     into an ``Add`` unless the output is quantized, so that onnxruntime forms ``QGemm``.
     """
@@ -333,7 +334,9 @@ def export_onnx(
     The model is exported in eval mode and its training flag restored. Per-tensor
     ``DequantizeLinear`` nodes are then moved below the data movement that reads them
     (:func:`lit_ptq.export.graph.sink_dequantize`), so that onnxruntime sees the attention
-    operands' dequantization right at their matmul.
+    operands' dequantization right at their matmul, and the bias of each ``Gemm`` over
+    dequantized inputs whose output is not quantized moves into an ``Add``
+    (:func:`lit_ptq.export.graph.split_bias`), so that onnxruntime forms ``QGemm``.
 
     Args:
         model: a calibrated lit_ptq model (``quantize`` mode), or a float model.
