@@ -10,7 +10,6 @@ import contextlib
 import io
 import json
 import os
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,9 +27,6 @@ from lit_ptq.quant import quantizers
 from lit_ptq.tensorboard import run_name
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
-LOWBIT_CONFIGS = [p for p in CONFIGS if re.fullmatch(r"(?!demo).+_w\da\d_(repq|repq_gptq|recon)", p.stem)]
-ITPN_CONFIGS = [p for p in CONFIGS if p.name.startswith("itpn_") and p not in LOWBIT_CONFIGS]
 RESULT_FIELDS = {
     "model", "checkpoint", "method", "placement", "bits", "calib_images", "acc1", "acc5", "loss", "num_images",
     "world_size", "seconds",
@@ -52,7 +48,7 @@ class DumpQuantState(Callback):
 
 @pytest.fixture(scope="module")
 def tiny_config(tmp_path_factory, fmnist_root, tiny_checkpoint, make_tiny_config) -> Path:
-    """A config shaped like configs/itpn_*.yaml, for itpn_tiny on the small tree."""
+    """A config shaped like configs/models/itpn_base.yaml + configs/methods/minmax.yaml, for itpn_tiny on the small tree."""
     config = make_tiny_config(fmnist_root, tiny_checkpoint, CALIB_BATCH_SIZE, CALIB_BATCHES, logger={
         "class_path": "pytorch_lightning.loggers.TensorBoardLogger",
         "init_args": {"save_dir": "tb_logs", "name": "tiny", "default_hp_metric": False},
@@ -131,61 +127,13 @@ def one_process_run(tiny_config, tmp_path_factory):
     return get
 
 
-class TestConfigs:
-    def test_there_is_a_config_per_run(self):
-        names = {p.stem for p in ITPN_CONFIGS}
-        for size in ("base", "large"):
-            for run in ("fp32", "minmax", "ema", "percentile", "omse"):
-                assert f"itpn_{size}_{run}" in names
-            for method in ("minmax", "ema", "percentile", "omse"):
-                assert f"itpn_{size}_full_{method}" in names
-        assert {"itpn_base_full_ptf_minmax", "itpn_base_full_ptf_lis_minmax"} <= names
-
-    @pytest.mark.parametrize("config", CONFIGS, ids=[p.stem for p in CONFIGS])
-    def test_every_config_parses(self, config, capsys):
-        printed = _print_config(["validate", "--config", str(config)], capsys)
-        assert {"seed_everything", "trainer", "model", "data", "calibration", "results_path"} <= set(printed)
-        assert printed["trainer"]["logger"]["init_args"]["name"] == config.stem
-
-    @pytest.mark.parametrize("config", ITPN_CONFIGS, ids=[p.stem for p in ITPN_CONFIGS])
-    def test_itpn_config_runs_what_its_name_says(self, config, capsys):
-        printed = _print_config(["validate", "--config", str(config)], capsys)
-        model, data = printed["model"], printed["data"]
-        parts = config.stem.split("_")  # itpn, size, [full], [ptf], [lis], method
-        size, flags, method = parts[1], set(parts[2:-1]), parts[-1]
-        assert model["model_name"] == f"itpn_{size}"
-        assert model["num_classes"] == 1000
-        assert model["method"] == (None if method == "fp32" else method)
-        assert model["placement"] == ("full" if "full" in flags else "seed")
-        assert model["ptf"] == ("ptf" in flags) and model["lis"] == ("lis" in flags)
-        assert model["bits"] == ("8/8/4" if "lis" in flags else "8/8/8")
-        assert model["arithmetic"] == "seed"
-        assert (data["calib_batches"], data["calib_batch_size"], data["batch_size"]) == (10, 100, 100)
-        assert data["root"] == "/path/to/imagenet"
-        assert model["checkpoint"] == f"/path/to/itpn_{size}.pth"
-        assert printed["trainer"]["precision"] == "32-true"
-
-    def test_every_imagenet_model_has_the_three_lowbit_configs(self):
-        names = {p.stem for p in LOWBIT_CONFIGS}
-        models = {p.stem[: -len("_fp32")] for p in CONFIGS if p.stem.endswith("_fp32") and not p.stem.startswith("demo")}
-        assert models and names == {f"{m}_{run}" for m in models for run in ("w6a6_repq", "w4a4_repq_gptq", "w4a4_recon")}
-
-    @pytest.mark.parametrize("config", LOWBIT_CONFIGS, ids=[p.stem for p in LOWBIT_CONFIGS])
-    def test_lowbit_config_runs_what_its_name_says(self, config, capsys):
-        printed = _print_config(["validate", "--config", str(config)], capsys)
-        model, data = printed["model"], printed["data"]
-        bits, recipe = re.fullmatch(r".+_w(\d)a(\d)_(.+)", config.stem).group(1, 3)
-        assert (model["method"], model["placement"], model["recipe"]) == ("mse", "matmul", recipe)
-        assert model["bits"] == f"{bits}/{bits}/{bits}"
-        images = data["calib_batches"] * data["calib_batch_size"]
-        assert images == (1024 if recipe == "recon" else 32)  # BRECQ/QDrop's 1,024; RepQ-ViT's 32
-        assert model["num_classes"] == 1000 and data["root"] == "/path/to/imagenet"
-
+class TestPrintConfig:
     def test_print_config_shows_the_whole_run_with_overrides(self, capsys, tmp_path):
         printed = _print_config(
             [
                 "validate",
-                "--config", str(REPO / "configs" / "itpn_base_minmax.yaml"),
+                "--config", str(REPO / "configs" / "models" / "itpn_base.yaml"),
+                "--config", str(REPO / "configs" / "methods" / "minmax.yaml"),
                 "--data.root", "/data/imagenet",
                 "--model.checkpoint", "/ckpt/itpn_base.pth",
                 "--model.method", "omse",
