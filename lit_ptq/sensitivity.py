@@ -31,7 +31,7 @@ from .callbacks import CalibrationCallback
 from .errors import ConfigError
 from .io import check_writable, write_text
 from .quant import QuantConfig, QuantizerStats, QuantMode, QuantPoint, float_points, quant_points
-from .quant.quantize import as_input
+from .quant.walk import as_input
 
 __all__ = [
     "ActivationHistogram",

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
-from ..quant.quantize import quant_points
+from ..quant.walk import quant_points
 from ..quant.quantizer import LogQuantizer, LogSoftmaxQuantizer, TensorQuantizer
 from .onnx import _integer_dtype, log_point_error, ort_session_options
 

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import enum
 import fnmatch
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional, Union
 
 from ..errors import ConfigError
+from .observers import METHODS, OBSERVERS, SOFTMAX_QUANTIZERS
+from .steps import RECIPES
 
 __all__ = [
     "Granularity",
@@ -28,18 +30,8 @@ __all__ = [
     "QuantConfig",
     "PointOverride",
     "ReconSettings",
-    "METHODS",
-    "PLACEMENTS",
-    "RECIPES",
-    "SOFTMAX_QUANTIZERS",
     "parse_bits",
 ]
-
-METHODS = ("minmax", "ema", "percentile", "omse", "mse")
-PLACEMENTS = ("seed", "full", "matmul")
-RECIPES = ("repq", "repq_gptq", "recon")
-"""Named low-bit presets; what each one runs is ``lit_ptq.quant.recipes.RECIPE_STEPS``."""
-SOFTMAX_QUANTIZERS = ("uniform", "log2", "log_sqrt2")
 
 
 class Granularity(str, enum.Enum):
@@ -62,7 +54,7 @@ class Arithmetic(str, enum.Enum):
     FUSED = "fused"
 
 
-def _choice(field_name: str, value: str, allowed: tuple[str, ...]) -> str:
+def _choice(field_name: str, value: str, allowed: Collection[str]) -> str:
     if value not in allowed:
         raise ConfigError(f"{field_name}={value!r} is not one of: {', '.join(allowed)}")
     return value
@@ -85,8 +77,6 @@ class QuantSpec:
     observer: str = "minmax"
 
     def __post_init__(self) -> None:
-        from .observers import OBSERVERS
-
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 16:
             raise ConfigError(f"bits={self.bits!r} is outside the supported range 2..16")
         object.__setattr__(self, "granularity", Granularity(self.granularity))
@@ -139,8 +129,6 @@ class PointOverride:
         if bits is not None and (not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 16):
             raise ConfigError(f"overrides[{pattern!r}].bits={bits!r} is outside the supported range 2..16")
         if observer is not None:
-            from .observers import OBSERVERS
-
             _choice(f"overrides[{pattern!r}].observer", observer, tuple(sorted(OBSERVERS)))
         if granularity is not None:
             _choice(f"overrides[{pattern!r}].granularity", str(getattr(granularity, "value", granularity)), tuple(g.value for g in Granularity))
@@ -248,13 +236,16 @@ class QuantConfig:
     """What to quantize, where, and how.
 
     Attributes:
-        method: activation observer, one of ``minmax``, ``ema``, ``percentile``, ``omse``,
-            ``mse`` (per-tensor clip search of least squared error).
-        placement: ``seed`` (the PTQ-for-iTPN quant points), ``full`` (FQ-ViT style: every
-            Linear/Conv input and weight including head and patch embedding, every LayerNorm
-            input) or ``matmul`` (the benchmark protocol of PTQ4ViT / RepQ-ViT: every Linear
-            input and weight and both operands of the two attention products; LayerNorms
-            and the residual stream float).
+        method: activation observer, any registered observer usable as a method
+            (:data:`~lit_ptq.quant.observers.METHODS`): ``minmax``, ``ema``, ``percentile``,
+            ``omse``, ``mse`` (per-tensor clip search of least squared error) and those
+            registered outside the package.
+        placement: a placement of the model's family, checked by ``quantize_``: ``seed`` (the
+            PTQ-for-iTPN quant points), ``full`` (FQ-ViT style: every Linear/Conv input and
+            weight including head and patch embedding, every LayerNorm input) or ``matmul``
+            (the benchmark protocol of PTQ4ViT / RepQ-ViT: every Linear input and weight and
+            both operands of the two attention products; LayerNorms and the residual stream
+            float), or one the family adds.
         bits: ``"weights/activations/attention"``; attention is the softmax output.
         ptf: FQ-ViT's power-of-two factors for LayerNorm inputs (only ``full`` quantizes them).
         lis: FQ-ViT's log-int-softmax: the softmax output as a log2 code of ``attention`` bits.
@@ -265,13 +256,15 @@ class QuantConfig:
             ``head.weight_quantizer``), and every matching entry applies in order, so later
             entries win. A setting is ``None`` (leave the point float) or a mapping of
             ``bits``, ``observer``, ``granularity``. Stored as ``(pattern, PointOverride)`` pairs.
-        recipe: a low-bit preset (``repq``, ``repq_gptq``, ``recon``; needs ``placement="matmul"``):
-            RepQ-ViT's LayerNorm reparameterization, then GPTQ/ridge weight correction, or
-            block reconstruction (see ``lit_ptq.quant.recipes``).
-        softmax: the softmax-output quantizer, ``uniform``, ``log2`` or ``log_sqrt2``
-            (RepQ-ViT); ``None`` picks ``log_sqrt2`` with a recipe and ``uniform`` without.
+        recipe: a registered recipe (:data:`~lit_ptq.quant.steps.RECIPES`; ``repq``,
+            ``repq_gptq``, ``recon``; needs ``placement="matmul"``): RepQ-ViT's LayerNorm
+            reparameterization, then GPTQ/ridge weight correction, or block reconstruction
+            (see ``lit_ptq.quant.recipes``).
+        softmax: the softmax-output quantizer, ``uniform`` or a registered logarithmic code,
+            ``log2`` or ``log_sqrt2`` (RepQ-ViT); ``None`` picks ``log_sqrt2`` with a recipe
+            and ``uniform`` without.
         recon: block-reconstruction settings (a mapping of :class:`ReconSettings` fields) for
-            ``recipe="recon"``.
+            a recipe that reconstructs (``recipe="recon"``).
         weight: derived from ``bits``; int, symmetric, per channel, MinMax (with a recipe:
             asymmetric per channel, MSE clip search).
         act: derived; uint, asymmetric, per tensor, observer ``method``.
@@ -299,7 +292,10 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         _choice("method", self.method, METHODS)
-        _choice("placement", self.placement, PLACEMENTS)
+        if not isinstance(self.placement, str) or not self.placement:
+            raise ConfigError(
+                f"placement={self.placement!r} must name a placement of the model's family, e.g. seed, full or matmul"
+            )
         try:
             object.__setattr__(self, "arithmetic", Arithmetic(self.arithmetic))
         except ValueError:
@@ -310,7 +306,7 @@ class QuantConfig:
         set_ = object.__setattr__
         self._check_recipe()
         set_(self, "softmax", self.softmax or ("log_sqrt2" if self.recipe else "uniform"))
-        set_(self, "recon", ReconSettings.parse(self.recon) if self.recipe == "recon" else None)
+        set_(self, "recon", ReconSettings.parse(self.recon) if self._reconstructs() else None)
         set_(self, "overrides", _parse_overrides(self.overrides))
         if self.recipe:
             set_(self, "weight", QuantSpec(w, False, Granularity.PER_CHANNEL, "mse"))
@@ -336,8 +332,12 @@ class QuantConfig:
             _choice("softmax", self.softmax, SOFTMAX_QUANTIZERS)
             if self.lis and self.softmax != "uniform":
                 raise ConfigError(f"softmax={self.softmax!r} and lis=True both quantize the softmax output; pick one")
-        if self.recon is not None and self.recipe != "recon":
+        if self.recon is not None and not self._reconstructs():
             raise ConfigError(f"recon settings are for recipe='recon' (got recipe={self.recipe!r})")
+
+    def _reconstructs(self) -> bool:
+        """Whether the recipe runs block reconstruction (the ``reconstruct`` step), which reads ``recon``."""
+        return self.recipe is not None and "reconstruct" in RECIPES[self.recipe]
 
     def spec_for(self, role: str, name: str) -> Optional[QuantSpec]:
         """The spec of the quant point ``name`` of ``role`` (``weight``, ``act``, ``attn``,

@@ -145,6 +145,7 @@ FAMILY = register_family(
     "timm_swin",
     (SwinTransformer,),
     {"seed": seed_placement, "full": full_placement, "matmul": matmul_placement((WindowAttention,))},
+    image_convs=lambda model: ["patch_embed.proj"],
     norm_linear_pairs=norm_linear_pairs,
     blocks=blocks,
 )

@@ -116,6 +116,7 @@ FAMILY = register_family(
     "timm_vit",
     (VisionTransformer,),
     {"seed": seed_placement, "full": full_placement, "matmul": matmul_placement((Attention,))},
+    image_convs=lambda model: ["patch_embed.proj"],
     norm_linear_pairs=norm_linear_pairs,
     blocks=blocks,
 )
