@@ -104,7 +104,7 @@ class TestBuild:
         "kwargs, match",
         [
             (dict(method="kmeans"), "method='kmeans' is not one of"),
-            (dict(method="minmax", placement="everywhere"), "placement='everywhere' is not one of"),
+            (dict(method="minmax", placement="everywhere"), "placement='everywhere' is not defined for the itpn model family"),
             (dict(method="minmax", bits="8/8"), "bits='8/8' must be three integers"),
             (dict(method="minmax", arithmetic="fast"), "arithmetic='fast' is not one of"),
         ],

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from lit_ptq.errors import ConfigError
-from lit_ptq.quant import METHODS, PLACEMENTS, Arithmetic, Granularity, QuantConfig, QuantSpec, parse_bits
+from lit_ptq.quant import METHODS, PLACEMENTS, SOFTMAX_QUANTIZERS, Arithmetic, Granularity, QuantConfig, QuantSpec, parse_bits
 
 
 def test_defaults_are_the_seed_run() -> None:
@@ -28,8 +28,20 @@ def test_method_placement_bits_is_all_a_run_needs(method: str, placement: str) -
 
 
 def test_valid_values_are_the_documented_ones() -> None:
-    assert METHODS == ("minmax", "ema", "percentile", "omse", "mse")
-    assert PLACEMENTS == ("seed", "full", "matmul")
+    assert tuple(METHODS) == ("minmax", "ema", "percentile", "omse", "mse")
+    assert tuple(PLACEMENTS) == ("seed", "full", "matmul")
+    assert tuple(SOFTMAX_QUANTIZERS) == ("uniform", "log2", "log_sqrt2")
+
+
+@pytest.mark.parametrize("placement", ["seed", "fq-vit"])
+def test_any_placement_name_is_kept_for_the_family_to_check(placement: str) -> None:
+    assert QuantConfig(placement=placement).placement == placement
+
+
+@pytest.mark.parametrize("placement", ["", None])
+def test_a_placement_must_be_a_name(placement: object) -> None:
+    with pytest.raises(ConfigError, match=rf"placement={placement!r} must name a placement of the model's family"):
+        QuantConfig(placement=placement)
 
 
 @pytest.mark.parametrize("method", ["minmax", "ema", "percentile", "omse"])
@@ -86,7 +98,6 @@ def test_arithmetic_accepts_its_name_or_the_enum(arithmetic: object) -> None:
     [
         ("method", "kl", r"method='kl' is not one of: minmax, ema, percentile, omse, mse$"),
         ("method", "MinMax", r"method='MinMax' is not one of: minmax, ema, percentile, omse, mse$"),
-        ("placement", "fq-vit", r"placement='fq-vit' is not one of: seed, full, matmul$"),
         ("arithmetic", "fast", r"arithmetic='fast' is not one of: seed, fused"),
     ],
 )

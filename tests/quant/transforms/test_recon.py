@@ -13,7 +13,7 @@ from lit_ptq.errors import ConfigError
 from lit_ptq.quant import QuantConfig, QuantMode, WeightQuantizer, calibrate, quant_points, quantize_, quantizers
 from lit_ptq.quant.config import ReconSettings
 from lit_ptq.quant.plugins.itpn import blocks
-from lit_ptq.quant.quantize import owner_weight
+from lit_ptq.quant import owner_weight
 from lit_ptq.quant.transforms import reconstruct_
 from lit_ptq.quant.transforms.recon import _AdaRoundWeight, _LsqFakeQuant, _limit, _split_inputs
 
