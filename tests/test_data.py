@@ -1,7 +1,8 @@
-"""Specification of lit_ptq/data.py: folder checks, decoding, unreadable files, samplers, calibration."""
+"""Specification of lit_ptq/data/: folder checks, decoding, unreadable files, samplers, calibration."""
 
 from __future__ import annotations
 
+import ast
 import functools
 import io
 import os
@@ -443,3 +444,39 @@ def test_trainer_validate_sees_every_image_once_and_reports_skips(root: Path):
     assert sorted(model.targets) == [0, 0, 0, 1, 1, 1, 1, 2, 2]
     assert isinstance(trainer.val_dataloaders.sampler, UnpaddedDistributedSampler)
     assert dm.skipped_files == [str(bad)]
+
+
+PACKAGE = Path(__file__).resolve().parents[1] / "lit_ptq" / "data"
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """The modules a file imports, relative ones as written (``..errors``, ``.images``)."""
+    modules = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            modules |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            modules.add("." * node.level + (node.module or ""))
+    return modules
+
+
+@pytest.mark.parametrize("module", ["folders", "images"])
+def test_folders_and_images_need_no_lightning_no_model_and_no_datamodule(module):
+    imported = _imported_modules(PACKAGE / f"{module}.py")
+    lightning = {m for m in imported if m.split(".")[0] in ("pytorch_lightning", "lightning")}
+    assert imported and not lightning and not imported & {"..models", ".datamodule"}
+
+
+def test_folders_decode_nothing():
+    assert not _imported_modules(PACKAGE / "folders.py") & {"torch", "PIL", ".images"}
+
+
+def test_the_package_exports_every_name_of_its_modules():
+    import lit_ptq.data as package
+    from lit_ptq.data import datamodule, folders, images
+
+    modules = (datamodule, folders, images)
+    assert sorted(package.__all__) == sorted(name for module in modules for name in module.__all__)
+    for module in modules:
+        for name in module.__all__:
+            assert getattr(package, name) is getattr(module, name), name
