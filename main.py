@@ -40,10 +40,10 @@ class _StdoutHandler(logging.StreamHandler):
 
 
 def _configure_logging() -> None:
+    from lit_ptq.run import quiet_lightning
+
     # Lightning's start-up chatter (seed, accelerators, tips) would bury a one-line error.
-    for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    quiet_lightning()
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     package_log = logging.getLogger("lit_ptq")
     if not package_log.handlers:

@@ -36,7 +36,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from lit_ptq.io import write_text  # noqa: E402
-from lit_ptq.tools.table import Cell, load_setup, quiet_lightning, run_cell  # noqa: E402
+from lit_ptq.run import quiet_lightning  # noqa: E402
+from lit_ptq.tools.table import Cell, load_setup, run_cell  # noqa: E402
 
 log = logging.getLogger("bench_recipes")
 

@@ -144,13 +144,13 @@ class TestExport:
             assert torch.allclose(ort_module(images), torch_module(images), atol=1e-3)
 
     def test_an_error_while_writing_leaves_no_file(self, export_config, exported, tmp_path, monkeypatch, capsys):
-        import lit_ptq.export
+        import lit_ptq.export.qdq
 
         def fail(model, path, *args, **kwargs):
             Path(path).write_bytes(b"half")
             raise ConfigError("disk full")
 
-        monkeypatch.setattr(lit_ptq.export, "export_onnx", fail)
+        monkeypatch.setattr(lit_ptq.export.qdq, "export_onnx", fail)
         path = tmp_path / "half.onnx"
         code = main_script.main(["export", "--config", str(export_config), "--output", str(path),
                                  "--calibration.load_state", str(exported["state"])])  # fmt: skip

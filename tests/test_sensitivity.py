@@ -1,5 +1,5 @@
-"""Specification of lit_ptq/sensitivity.py: the per-point sensitivity arithmetic, the activation
-histograms and the mixed-precision overrides, on the demo's ``itpn_tiny`` (conftest's
+"""Specification of lit_ptq/quant/sensitivity.py (the per-point sensitivity arithmetic, the activation
+histograms and the mixed-precision overrides) and lit_ptq/sensitivity.py (the YAML and table), on the demo's ``itpn_tiny`` (conftest's
 ``tiny_checkpoint``) and random images."""
 
 from __future__ import annotations
@@ -15,16 +15,15 @@ import yaml
 from lit_ptq.errors import ConfigError
 from lit_ptq.models import create_model
 from lit_ptq.quant import QuantConfig, QuantMode, TensorQuantizer, WeightQuantizer, calibrate, quant_points, quantize_
-from lit_ptq.sensitivity import (
+from lit_ptq.quant.sensitivity import (
     PointSensitivity,
     activation_histograms,
     keep_count,
     measure_sensitivity,
     mixed_precision_overrides,
     output_divergence,
-    overrides_yaml,
-    sensitivity_markdown,
 )
+from lit_ptq.sensitivity import overrides_yaml, sensitivity_markdown
 
 SABOTAGED = "blocks.2.mlp.fc2_output"
 
