@@ -157,3 +157,10 @@ def test_function_level_and_relative_imports_count() -> None:
     source = "import os\n\ndef f():\n    from .b import g\n    from .. import c\n    from ..d import *\n"
     assert imports_in(source, "lit_ptq.quant.probe") == {"os", "lit_ptq.quant.b.g", "lit_ptq.c", "lit_ptq.d"}
     assert imports_in("from . import walk", "lit_ptq.quant", is_package=True) == {"lit_ptq.quant.walk"}
+
+
+def test_the_module_and_the_backend_interfaces_import_no_backend() -> None:
+    """``PTQModule`` evaluates the backend it is given; the backends register themselves (issue 22)."""
+    for name in ("module", "backends"):
+        assert forbidden_imports(PACKAGE / f"{name}.py", ("lit_ptq.export",)) == [], name
+    assert "lit_ptq.backends" in import_graph()["lit_ptq.module"]

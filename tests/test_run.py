@@ -1,0 +1,128 @@
+"""Specification of lit_ptq/run.py, the run service: the option checks and calibration-batch policy
+(:func:`plan_run`), the typed calibration result, the record and the summary line."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from lit_ptq.callbacks import CalibrationCallback
+from lit_ptq.errors import ConfigError
+from lit_ptq.module import PTQModule
+from lit_ptq.quant import quantizers
+from lit_ptq.run import (
+    DATA_LINKS,
+    NOT_CALIBRATED,
+    CalibrationResult,
+    RunPlan,
+    calibrate_module,
+    linked_data_args,
+    plan_run,
+    results_record,
+    summary_line,
+)
+from lit_ptq.sensitivity import SensitivitySettings
+
+DATA = dict(root="/data", calib_batches=4, calib_batch_size=8)
+
+
+def _plan(subcommand: str = "validate", sensitivity: bool = False, **model_and_calibration: Any) -> RunPlan:
+    calibration = {k: model_and_calibration.pop(k) for k in ("save_state", "load_state") if k in model_and_calibration}
+    return plan_run(subcommand, model_and_calibration, DATA, calibration, SensitivitySettings(enabled=sensitivity))
+
+
+class TestPlan:
+    @pytest.mark.parametrize(
+        "kwargs, calib_batches",
+        [
+            (dict(), 0),  # float: nothing to calibrate
+            (dict(method="minmax"), 4),
+            (dict(method="minmax", load_state="{state}"), 0),  # loaded: no calibration image
+            (dict(method="minmax", load_state="{state}", sensitivity=True), 4),  # measured on them
+            (dict(method="minmax", onnx="m.onnx"), 0),  # the file holds its quantization
+        ],
+    )
+    def test_calibration_batches(self, tmp_path, kwargs, calib_batches):
+        state = tmp_path / "s.qstate"
+        state.write_bytes(b"")
+        kwargs = {k: v.format(state=state) if isinstance(v, str) else v for k, v in kwargs.items()}
+        assert _plan(**kwargs) == RunPlan(calib_batches, logger=True)
+
+    def test_predict_keeps_no_logger(self, tmp_path):
+        (tmp_path / "images").mkdir()
+        (tmp_path / "images" / "a.png").write_bytes(b"")
+        data = dict(DATA, predict_root=str(tmp_path / "images"))
+        plan = plan_run("predict", dict(method="minmax"), data, {}, SensitivitySettings(), output=str(tmp_path / "p.csv"))
+        assert plan == RunPlan(4, logger=False)
+
+    @pytest.mark.parametrize(
+        "subcommand, kwargs, message",
+        [
+            ("validate", dict(method="minmax", onnx="m.onnx", save_state="s.qstate"), "calibration.save_state is set but model.onnx=m.onnx"),
+            ("validate", dict(method="minmax", load_state="/no/such.qstate"), "calibration.load_state=/no/such.qstate does not exist"),
+            ("export", dict(onnx="m.onnx"), "model.onnx=m.onnx is for validate"),
+            ("test", dict(method="minmax", sensitivity=True), "sensitivity.enabled=true is for validate, not test"),
+        ],
+    )
+    def test_errors_are_one_sentence(self, subcommand, kwargs, message):
+        with pytest.raises(ConfigError, match=message):
+            _plan(subcommand, **kwargs)
+
+    def test_no_calibration_batches_for_a_quantized_model(self):
+        with pytest.raises(ConfigError, match="data.calib_batches=0 but model.method is set"):
+            plan_run("validate", dict(method="minmax"), dict(DATA, calib_batches=0), {}, SensitivitySettings())
+
+    def test_export_output_is_checked_by_its_backend(self, tmp_path):
+        with pytest.raises(ConfigError, match=r"--output=.*model.pt must end in .onnx"):
+            plan_run("export", {}, DATA, {}, SensitivitySettings(), output=str(tmp_path / "model.pt"))
+
+
+def test_data_links() -> None:
+    assert [m for m, _ in DATA_LINKS] == ["model_name", "img_size", "num_classes"]
+    assert linked_data_args(dict(model_name="itpn_tiny", num_classes=10, method="omse")) == dict(
+        model_name="itpn_tiny", img_size=None, num_classes=10
+    )
+
+
+class _Calib:
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = images
+
+    def calib_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.images), batch_size=6)
+
+
+class TestCalibration:
+    def test_a_float_module_is_not_calibrated(self):
+        module = PTQModule(model_name="itpn_tiny", num_classes=10)
+        assert calibrate_module(module, _Calib(torch.zeros(2, 3, 32, 32))) is None
+
+    def test_the_result_is_typed_and_the_callback_exposes_it(self, tmp_path):
+        images = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        torch.manual_seed(0)
+        module = PTQModule(model_name="itpn_tiny", num_classes=10, method="minmax")
+        callback = CalibrationCallback(save_state=str(tmp_path / "s.qstate"))
+        assert callback.result is None and callback.calib_images == 0 and callback.report == []
+        assert callback.prepare(module, _Calib(images))
+        result = callback.result
+        assert isinstance(result, CalibrationResult)
+        assert result.calib_images == 12 and result.seconds > 0 and result.saved_to == str(tmp_path / "s.qstate")
+        assert result.loaded_from is None and {r.name for r in result.report} == {n for n, _ in quantizers(module.model)}
+        assert (callback.calib_images, callback.seconds, callback.report) == (12, result.seconds, result.report)
+        loaded = calibrate_module(module, load_state=str(tmp_path / "s.qstate"))
+        assert loaded is not None and loaded.loaded_from == str(tmp_path / "s.qstate")
+        assert (loaded.calib_images, loaded.report, loaded.saved_to) == (0, [], None)
+
+
+def test_record_and_summary_line() -> None:
+    module = PTQModule(model_name="itpn_tiny", num_classes=10, method="minmax")
+    metrics = {"test/acc1": 0.5, "test/acc5": 0.875, "test/loss": 1.25, "test/num_images": 8.0}
+    calib = CalibrationResult(seconds=1.23456, calib_images=16)
+    record = results_record(module, metrics, calib, dict(seed=0), "test")
+    assert record["calib_images"] == 16 and record["calibration_seconds"] == 1.235 and record["backend"] == "pytorch"
+    assert (record["acc1"], record["acc5"], record["num_images"], record["split"], record["seed"]) == (50.0, 87.5, 8, "test", 0)
+    assert results_record(module, metrics, None, {}, "test")["calib_images"] == NOT_CALIBRATED.calib_images == 0
+    assert summary_line(record, 2.04) == "itpn_tiny minmax seed 8/8/8: test acc1 50.00 acc5 87.50 loss 1.2500 on 8 images (2.0 s)"
