@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +18,14 @@ from lit_ptq.data import ImageNetDataModule
 from lit_ptq.errors import CheckpointError, ConfigError
 from lit_ptq.models import create_model
 from lit_ptq.module import PTQModule
-from lit_ptq.quant import QuantMode, calibrate, quantizers
+from lit_ptq.quant import QuantMode, WeightQuantizer, calibrate, float_points, quantizers
 
 CALIB_BATCH_SIZE = 16
 CALIB_BATCHES = 2
 VAL_BATCH_SIZE = 10
+RECIPE = dict(method="minmax", placement="matmul", bits="4/4/4", recipe="repq")
+"""A low-bit recipe: its calibration changes the weights (LayerNorms folded into the Linears)."""
+RECIPE_CALIB_BATCH_SIZE = 4
 
 
 class Probe(Callback):
@@ -44,15 +49,16 @@ class Probe(Callback):
         self.events.append("batch")
 
 
-def _datamodule(root: Path) -> ImageNetDataModule:
+def _datamodule(root: Path, calib_batch_size: int = CALIB_BATCH_SIZE, seed: int = 0) -> ImageNetDataModule:
     return ImageNetDataModule(
         root=str(root),
         model_name="itpn_tiny",
         num_classes=10,
         batch_size=VAL_BATCH_SIZE,
         num_workers=0,
-        calib_batch_size=CALIB_BATCH_SIZE,
+        calib_batch_size=calib_batch_size,
         calib_batches=CALIB_BATCHES,
+        seed=seed,
     )
 
 
@@ -60,8 +66,11 @@ def _module(checkpoint: Path, method: str | None = "minmax", **kwargs) -> PTQMod
     return PTQModule(model_name="itpn_tiny", num_classes=10, checkpoint=str(checkpoint), method=method, **kwargs)
 
 
-def _run(module: PTQModule, root: Path, *callbacks: Callback, **trainer_kwargs: Any) -> dict[str, float]:
-    """``Trainer.validate`` on ``root`` (one CPU process unless ``trainer_kwargs`` say otherwise)."""
+def _run(
+    module: PTQModule, root: Path, *callbacks: Callback, datamodule: ImageNetDataModule | None = None, **trainer_kwargs: Any
+) -> dict[str, float]:
+    """``Trainer.validate`` on ``root`` (one CPU process unless ``trainer_kwargs`` say otherwise;
+    ``datamodule`` defaults to ``_datamodule(root)``)."""
     options = dict(
         accelerator="cpu",
         devices=1,
@@ -71,12 +80,39 @@ def _run(module: PTQModule, root: Path, *callbacks: Callback, **trainer_kwargs: 
         enable_checkpointing=False,
     )
     trainer = Trainer(**{**options, **trainer_kwargs}, callbacks=list(callbacks))
-    (metrics,) = trainer.validate(module, datamodule=_datamodule(root), verbose=False)
+    (metrics,) = trainer.validate(module, datamodule=datamodule or _datamodule(root), verbose=False)
     return metrics
 
 
 def _buffers(module: PTQModule) -> dict[str, torch.Tensor]:
     return {f"{n}.{k}": b.clone() for n, q in quantizers(module.model) for k, b in q.named_buffers()}
+
+
+def _params(module: PTQModule) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.model.named_parameters()}
+
+
+def _float_inputs(module: PTQModule, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What each activation quantizer receives when the float model (every point passing
+    through) runs on ``images``."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def record(name: str) -> Callable[..., None]:
+        def hook(point: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:
+            seen[name] = args[0].detach().float().clone()
+
+        return hook
+
+    hooks = [
+        q.register_forward_hook(record(name)) for name, q in quantizers(module.model) if not isinstance(q, WeightQuantizer)
+    ]
+    try:
+        with torch.no_grad(), float_points(module.model):
+            module.model(images)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
 
 
 def _metrics_only(metrics: dict[str, float]) -> dict[str, float]:
@@ -86,7 +122,8 @@ def _metrics_only(metrics: dict[str, float]) -> dict[str, float]:
 class RankOneCalibratesOtherImages(Callback):
     """Test-only, for a two-process run: rank 1 calibrates on another shuffle of ``train/`` (data
     seed 1), so that its quantizer buffers differ from rank 0's until the broadcast; after
-    validation each rank saves its buffers to ``folder/rank{r}.pt``."""
+    validation each rank saves its buffers to ``folder/rank{r}.pt`` and its model's parameters
+    to ``folder/params{r}.pt``."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -97,6 +134,7 @@ class RankOneCalibratesOtherImages(Callback):
 
     def on_validation_end(self, trainer, pl_module) -> None:
         torch.save(_buffers(pl_module), self.folder / f"rank{trainer.global_rank}.pt")
+        torch.save(_params(pl_module), self.folder / f"params{trainer.global_rank}.pt")
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +192,27 @@ class TestCalibration:
         assert [r.name for r in calib.report if r.numel == 0] == []  # every point saw data
         assert all(r.sqnr_db > 0 for r in calib.report if r.role == "weight")
 
+    def test_report_is_measured_on_the_last_calibration_batch(self, saved_state, fmnist_root):
+        """Each activation point's numbers are those of its float input ``x`` on the last calibration
+        batch: SQNR ``10 log10(sum x^2 / sum (x - fq(x))^2)`` with ``fq(x) = (clamp(round(x / s + zp),
+        qmin, qmax) - zp) * s``, and the share of ``x`` more than half a step outside the grid."""
+        *_, calib, _, module = saved_state
+        last = [batch[0] for batch in _datamodule(fmnist_root).calib_dataloader()][-1]
+        seen = _float_inputs(module, last)
+        points = dict(quantizers(module.model))
+        reported = {r.name: r for r in calib.report if r.name in seen}
+        assert set(reported) == set(seen) and len(seen) == 48
+        for name, x in seen.items():
+            q, r = points[name], reported[name]
+            s, zp, qmin, qmax = q.scale, q.zero_point, q.spec.qmin, q.spec.qmax
+            fq = (torch.round(x / s + zp).clamp(qmin, qmax) - zp) * s
+            signal = x.double().pow(2).sum().item()
+            noise = (x.double() - fq.double()).pow(2).sum().item()
+            outside = (x < (qmin - zp - 0.5) * s) | (x > (qmax - zp + 0.5) * s)
+            assert r.numel == x.numel(), name
+            assert r.sqnr_db == pytest.approx(10 * math.log10(signal / noise), rel=1e-9), name
+            assert r.clipped == outside.sum().item() / x.numel(), name
+
     def test_float_model_is_not_calibrated(self, fmnist_root, tiny_checkpoint, num_val_images):
         calib = CalibrationCallback()
         metrics = _run(_module(tiny_checkpoint, method=None), fmnist_root, calib)
@@ -205,6 +264,34 @@ class TestTwoProcesses:
             state = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
             assert set(state) == set(buffers)
             assert all(torch.equal(state[k], v) for k, v in buffers.items()), rank
+
+    def test_a_recipes_weights_and_buffers_are_rank_zeros_on_every_rank(
+        self, fmnist_root, tiny_checkpoint, tmp_path, monkeypatch
+    ):
+        """A recipe changes the weights as well as the quantizer buffers: rank 1 calibrates other
+        images, yet after the broadcast both ranks hold exactly the parameters and buffers of a
+        one-process run on rank 0's images, and report its metrics."""
+        monkeypatch.delenv("MASTER_PORT", raising=False)
+        alone = _module(tiny_checkpoint, **RECIPE)
+        reference = _run(alone, fmnist_root, CalibrationCallback(), datamodule=_datamodule(fmnist_root, RECIPE_CALIB_BATCH_SIZE))
+        params, buffers = _params(alone), _buffers(alone)
+        rank_one_alone = _module(tiny_checkpoint, **RECIPE)
+        CalibrationCallback().prepare(rank_one_alone, _datamodule(fmnist_root, RECIPE_CALIB_BATCH_SIZE, seed=1))
+        folded = [k for k in params if k.endswith("fc1.weight")]  # a LayerNorm folded in: data dependent
+        assert folded and not any(torch.equal(_params(rank_one_alone)[k], params[k]) for k in folded)
+
+        module = _module(tiny_checkpoint, **RECIPE)
+        ranks = RankOneCalibratesOtherImages(tmp_path)
+        metrics = _run(
+            module, fmnist_root, ranks, CalibrationCallback(),
+            datamodule=_datamodule(fmnist_root, RECIPE_CALIB_BATCH_SIZE), strategy="ddp_fork", devices=2,
+        )  # fmt: skip
+        assert _metrics_only(metrics) == _metrics_only(reference)
+        for rank in (0, 1):
+            for saved, expected in (("params", params), ("rank", buffers)):
+                state = torch.load(tmp_path / f"{saved}{rank}.pt", weights_only=True)
+                assert set(state) == set(expected), (rank, saved)
+                assert [k for k, v in expected.items() if not torch.equal(state[k], v)] == [], (rank, saved)
 
 
 class TestStateFile:

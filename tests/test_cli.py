@@ -104,7 +104,8 @@ def one_process_run(tiny_config, tmp_path_factory):
     method and extra arguments.
 
     A run is a dict with ``record`` (the results JSON), ``out`` (its folder), ``stdout``,
-    ``state`` (the saved quantizer state) and ``metrics`` (the trainer's callback metrics).
+    ``state`` (the saved quantizer state), ``metrics`` (the trainer's callback metrics) and
+    ``cli`` (the finished CLI, with its calibrated model and data module).
     """
     runs: dict[tuple[str, ...], dict[str, Any]] = {}
 
@@ -121,6 +122,7 @@ def one_process_run(tiny_config, tmp_path_factory):
                 stdout=stdout.getvalue(),
                 state=torch.load(out / "state.qstate", map_location="cpu", weights_only=True)["state"],
                 metrics={k: float(v) for k, v in cli.trainer.callback_metrics.items()},
+                cli=cli,
             )
         return runs[key]
 
@@ -163,6 +165,30 @@ class TestOneProcess:
         assert record["loss"] == run["metrics"]["val/loss"]
         assert "itpn_tiny minmax seed 8/8/8: acc1" in run["stdout"]
         assert f"on {num_val_images} images" in run["stdout"]
+
+    def test_record_fields_are_the_logits_scored_by_hand(self, one_process_run, num_val_images):
+        """acc1 / acc5 (percent), loss and the counts of the results JSON equal those computed here
+        from the calibrated model's logits of every val image: an image counts in top-k when fewer
+        than k classes score above its target; the loss is the mean cross-entropy."""
+        run = one_process_run("minmax")
+        record, cli = run["record"], run["cli"]
+        cli.model.eval()
+        with torch.no_grad():
+            scored = [(cli.model.predict_logits(x).double(), y) for x, y in cli.datamodule.val_dataloader()]
+        logits, targets = torch.cat([z for z, _ in scored]), torch.cat([y for _, y in scored])
+        above = (logits > logits.gather(1, targets[:, None])).sum(1)  # classes scored above the target
+        n = len(targets)
+        hits1, hits5 = int((above < 1).sum()), int((above < 5).sum())
+        assert hits1 < hits5  # acc5 != acc1 on these images
+        loss = float((logits.logsumexp(1) - logits.gather(1, targets[:, None])[:, 0]).mean())
+        assert record["num_images"] == n == num_val_images
+        assert record["acc1"] == pytest.approx(100 * hits1 / n, abs=1e-4)
+        assert record["acc5"] == pytest.approx(100 * hits5 / n, abs=1e-4)
+        assert record["loss"] == pytest.approx(loss, rel=1e-6)
+        assert (record["acc5"], record["loss"]) == (round(100 * run["metrics"]["val/acc5"], 4), run["metrics"]["val/loss"])
+        calib = cli._calibration()
+        assert record["calib_images"] == calib.calib_images == CALIB_BATCHES * CALIB_BATCH_SIZE
+        assert record["calibration_seconds"] == round(calib.seconds, 3)
 
     def test_tensorboard_has_hparams_report_and_sqnr(self, one_process_run):
         run = one_process_run("minmax")

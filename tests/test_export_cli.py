@@ -231,6 +231,39 @@ class TestOnnxValidate:
         assert isinstance(info.input_shape[0], str)  # the dynamic batch
 
 
+def _classifier_file(path: Path, output_dims: list[Any]) -> Path:
+    """A minimal ONNX file with a ``(batch, 3, 32, 32)`` input whose graph declares an output of ``output_dims``."""
+    image = onnx.helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, ["batch", 3, 32, 32])
+    logits = onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, output_dims)
+    node = onnx.helper.make_node("Identity", ["input"], ["logits"])
+    onnx.save(onnx.helper.make_model(onnx.helper.make_graph([node], "classifier", [image], [logits])), str(path))
+    return path
+
+
+class TestOutputShape:
+    """A file is taken only when its output is ``(batch, model.num_classes)`` logits."""
+
+    def test_batch_by_classes_is_accepted(self, tmp_path):
+        path = _classifier_file(tmp_path / "ok.onnx", ["batch", 10])
+        module = PTQModule(model_name="itpn_tiny", num_classes=10, onnx=str(path))
+        assert module.onnx_info.output_shape == ("batch", 10) and module.onnx_info.output_name == "logits"
+
+    @pytest.mark.parametrize(
+        "dims, message",
+        [
+            (["batch", 11], r"outputs 11 classes but model.num_classes=10"),
+            (["batch"], r"is not an image classifier with one \(batch, channels, height, width\) input and \(batch, classes\) logits"),
+            (["batch", 10, 1], r"is not an image classifier with one \(batch, channels, height, width\) input and \(batch, classes\) logits"),
+            ([], r"is not an image classifier with one \(batch, channels, height, width\) input and \(batch, classes\) logits"),
+        ],
+    )  # fmt: skip
+    def test_another_output_shape_is_refused(self, tmp_path, dims, message):
+        path = _classifier_file(tmp_path / "bad.onnx", dims)
+        with pytest.raises(ConfigError, match=rf"^model.onnx={path} {message}") as refused:
+            PTQModule(model_name="itpn_tiny", num_classes=10, onnx=str(path))
+        assert "\n" not in str(refused.value)
+
+
 @pytest.fixture(scope="module")
 def not_onnx(tmp_path_factory) -> Path:
     """A text file named like an ONNX file."""

@@ -61,6 +61,27 @@ class TestOutputDivergence:
         expected = float((p * (p.log() - p.flip(0).log())).sum()) / 2
         assert agreement == 50.0 and kl == pytest.approx(expected, rel=1e-12)
 
+    def test_kl_is_float_to_quantized_on_an_asymmetric_pair(self):
+        """``KL(p_f || p_q) = sum_c p_f (log p_f - log p_q)`` per image, averaged: here the two
+        directions differ by more than 0.1 nats (the quantized outputs are flatter)."""
+        reference = torch.tensor([[4.0, 0.0, 0.0, 0.0], [1.0, -1.0, 0.0, 3.0]])
+        logits = torch.tensor([[0.2, 0.1, 0.0, 0.0], [0.5, 0.0, 2.0, 1.0]])  # flatter; image 1 changes class (3 -> 2)
+
+        def softmax(row: list[float]) -> list[float]:
+            e = [math.exp(v) for v in row]
+            return [v / sum(e) for v in e]
+
+        def kl(a: list[float], b: list[float]) -> float:
+            return sum(p * (math.log(p) - math.log(q)) for p, q in zip(softmax(a), softmax(b)))
+
+        rows = list(zip(reference.tolist(), logits.tolist()))
+        forward = sum(kl(f, q) for f, q in rows) / len(rows)
+        backward = sum(kl(q, f) for f, q in rows) / len(rows)
+        assert abs(forward - backward) > 0.1
+        agreement, divergence = output_divergence(reference, logits)
+        assert agreement == 50.0
+        assert divergence == pytest.approx(forward, rel=1e-12)
+
     def test_shapes_must_match(self):
         with pytest.raises(ValueError):
             output_divergence(torch.zeros(3, 10), torch.zeros(2, 10))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lit_ptq.errors import CalibrationError, ConfigError
-from lit_ptq.quant.observers import METHODS, OBSERVERS, SOFTMAX_QUANTIZERS, OmseObserver, PtfObserver, build_observer
+from lit_ptq.quant.observers import METHODS, OBSERVERS, SOFTMAX_QUANTIZERS, Observer, OmseObserver, PtfObserver, build_observer
 from lit_ptq.quant.primitives import EPS, affine_qparams, symmetric_qparams
 
 F32 = torch.float32
@@ -344,38 +344,273 @@ def test_symmetric_observer_uses_the_larger_magnitude() -> None:
     assert scale.item() == 1.0 and zp.item() == 0.0
 
 
-def test_mse_observer_clips_a_heavy_tail_and_keeps_a_uniform_range() -> None:
-    g = torch.Generator().manual_seed(0)
-    heavy = torch.randn(20000, generator=g)
-    heavy[0] = 40.0  # one outlier: the least-error 4-bit grid clips it
-    obs = build_observer("mse", 0, 15, False, False, -1)
-    obs.update(heavy, last=True)
-    _, _, lo, hi = obs.compute()
-    assert float(hi) < 20.0  # far below the outlier
-    flat = torch.linspace(-1.0, 1.0, 4096)
-    obs = build_observer("mse", 0, 15, False, False, -1)
-    obs.update(flat, last=True)
-    _, _, lo, hi = obs.compute()
-    assert float(hi) > 0.9 and float(lo) < -0.9  # nothing to gain from clipping a uniform range
+# --- MSE ------------------------------------------------------------------------------------
 
 
-def test_mse_observer_searches_each_weight_row() -> None:
-    w = torch.randn(3, 256, generator=torch.Generator().manual_seed(1))
-    w[1, 0] = 30.0
-    obs = build_observer("mse", -8, 7, True, True, 0)
+def _plain_qparams(lo: torch.Tensor, hi: torch.Tensor, qmin: int, qmax: int, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric ``s = (hi - lo) / (qmax - qmin)``, ``zp = clamp(qmin - round(lo / s))``, or
+    symmetric ``s = max(-lo, hi) / ((qmax - qmin) / 2)``, ``zp = 0``; ``s`` at least float32 eps."""
+    if signed:
+        scale = (torch.maximum(-lo, hi) / ((qmax - qmin) / 2)).clamp(min=EPS)
+        return scale, torch.zeros_like(scale)
+    scale = ((hi - lo) / (qmax - qmin)).clamp(min=EPS)
+    return scale, (qmin - torch.round(lo / scale)).clamp(qmin, qmax)
+
+
+def _mse_errors(
+    x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, qmin: int, qmax: int, signed: bool, candidates: int = 80
+) -> list[float]:
+    """Squared error (float64 sum) of ``x`` fake-quantized on each range ``(lo, hi) * (1 - 0.01 i)``, i < ``candidates``."""
+    errors = []
+    for i in range(candidates):
+        scale, zp = _plain_qparams(lo * (1.0 - 0.01 * i), hi * (1.0 - 0.01 * i), qmin, qmax, signed)
+        x_hat = (torch.round(x / scale + zp).clamp(qmin, qmax) - zp) * scale
+        errors.append(float((x_hat.double() - x.double()).pow(2).sum()))
+    return errors
+
+
+def _brute_force_mse(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, qmin: int, qmax: int, signed: bool) -> int:
+    """The first ``i`` of least squared error on ``x``, checked to lead every other candidate by
+    1e-4 relative: the observer sums in float32 (relative error ~1e-6 here), so no summation
+    order can change the winner and its range can be compared exactly."""
+    errors = _mse_errors(x, lo, hi, qmin, qmax, signed)
+    best = min(range(80), key=errors.__getitem__)
+    assert all(e > errors[best] * (1 + 1e-4) for i, e in enumerate(errors) if i != best)
+    return best
+
+
+def _check_mse_range(obs: Observer, running_lo: torch.Tensor, running_hi: torch.Tensor, best: list[int], signed: bool) -> None:
+    """The observer's range is the running range shrunk by ``1 - 0.01 best`` (per row), to the
+    bit, and ``compute`` gives that range's scale and zero point."""
+    factors = [1.0 - 0.01 * i for i in best]
+    lo = torch.stack([v * f for v, f in zip(running_lo.reshape(-1), factors)]).reshape(running_lo.shape)
+    hi = torch.stack([v * f for v, f in zip(running_hi.reshape(-1), factors)]).reshape(running_hi.shape)
+    assert torch.equal(obs.min_val, lo) and torch.equal(obs.max_val, hi)
+    scale, zp, min_val, max_val = obs.compute()
+    ref_scale, ref_zp = _plain_qparams(lo, hi, obs.qmin, obs.qmax, signed)
+    assert torch.equal(scale, ref_scale) and torch.equal(zp, ref_zp)
+    assert torch.equal(min_val, lo) and torch.equal(max_val, hi)
+
+
+def _uniform(n: int, lo: float, hi: float, seed: int) -> torch.Tensor:
+    return torch.rand(n, generator=torch.Generator().manual_seed(seed)) * (hi - lo) + lo
+
+
+def _near_levels(n: int, step: float, codes: tuple[int, int], ends: tuple[float, float], seed: int) -> torch.Tensor:
+    """Data the full range fits: ``step * q`` for random ``q`` in ``codes`` (within 5% of a
+    step, inside the range), and the range's ends ``ends`` once each."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(codes[0], codes[1] + 1, (n - 2,), generator=g).float()
+    x = step * (q + 0.1 * (torch.rand(n - 2, generator=g) - 0.5))
+    return torch.cat([torch.tensor(ends), x.clamp(*ends)])
+
+
+def _with_outlier(n: int, seed: int, outlier: float = 6.0) -> torch.Tensor:
+    x = _randn(n, seed=seed) * 0.5 + 0.3
+    x[7] = outlier
+    return x
+
+
+# name: (data, bits, signed, the brute-force winner: 0 = the full range, 79 = the last candidate, None = between)
+MSE_PER_TENSOR_CASES = {
+    # the levels of (-0.6, 2.4) at 4 bits: 0.2 (q - 3), q = 0..15
+    "near_levels_keeps_the_full_range": (lambda: _near_levels(4000, 0.2, (-3, 12), (-0.6, 2.4), seed=0), 4, False, 0),
+    "outlier_is_clipped": (lambda: _with_outlier(4000, seed=1), 4, False, None),
+    "outlier_at_2_bits_takes_the_last_candidate": (lambda: _with_outlier(4000, seed=2, outlier=8.0), 2, False, 79),
+    # symmetric 4 bits: s = 2.4 / 7.5 = 0.32, levels 0.32 q, q = -8..7 (data at q = -7..3)
+    "symmetric_near_levels_keeps_the_full_range": (lambda: _near_levels(4000, 0.32, (-7, 3), (-2.4, 1.0), seed=3), 4, True, 0),
+    "symmetric_outlier_is_clipped": (lambda: _with_outlier(4000, seed=4), 4, True, None),
+}
+
+
+@pytest.mark.parametrize("case", list(MSE_PER_TENSOR_CASES))
+def test_mse_per_tensor_range_is_the_brute_force_least_error_candidate(case: str) -> None:
+    make, bits, signed, winner = MSE_PER_TENSOR_CASES[case]
+    x = make()
+    qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    best = _brute_force_mse(x, x.min(), x.max(), qmin, qmax, signed)
+    assert best == winner if winner is not None else 0 < best < 79
+    if winner == 79:  # the search stops there although i = 80 would fit better
+        errors = _mse_errors(x, x.min(), x.max(), qmin, qmax, signed, candidates=81)
+        assert errors[80] < errors[79]
+    obs = build_observer("mse", qmin, qmax, signed, False, -1)
+    obs.update(x, last=True)
+    _check_mse_range(obs, x.min(), x.max(), [best], signed)
+
+
+def _mixed_rows(values: int, seed: int) -> torch.Tensor:
+    """Four rows whose least-error ranges differ: near the 4-bit levels of its range (no
+    clipping), an outlier, a heavy tail, uniform on a positive range."""
+    return torch.stack([
+        _near_levels(values, 0.2, (-3, 12), (-0.6, 2.4), seed=seed),
+        _with_outlier(values, seed=seed + 1, outlier=-5.0),
+        _randn(values, seed=seed + 2) ** 3,
+        _uniform(values, 0.5, 1.5, seed=seed + 3),
+    ])
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_mse_per_weight_row_each_row_takes_its_own_least_error_candidate(signed: bool) -> None:
+    rows = _mixed_rows(400, seed=10)
+    w = rows.reshape(4, 4, 10, 10)  # a convolution weight: one row per output channel
+    qmin, qmax = (-8, 7) if signed else (0, 15)
+    lo, hi = rows.amin(1), rows.amax(1)
+    best = [_brute_force_mse(rows[r], lo[r], hi[r], qmin, qmax, signed) for r in range(4)]
+    assert len(set(best)) >= 3  # a joint search over the rows cannot match
+    assert best[0] == 0 or signed
+    obs = build_observer("mse", qmin, qmax, signed, True, 0)
     obs.update(w, last=True)
-    scale, zp, lo, hi = obs.compute()
-    assert scale.shape == (3,) and torch.equal(zp, torch.zeros(3))
-    assert float(hi[1]) < 30.0 and float(hi[0]) == pytest.approx(float(w[0].abs().max()), rel=0.5)
+    _check_mse_range(obs, lo, hi, best, signed)
 
 
-@pytest.mark.parametrize("name, steps", [("log2", 1), ("log_sqrt2", 2)])
-def test_log_observers_pick_the_least_error_delta(name: str, steps: int) -> None:
-    probs = torch.softmax(3 * torch.randn(64, 49, generator=torch.Generator().manual_seed(2)), dim=-1)
-    obs = build_observer(name, 0, 15, False, False, -1)
+def test_mse_per_channel_activation_ranges_over_all_batches_and_searches_the_last() -> None:
+    """Channels along the last axis: the running per-channel range over three batches of
+    different content, each channel's candidate chosen on the last batch alone."""
+    batches = [_mixed_rows(120, seed=20 + 10 * b).t().reshape(3, 40, 4) for b in range(3)]
+    batches[0] = batches[0] * 1.5  # the first batch widens every channel's range
+    obs = build_observer("mse", 0, 15, False, True, -1)
+    for b, x in enumerate(batches):
+        obs.update(x, last=b == 2)
+    channels = [x.reshape(-1, 4).t() for x in batches]  # (channel, values) of each batch
+    lo = torch.stack([c.amin(1) for c in channels]).amin(0)
+    hi = torch.stack([c.amax(1) for c in channels]).amax(0)
+    best = [_brute_force_mse(channels[2][c], lo[c], hi[c], 0, 15, False) for c in range(4)]
+    on_first = [_brute_force_mse(channels[0][c], lo[c], hi[c], 0, 15, False) for c in range(4)]
+    assert len(set(best)) >= 3 and best != on_first  # a search on another batch is wrong
+    _check_mse_range(obs, lo, hi, best, False)
+
+
+def test_mse_per_tensor_ranges_over_all_batches_and_searches_the_last() -> None:
+    batches = [_uniform(3000, -2.0, 5.0, seed=30), _randn(3000, seed=31), _with_outlier(3000, seed=32, outlier=3.0)]
+    obs = _act_observer("mse", 4)
+    obs.update(batches[0])
+    obs.update(batches[1])
+    assert (obs.min_val, obs.max_val) == (min(batches[0].min(), batches[1].min()), batches[0].max())  # no search yet
+    obs.update(batches[2], last=True)
+    lo = torch.stack([b.min() for b in batches]).min()
+    hi = torch.stack([b.max() for b in batches]).max()
+    best = _brute_force_mse(batches[2], lo, hi, 0, 15, False)
+    assert best != _brute_force_mse(torch.cat(batches), lo, hi, 0, 15, False)  # not a search on all batches
+    assert best != _brute_force_mse(batches[2], batches[2].min(), batches[2].max(), 0, 15, False)  # nor on its own range
+    _check_mse_range(obs, lo, hi, [best], False)
+
+
+def test_mse_keeps_the_widest_range_when_every_candidate_is_exact() -> None:
+    """A last batch of zeros is exact on every candidate grid (0 is a level): the tie goes to i = 0."""
+    obs = _act_observer("mse", 4)
+    obs.update(torch.tensor([-1.0, 3.0]))
+    obs.update(torch.zeros(100), last=True)
+    assert (obs.min_val.item(), obs.max_val.item()) == (-1.0, 3.0)
+
+
+@pytest.mark.parametrize("shape, channel", [((3 * 2**17,), False), ((4, 65600), True)])
+def test_mse_searches_an_evenly_strided_subset_beyond_2_pow_18_values(shape: tuple[int, ...], channel: bool) -> None:
+    """Stride ``ceil(numel / 2**18)`` along each row (2 for both cases, though a weight row holds
+    fewer than 2**18 values); the odd values sit at the range's ends, so a search on all values
+    would pick another range."""
+    x = (_randn(*shape, seed=40) * 0.3).clamp(-0.9, 0.9)
+    x[..., 1::2] = torch.tensor([-1.0, 1.0]).repeat(shape[-1] // 4)
+    rows = x.reshape(-1, shape[-1])
+    lo, hi = rows.amin(1), rows.amax(1)
+    best = [_brute_force_mse(r[::2], lo[i], hi[i], 0, 15, False) for i, r in enumerate(rows)]
+    assert best[0] != _brute_force_mse(rows[0], lo[0], hi[0], 0, 15, False)
+    obs = build_observer("mse", 0, 15, False, channel, 0)
+    obs.update(x, last=True)
+    _check_mse_range(obs, lo.reshape(obs.min_val.shape), hi.reshape(obs.max_val.shape), best, False)
+
+
+# --- log2 / log-sqrt2 -----------------------------------------------------------------------
+
+
+def _log_fake_quant(x: torch.Tensor, delta: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """RepQ-ViT's log code in float64: ``q = round(-k log2(x / delta))``, value ``delta 2^(-q / k)``
+    for ``q`` clamped to ``0 .. 2^bits - 1``, 0 where ``q >= 2^bits``."""
+    x, delta = x.double(), delta.double()
+    q = torch.round(-k * torch.log2(x / delta))
+    value = delta * 2.0 ** (-q.clamp(0, 2**bits - 1) / k)
+    return torch.where(q >= 2**bits, torch.zeros_like(value), value)
+
+
+def _delta_candidates(x: torch.Tensor, running_max: torch.Tensor) -> list[torch.Tensor]:
+    """The running max and the 0.999 / 0.9999 / 0.99999 quantiles of ``x`` (torch.quantile)."""
+    return [running_max] + [torch.quantile(x.flatten(), q) for q in (0.999, 0.9999, 0.99999)]
+
+
+def _log_errors(x: torch.Tensor, running_max: torch.Tensor, bits: int, k: int) -> list[float]:
+    """Squared error (float64 sum) of ``x`` log-coded with each candidate delta."""
+    return [float((_log_fake_quant(x, d, bits, k) - x.double()).pow(2).sum()) for d in _delta_candidates(x, running_max)]
+
+
+def _brute_force_delta(x: torch.Tensor, running_max: torch.Tensor, bits: int, k: int) -> tuple[int, torch.Tensor]:
+    """Index and value of the least-error candidate delta, checked to lead the others by 1e-3
+    relative (the observer's float32 arithmetic is within ~1e-6 of this float64 one)."""
+    errors = _log_errors(x, running_max, bits, k)
+    best = min(range(4), key=errors.__getitem__)
+    assert all(e > errors[best] * (1 + 1e-3) for i, e in enumerate(errors) if i != best)
+    return best, _delta_candidates(x, running_max)[best]
+
+
+# (observer, bits, temperature, seed, winner: 0 = the running max, 1..3 = the quantiles)
+LOG_CASES = [
+    ("log2", 4, 1.5, 6, 0),
+    ("log2", 4, 3.0, 9, 1),
+    ("log2", 4, 1.5, 5, 2),
+    ("log2", 4, 1.0, 8, 3),
+    ("log_sqrt2", 4, 3.0, 1, 0),
+    ("log_sqrt2", 4, 3.0, 6, 1),
+    ("log_sqrt2", 4, 2.0, 9, 2),
+    ("log_sqrt2", 4, 3.0, 9, 3),
+    ("log2", 2, 1.0, 0, 1),
+    ("log_sqrt2", 2, 5.0, 8, 1),
+]
+
+
+@pytest.mark.parametrize("name, bits, temperature, seed, winner", LOG_CASES)
+def test_log_delta_is_the_brute_force_least_error_candidate(name: str, bits: int, temperature: float, seed: int, winner: int) -> None:
+    """Softmax rows; across the cases each of the four candidates wins for each code, and the
+    bit width (read from ``qmax``) decides the 2-bit cases."""
+    probs = torch.softmax(temperature * _randn(64, 49, seed=seed), dim=-1)
+    k = 1 if name == "log2" else 2
+    best, delta = _brute_force_delta(probs, probs.max(), bits, k)
+    assert best == winner
+    if bits == 2:  # at 3 bits another candidate would win
+        errors = _log_errors(probs, probs.max(), 3, k)
+        assert min(range(4), key=errors.__getitem__) != winner
+    obs = build_observer(name, 0, 2**bits - 1, False, False, -1)
     obs.update(probs, last=True)
-    scale, zp, _, hi = obs.compute()
-    assert obs.steps_per_octave == steps and float(zp) == 0.0
-    assert 0 < float(scale) <= float(hi)
-    with pytest.raises(ConfigError, match="one range per tensor, not per channel"):
+    scale, zp, lo, hi = obs.compute()
+    assert obs.steps_per_octave == k
+    assert torch.equal(scale, delta) and torch.equal(zp, torch.tensor(0.0))
+    assert torch.equal(lo, probs.min()) and torch.equal(hi, probs.max())
+
+
+@pytest.mark.parametrize("name, k", [("log2", 1), ("log_sqrt2", 2)])
+def test_log_delta_can_be_the_running_max_of_an_earlier_batch(name: str, k: int) -> None:
+    """The last batch lies within 2% of the levels below 0.8, the maximum of the first batch:
+    delta = 0.8 fits it best, better than any quantile or the last batch's own maximum."""
+    g = torch.Generator().manual_seed(50)
+    codes = torch.randint(1, 16, (3000,), generator=g).float()
+    last = 0.8 * torch.exp2(-codes / k) * (1 + 0.04 * (torch.rand(3000, generator=g) - 0.5))
+    obs = build_observer(name, 0, 15, False, False, -1)
+    obs.update(torch.tensor([0.0, 0.8, 0.1]))
+    obs.update(last, last=True)
+    running_max = torch.tensor(0.8)
+    assert torch.equal(obs.max_val, running_max) and last.max() < running_max
+    assert _brute_force_delta(last, running_max, 4, k)[0] == 0
+    assert _brute_force_delta(last, last.max(), 4, k)[0] != 0  # the batch's own max would not win
+    assert torch.equal(obs.compute()[0], running_max)
+
+
+@pytest.mark.parametrize("name", ["log2", "log_sqrt2"])
+def test_log_delta_before_a_last_batch_is_the_running_max(name: str) -> None:
+    obs = build_observer(name, 0, 15, False, False, -1)
+    obs.update(torch.tensor([0.25, 0.5]))
+    obs.update(torch.tensor([0.125, 0.0]))
+    scale, zp, lo, hi = obs.compute()
+    assert (scale.item(), zp.item(), lo.item(), hi.item()) == (0.5, 0.0, 0.0, 0.5)
+
+
+@pytest.mark.parametrize("name", ["log2", "log_sqrt2"])
+def test_log_observers_refuse_per_channel(name: str) -> None:
+    with pytest.raises(ConfigError, match=f"the {name} observer computes one range per tensor, not per channel"):
         build_observer(name, 0, 15, False, True, -1)

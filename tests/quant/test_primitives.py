@@ -412,3 +412,18 @@ def test_log_fake_quant_levels(steps: int, bits: int) -> None:
     out = fake_quant_log(x, delta, bits, steps)
     nonzero = out > 0
     assert torch.isclose(out[nonzero][:, None], on_levels[None, :]).any(dim=1).all()  # every output is a level
+
+
+@pytest.mark.parametrize("steps, bits", [(1, 4), (2, 4), (1, 2), (2, 2)])
+def test_log_fake_quant_rounds_the_log_code_to_the_nearest_level(steps: int, bits: int) -> None:
+    """``x = delta 2^(-(q + u) / k)`` with ``|u| <= 0.4`` has code ``q``: its value is
+    ``delta 2^(-q / k)`` for ``0 <= q < 2^bits`` (``q < 0`` saturates at ``delta``), 0 past the
+    last level; the reference is float64, within 2 float32 roundings of the float32 arithmetic."""
+    g = torch.Generator().manual_seed(10 * bits + steps)
+    levels = 2**bits
+    q = torch.randint(-3, levels + 3, (2000,), generator=g).double()
+    u = (torch.rand(2000, generator=g, dtype=torch.float64) - 0.5) * 0.8
+    delta = _f32(0.3)
+    x = (float(delta) * torch.exp2(-(q + u) / steps)).float()
+    expected = torch.where(q >= levels, 0.0, float(delta) * torch.exp2(-q.clamp(0, levels - 1) / steps)).float()
+    torch.testing.assert_close(fake_quant_log(x, delta, bits, steps), expected, rtol=2.4e-7, atol=0)

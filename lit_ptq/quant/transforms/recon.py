@@ -55,7 +55,9 @@ log = logging.getLogger(__name__)
 ZETA, GAMMA = 1.1, -0.1
 """Stretch of AdaRound's rectified sigmoid ``h(V) = clamp(sigmoid(V) (ZETA - GAMMA) + GAMMA, 0, 1)``."""
 BETA = (20.0, 2.0)
-"""AdaRound's regularizer exponent: its value during the warm-up, and at the last step."""
+"""AdaRound's regularizer exponent: its value when the warm-up ends, and the value its linear
+decay reaches at step ``iters`` (the last step run, ``iters - 1``, is one decrement above it,
+as in BRECQ's schedule)."""
 WARMUP = 0.2
 """Fraction of the steps before the rounding regularizer starts and ``beta`` decays."""
 

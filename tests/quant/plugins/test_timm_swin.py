@@ -3,7 +3,9 @@ points) and ``seed`` put their quant points, PTF and LIS, FLOAT-mode equality wi
 calibration and a state-dict round trip; the ``matmul`` placement, its LayerNorm -> Linear
 pairs (the fold keeps the float logits; none into a block that pads to whole windows) and
 blocks (each called once, in forward order), and the ``repq`` and ``repq_gptq`` recipes on a
-model with outlier LayerNorm channels.
+model with outlier LayerNorm channels; for every placement (and on models padded along one
+axis), the float tensor each quant point sees, that its output is used, and that the attention
+adds the bias table its point returns.
 
 The small Swin (32x32 input, patch 4, window 4, depths (2, 2), embed_dim 16) has an 8x8 grid
 in stage 0 (four windows; ``layers.0.blocks.1`` is shifted and masked) and a 4x4 grid in
@@ -18,7 +20,7 @@ from typing import Callable
 import pytest
 import torch
 import torch.nn as nn
-from timm.models.swin_transformer import SwinTransformer
+from timm.models.swin_transformer import PatchMerging, SwinTransformer
 
 from lit_ptq.errors import ConfigError
 from lit_ptq.models import create_model
@@ -344,3 +346,212 @@ def test_blocks_are_each_called_once_in_forward_order(make_quantized, eval_image
 def test_recipe_brings_the_outlier_model_close_to_float(recipe, swin_float, recipe_errors, calib_batches, eval_images) -> None:
     error, plain_error = recipe_errors(swin_float, recipe, calib_batches, eval_images)
     assert 0 < error < RECIPE_BOUND < plain_error / 2  # one scale per tensor fails on the outliers
+
+
+# --- what each quant point sees ---------------------------------------------------------------
+# Every point in CALIBRATE mode records and passes its input through, so the quantized model
+# computes the float function; each point's input is compared with the tensor it names, taken
+# from timm's own float modules with forward hooks (the relative position bias from its
+# definition). PAD_H / PAD_W are non-square models whose stage-1 feature map (6x4 / 4x6) is
+# padded to whole (4x2 / 2x4) windows along exactly one axis, which the other window shape
+# would not pad.
+
+PAD_H = dict(SMALL, img_size=(48, 32), window_size=(4, 2))
+PAD_W = dict(SMALL, img_size=(32, 48), window_size=(2, 4))
+VARIANTS = [
+    ("small", dict(placement="seed")),
+    ("small", dict(placement="seed", lis=True, bits="8/8/4")),
+    ("small", dict(placement="full")),
+    ("small", dict(placement="full", ptf=True, lis=True, bits="8/8/4")),
+    ("small", dict(placement="matmul")),
+    ("small", dict(placement="matmul", softmax="log2")),
+    ("pad_h", dict(placement="full")),
+    ("pad_h", dict(placement="matmul")),
+    ("pad_w", dict(placement="full", ptf=True, lis=True, bits="8/8/4")),
+]
+VARIANT_IDS = ["seed", "seed-lis", "full", "full-ptf-lis", "matmul", "matmul-log2"]
+VARIANT_IDS += ["pad-h-full", "pad-h-matmul", "pad-w-full-ptf-lis"]
+
+REACH_IDS = ("full", "full-ptf-lis", "matmul")  # the distinct forward paths; seed's points are a subset of full's
+REACH_VARIANTS = [VARIANTS[VARIANT_IDS.index(i)] for i in REACH_IDS]
+
+
+@pytest.fixture(scope="module")
+def variant_floats(swin_float, trained_like) -> dict[str, nn.Module]:
+    """The small Swin and the two padded non-square ones, seeded, in eval mode; never modified."""
+    padded = (("pad_h", PAD_H), ("pad_w", PAD_W))
+    return {"small": swin_float, **{k: trained_like(create_model("swin_tiny_patch4_window7_224", **c)).eval() for k, c in padded}}
+
+
+def _images(model: nn.Module, eval_images: torch.Tensor) -> torch.Tensor:
+    """``eval_images`` resized to the model's input size."""
+    return torch.nn.functional.interpolate(eval_images, size=model.patch_embed.img_size)
+
+
+def _close(got: torch.Tensor, expected: torch.Tensor) -> bool:
+    return got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def _perturbed(x: torch.Tensor) -> torch.Tensor:
+    """``x`` times seeded factors in [1, 1.5) (no constant shift, which a LayerNorm or a softmax would undo)."""
+    return x * (1 + 0.5 * torch.rand(x.shape, generator=torch.Generator().manual_seed(0)))
+
+
+def _capture_float(model: nn.Module, images: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``name -> (first input, output)`` of every submodule of the float ``model`` on ``images``."""
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def record(name: str, args: tuple, out: object) -> None:
+        assert name not in seen, f"{name} called twice"
+        seen[name] = (args[0].detach().clone() if args else None, out.detach().clone())
+
+    handles = [
+        m.register_forward_hook(lambda _m, args, out, n=n: record(n, args, out)) for n, m in model.named_modules() if n
+    ]
+    try:
+        with torch.no_grad():
+            model(images)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def _observe_points(model: nn.Module, images: torch.Tensor) -> dict[str, tuple]:
+    """``name -> arguments`` each quant point of ``model`` receives on ``images`` in CALIBRATE mode."""
+    set_quant_mode(model, QuantMode.CALIBRATE)
+    seen: dict[str, tuple] = {}
+
+    def record(name: str, args: tuple) -> None:
+        assert name not in seen, f"{name} called twice"
+        seen[name] = tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args)
+
+    handles = [m.register_forward_pre_hook(lambda _m, args, n=n: record(n, args)) for n, m in _points(model).items()]
+    try:
+        with torch.no_grad():
+            model(images)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def _relative_position_bias(table: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
+    """``(heads, N, N)``: for tokens i, j of a window, the table row of their offset
+    ``(dy, dx) = (y_i - y_j, x_i - x_j)``, rows ordered by ``dy`` then ``dx`` from the most negative."""
+    wh, ww = window
+    coords = [(y, x) for y in range(wh) for x in range(ww)]
+    bias = torch.empty(table.shape[1], len(coords), len(coords))
+    for i, (yi, xi) in enumerate(coords):
+        for j, (yj, xj) in enumerate(coords):
+            bias[:, i, j] = table[(yi - yj + wh - 1) * (2 * ww - 1) + (xi - xj + ww - 1)]
+    return bias
+
+
+def _expected_inputs(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every point name any placement can create -> the float tensor it names (a uniform or
+    log2 softmax point reads the softmax output; ``<attn>.softmax_input``, the logits plus the
+    bias and the shift mask, is what a log-int-softmax reads)."""
+    cap = _capture_float(model, images)
+    inp = {n: c[0] for n, c in cap.items()}
+    out = {n: c[1] for n, c in cap.items()}
+    table = {
+        "patch_embed.proj_output": inp["patch_embed.norm"],
+        "patch_embed.output": out["patch_embed"],
+        "norm_output": out["norm"],
+        "head_output": out["head"],
+    }
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            table[f"{name}.input_quantizer"] = inp[name]
+            table[f"{name}.weight_quantizer"] = module.weight.detach()
+        if isinstance(module, PatchMerging):
+            table[f"{name}.reduction_output"] = out[name]
+    for b in BLOCKS:
+        a, attn = f"{b}.attn", model.get_submodule(f"{b}.attn")
+        qkv = out[f"{a}.qkv"]
+        width = qkv.shape[-1] // 3
+        q, k, v = (t.unflatten(-1, (attn.num_heads, -1)).transpose(1, 2) for t in qkv.split(width, dim=-1))
+        logits = (q * (width // attn.num_heads) ** -0.5) @ k.transpose(-2, -1)
+        bias_table = attn.relative_position_bias_table.detach()
+        table |= {
+            f"{a}.qkv_output": qkv,
+            f"{a}.query": q,
+            f"{a}.key": k,
+            f"{a}.value": v,
+            f"{a}.logits": logits,
+            f"{a}.bias_table": bias_table,
+            f"{a}.biased_logits": logits + _relative_position_bias(bias_table, model.get_submodule(b).window_size),
+            f"{a}.softmax_input": inp[f"{a}.softmax"],
+            f"{a}.softmax_output": out[f"{a}.softmax"],
+            f"{a}.context": inp[f"{a}.proj"],
+            f"{a}.proj_output": out[f"{a}.proj"],
+            f"{b}.attn_residual": inp[f"{b}.norm2"].view(inp[b].shape),  # (B, L, C) there, (B, H, W, C) here
+            f"{b}.mlp.act_output": out[f"{b}.mlp.act"],
+            f"{b}.mlp.fc2_output": out[f"{b}.mlp.fc2"],
+            f"{b}.mlp_residual": out[b].flatten(1, 2),
+        }
+    return table
+
+
+@pytest.mark.parametrize(("key", "fields"), VARIANTS, ids=VARIANT_IDS)
+def test_every_quant_point_sees_the_float_tensor_it_names(key, fields, variant_floats, eval_images) -> None:
+    float_model = variant_floats[key]
+    images = _images(float_model, eval_images)
+    model = quantize_(copy.deepcopy(float_model), QuantConfig(**fields))
+    expected = _expected_inputs(float_model, images)
+    seen = _observe_points(model, images)
+    assert set(seen) == set(_points(model))  # every point is reached, once
+    for point, args in seen.items():
+        if isinstance(model.get_submodule(point), LogSoftmaxQuantizer):
+            # FQ-ViT's Swin: the masked, biased logits, with the scale of the point after the bias
+            attn = point.rsplit(".", 1)[0]
+            source = f"{attn}.biased_logits" if fields["placement"] == "full" else f"{attn}.logits"
+            assert _close(args[0], expected[f"{attn}.softmax_input"]) and args[1] is model.get_submodule(source), point
+        else:
+            assert len(args) == 1 and _close(args[0], expected[point]), point
+
+
+@pytest.mark.parametrize(("key", "fields"), REACH_VARIANTS, ids=REACH_IDS)
+def test_every_activation_point_output_reaches_the_logits(key, fields, variant_floats, eval_images) -> None:
+    # a point whose result the module drops (it uses the tensor before the point) leaves the logits unchanged
+    model = set_quant_mode(quantize_(copy.deepcopy(variant_floats[key]), QuantConfig(**fields)), QuantMode.CALIBRATE)
+    images = _images(model, eval_images)
+    with torch.no_grad():
+        ref = model(images)
+        for point, module in _points(model).items():
+            if isinstance(module, WeightQuantizer):
+                continue  # QuantLinear's, tested with the generic layers
+            handle = module.register_forward_hook(lambda _m, _args, out: _perturbed(out))
+            try:
+                assert not torch.allclose(model(images), ref, rtol=1e-4, atol=1e-5), point
+            finally:
+                handle.remove()
+
+
+@pytest.mark.parametrize("key", ["small", "pad_h"])
+def test_quantized_attention_adds_the_bias_table_its_point_returns(key, variant_floats, eval_images) -> None:
+    # the table each bias_table point returns must move the logits exactly as that table in the float model
+    float_model = copy.deepcopy(variant_floats[key])
+    images = _images(float_model, eval_images)
+    model = set_quant_mode(quantize_(copy.deepcopy(float_model), QuantConfig(placement="full")), QuantMode.CALIBRATE)
+    for b in BLOCKS:
+        model.get_submodule(f"{b}.attn.bias_table").register_forward_hook(lambda _m, _args, out: _perturbed(out) + 1)
+        with torch.no_grad():
+            float_table = float_model.get_submodule(f"{b}.attn").relative_position_bias_table
+            float_table.copy_(_perturbed(float_table) + 1)
+    with torch.no_grad():
+        assert not torch.allclose(float_model(images), variant_floats[key](images), rtol=1e-3, atol=1e-3)
+        assert _close(model(images), float_model(images))
+
+
+@pytest.mark.parametrize(("cfg", "axis"), [(PAD_H, 0), (PAD_W, 1)], ids=["height", "width"])
+def test_a_block_padded_along_one_axis_only_has_no_norm1_pair(cfg, axis) -> None:
+    float_model = create_model("swin_tiny_patch4_window7_224", **cfg)
+    padded = list(float_model.layers[1].blocks)  # 6x4 (4x6) feature map, 4x2 (2x4) windows
+    assert [b.input_resolution[axis] % b.window_size[axis] for b in padded] == [2, 2]
+    assert [b.input_resolution[1 - axis] % b.window_size[1 - axis] for b in padded] == [0, 0]
+    # with the window's axes swapped nothing would pad
+    assert [b.input_resolution[axis] % b.window_size[1 - axis] for b in padded] == [0, 0]
+    assert [b.input_resolution[1 - axis] % b.window_size[axis] for b in padded] == [0, 0]
+    assert FAMILY.norm_linear_pairs(float_model) == [p for p in PAIRS if p not in (PAIRS[5], PAIRS[7])]

@@ -3,7 +3,8 @@ input, patch 16, depth 2, width 32): where ``full`` (FQ-ViT's ViT/DeiT points) a
 put their quant points, PTF and LIS, FLOAT-mode equality with timm, calibration and a
 state-dict round trip; the ``matmul`` placement, its LayerNorm -> Linear pairs (the fold keeps
 the float logits) and blocks (each called once, in forward order), and the ``repq`` and
-``repq_gptq`` recipes on a model with outlier LayerNorm channels.
+``repq_gptq`` recipes on a model with outlier LayerNorm channels; for every placement, the
+float tensor each quant point sees and that its output is used.
 """
 
 from __future__ import annotations
@@ -279,3 +280,164 @@ def test_blocks_are_each_called_once_in_forward_order(make_quantized, eval_image
 def test_recipe_brings_the_outlier_model_close_to_float(recipe, floats, recipe_errors, calib_batches, eval_images) -> None:
     error, plain_error = recipe_errors(floats[DEIT], recipe, calib_batches, eval_images)
     assert 0 < error < RECIPE_BOUND < plain_error / 2  # one scale per tensor fails on the outliers
+
+
+# --- what each quant point sees ---------------------------------------------------------------
+# Every point in CALIBRATE mode records and passes its input through, so the quantized model
+# computes the float function; each point's input is compared with the tensor it names, taken
+# from timm's own float modules (unfused attention) with forward hooks.
+
+QK_NORM = "deit_tiny_patch16_224-qk_norm"  # q_norm / k_norm are LayerNorms: the operands after them differ
+VARIANTS = [
+    (DEIT, dict(placement="seed")),
+    (DEIT, dict(placement="seed", lis=True, bits="8/8/4")),
+    (DEIT, dict(placement="full")),
+    (VIT, dict(placement="full")),
+    (DEIT, dict(placement="full", ptf=True, lis=True, bits="8/8/4")),
+    (QK_NORM, dict(placement="full")),
+    (DEIT, dict(placement="matmul")),
+    (DEIT, dict(placement="matmul", softmax="log2")),
+    (QK_NORM, dict(placement="matmul")),
+]
+VARIANT_IDS = ["seed", "seed-lis", "full-deit", "full-vit", "full-ptf-lis", "full-qk-norm"]
+VARIANT_IDS += ["matmul", "matmul-log2", "matmul-qk-norm"]
+
+REACH_IDS = ("full-deit", "full-ptf-lis", "matmul")  # the distinct forward paths; seed's points are a subset of full's
+REACH_VARIANTS = [VARIANTS[VARIANT_IDS.index(i)] for i in REACH_IDS]
+
+
+@pytest.fixture(scope="module")
+def variant_floats(floats, trained_like) -> dict[str, nn.Module]:
+    """``floats`` and a small DeiT with ``qk_norm``, each with timm's explicit (unfused) attention."""
+    models = {**floats, QK_NORM: trained_like(create_model(DEIT, **SMALL, qk_norm=True)).eval()}
+    return {name: _unfused(model) for name, model in models.items()}
+
+
+def _close(got: torch.Tensor, expected: torch.Tensor) -> bool:
+    return got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def _perturbed(x: torch.Tensor) -> torch.Tensor:
+    """``x`` times seeded factors in [1, 1.5) (no constant shift, which a LayerNorm or a softmax would undo)."""
+    return x * (1 + 0.5 * torch.rand(x.shape, generator=torch.Generator().manual_seed(0)))
+
+
+def _capture_float(model: nn.Module, images: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``name -> (first input, output)`` of every submodule of the float ``model`` on ``images``."""
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def record(name: str, args: tuple, out: object) -> None:
+        assert name not in seen, f"{name} called twice"
+        seen[name] = (args[0].detach().clone() if args else None, out.detach().clone())
+
+    handles = [
+        m.register_forward_hook(lambda _m, args, out, n=n: record(n, args, out)) for n, m in model.named_modules() if n
+    ]
+    try:
+        with torch.no_grad():
+            model(images)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def _observe_points(model: nn.Module, images: torch.Tensor) -> dict[str, tuple]:
+    """``name -> arguments`` each quant point of ``model`` receives on ``images`` in CALIBRATE mode."""
+    set_quant_mode(model, QuantMode.CALIBRATE)
+    seen: dict[str, tuple] = {}
+
+    def record(name: str, args: tuple) -> None:
+        assert name not in seen, f"{name} called twice"
+        seen[name] = tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args)
+
+    points = [(n, m) for n, m in model.named_modules() if isinstance(m, (TensorQuantizer, LogSoftmaxQuantizer))]
+    handles = [m.register_forward_pre_hook(lambda _m, args, n=n: record(n, args)) for n, m in points]
+    try:
+        with torch.no_grad():
+            model(images)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def _unfused(model: nn.Module) -> nn.Module:
+    """A copy of the float ``model`` whose attentions run timm's explicit softmax path."""
+    model = copy.deepcopy(model)
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = False
+    return model
+
+
+def _expected_inputs(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every point name any placement can create -> the float tensor it names (a uniform or
+    log2 softmax point reads the softmax output; a log-int-softmax reads the logits)."""
+    cap = _capture_float(model, images)
+    inp = {n: c[0] for n, c in cap.items()}
+    out = {n: c[1] for n, c in cap.items()}
+    patches = out["patch_embed"]
+    table = {
+        "patch_embed.output": patches,
+        "tokens": torch.cat([model.cls_token.expand(len(images), -1, -1), patches], dim=1),
+        "pos_embed_output": model.pos_embed.detach(),
+        "embed_output": inp["pos_drop"],  # tokens + position embedding
+        "head_output": out["head"],
+    }
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            table[f"{name}.input_quantizer"] = inp[name]
+            table[f"{name}.weight_quantizer"] = module.weight.detach()
+    for b in BLOCKS:
+        a = f"{b}.attn"
+        heads = model.get_submodule(a).num_heads
+        qkv = out[f"{a}.qkv"]
+        width = qkv.shape[-1] // 3
+        q, k = out[f"{a}.q_norm"], out[f"{a}.k_norm"]
+        v = qkv[..., 2 * width :].unflatten(-1, (heads, width // heads)).transpose(1, 2)
+        table |= {
+            f"{a}.qkv_output": qkv,
+            f"{a}.query": q,
+            f"{a}.key": k,
+            f"{a}.value": v,
+            f"{a}.logits": (q @ k.transpose(-2, -1)) * (width // heads) ** -0.5,
+            f"{a}.softmax_output": inp[f"{a}.attn_drop"],
+            f"{a}.context": inp[f"{a}.norm"],
+            f"{a}.proj_output": out[f"{a}.proj"],
+            f"{b}.attn_residual": inp[f"{b}.norm2"],
+            f"{b}.mlp.act_output": out[f"{b}.mlp.act"],
+            f"{b}.mlp.fc2_output": out[f"{b}.mlp.fc2"],
+            f"{b}.mlp_residual": out[b],
+        }
+    return table
+
+
+@pytest.mark.parametrize(("name", "fields"), VARIANTS, ids=VARIANT_IDS)
+def test_every_quant_point_sees_the_float_tensor_it_names(name, fields, variant_floats, eval_images) -> None:
+    model = quantize_(copy.deepcopy(variant_floats[name]), QuantConfig(**fields))
+    expected = _expected_inputs(variant_floats[name], eval_images)
+    seen = _observe_points(model, eval_images)
+    assert set(seen) == set(_points(model))  # every point is reached, once
+    for point, args in seen.items():
+        if isinstance(model.get_submodule(point), LogSoftmaxQuantizer):
+            logits = point.rsplit(".", 1)[0] + ".logits"
+            assert _close(args[0], expected[logits]) and args[1] is model.get_submodule(logits), point
+        else:
+            assert len(args) == 1 and _close(args[0], expected[point]), point
+
+
+@pytest.mark.parametrize(("name", "fields"), REACH_VARIANTS, ids=REACH_IDS)
+def test_every_activation_point_output_reaches_the_logits(name, fields, variant_floats, eval_images) -> None:
+    # a point whose result the module drops (it uses the tensor before the point) leaves the logits unchanged
+    model = set_quant_mode(quantize_(copy.deepcopy(variant_floats[name]), QuantConfig(**fields)), QuantMode.CALIBRATE)
+    with torch.no_grad():
+        ref = model(eval_images)
+        for point, module in _points(model).items():
+            if isinstance(module, WeightQuantizer):
+                continue  # QuantLinear's, tested with the generic layers
+            handle = module.register_forward_hook(lambda _m, _args, out: _perturbed(out))
+            try:
+                assert not torch.allclose(model(eval_images), ref, rtol=1e-4, atol=1e-5), point
+            finally:
+                handle.remove()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import pytest
@@ -13,9 +14,9 @@ from lit_ptq.errors import ConfigError
 from lit_ptq.quant import QuantConfig, QuantMode, WeightQuantizer, calibrate, quant_points, quantize_, quantizers
 from lit_ptq.quant.config import ReconSettings
 from lit_ptq.quant.plugins.itpn import blocks
-from lit_ptq.quant import owner_weight
-from lit_ptq.quant.transforms import reconstruct_
-from lit_ptq.quant.transforms.recon import _AdaRoundWeight, _LsqFakeQuant, _limit, _split_inputs
+from lit_ptq.quant import owner_weight, set_quant_mode
+from lit_ptq.quant.transforms import recon, reconstruct_
+from lit_ptq.quant.transforms.recon import _AdaRoundWeight, _beta, _BlockData, _Drop, _LsqFakeQuant, _limit, _split_inputs
 
 SETTINGS = ReconSettings(iters=20, batch_size=4, weight_lr=1e-2, act_lr=1e-3)
 """Few steps, with learning rates high enough that 20 steps change the rounding."""
@@ -30,11 +31,21 @@ def calibrated(tiny_float: nn.Module, calib_batches: list[torch.Tensor]) -> nn.M
 
 @pytest.fixture(scope="module")
 def run(tiny_float: nn.Module, calib_batches: list[torch.Tensor]) -> dict[str, Any]:
-    """The model before and after reconstruction with :data:`SETTINGS`, and the block errors."""
+    """The model before and after reconstruction with :data:`SETTINGS`, the block errors, and
+    the data each block was reconstructed on (recorded from ``recon._capture``)."""
     model = calibrated(tiny_float, calib_batches)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    errors = reconstruct_(model, blocks(model), calib_batches, SETTINGS)
-    return dict(model=model, before=before, errors=errors)
+    captured: dict[str, _BlockData] = {}
+    capture = recon._capture
+
+    def recording(model: nn.Module, name: str, *args: Any) -> _BlockData:
+        captured[name] = capture(model, name, *args)
+        return captured[name]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(recon, "_capture", recording)
+        errors = reconstruct_(model, blocks(model), calib_batches, SETTINGS)
+    return dict(model=model, before=before, errors=errors, captured=captured)
 
 
 def test_every_block_error_decreases(run: dict[str, Any]) -> None:
@@ -160,3 +171,124 @@ def test_config_rejects_unknown_or_misplaced_recon_settings() -> None:
     with pytest.raises(ConfigError, match="recipe='recon'"):
         QuantConfig(method="mse", placement="matmul", bits="4/4/4", recipe="repq", recon=dict(iters=5))
     assert QuantConfig(method="mse", placement="matmul", bits="4/4/4", recipe="recon").recon == ReconSettings()
+
+
+def block_calls(model: nn.Module, names: list[str], batches: list[torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Block name -> its first argument and its output over whole forwards of ``model`` on ``batches``."""
+    inputs: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    outputs: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    handles = []
+    for n in names:
+        module = model.get_submodule(n)
+        handles.append(module.register_forward_pre_hook(lambda _m, args, n=n: inputs[n].append(args[0].clone())))
+        handles.append(module.register_forward_hook(lambda _m, _a, out, n=n: outputs[n].append(out.clone())))
+    try:
+        with torch.no_grad():
+            for x in batches:
+                model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: (torch.cat(inputs[n]), torch.cat(outputs[n])) for n in names}
+
+
+def test_target_is_the_float_block_on_the_float_input_and_the_block_trains_on_the_quantized_input(
+    run: dict[str, Any], calib_batches: list[torch.Tensor]
+) -> None:
+    """BRECQ/QDrop: the target and the float input come from the float model as it was before
+    reconstruction; the quantized input from the quantized model with the earlier blocks done."""
+    model, captured = run["model"], run["captured"]
+    names = blocks(model)
+    assert list(captured) == names
+    float_model = copy.deepcopy(model)
+    float_model.load_state_dict(run["before"])
+    set_quant_mode(float_model, QuantMode.FLOAT)
+    float_calls = block_calls(float_model, names, calib_batches)
+    quantized_calls = block_calls(model, names, calib_batches)  # a block's input depends only on earlier blocks
+    for name in names:
+        data = captured[name]
+        float_in, float_out = float_calls[name]
+        assert torch.equal(data.float_input, float_in), name
+        assert torch.equal(data.target, float_out), name
+        assert torch.equal(data.quantized_input, quantized_calls[name][0]), name
+    for name in names[1:]:  # the inputs after the first block differ, so the checks above tell them apart
+        assert not torch.equal(captured[name].float_input, captured[name].quantized_input), name
+
+
+def test_qdrop_keeps_each_element_float_with_the_drop_probability() -> None:
+    """QDrop: ``drop_prob`` is the probability of the float value (0.25, so 0.75 would fail)."""
+    prob, n = 0.25, 400_000
+    x = torch.rand(n, generator=torch.Generator().manual_seed(1)) + 1  # in [1, 2)
+    quantized = -x  # disjoint from x: every output element tells which one was taken
+    out = _Drop(prob, torch.Generator().manual_seed(2))(x, quantized)
+    from_x = out == x
+    assert torch.equal(from_x | (out == quantized), torch.ones(n, dtype=torch.bool))
+    share = from_x.double().mean().item()
+    assert abs(share - prob) < 4 * math.sqrt(prob * (1 - prob) / n)
+    mask = _Drop(prob, torch.Generator().manual_seed(2)).mask(x)  # the same draw: True where float
+    assert mask is not None and torch.equal(mask, from_x)
+
+
+def test_qdrop_with_probability_zero_always_quantizes() -> None:
+    x = torch.arange(6.0)
+    drop = _Drop(0.0, torch.Generator().manual_seed(0))
+    assert drop.mask(x) is None
+    assert torch.equal(drop(x, -x), -x)
+
+
+@pytest.mark.parametrize("iters", [100, 18])
+def test_beta_is_off_during_the_warmup_then_decays_linearly_from_20_to_2(iters: int) -> None:
+    """AdaRound/BRECQ's linear decay: no regularizer for the first ``int(0.2 * iters)`` steps,
+    then ``beta = 2 + (20 - 2) (1 - (t - warmup) / (iters - warmup))``."""
+    settings = ReconSettings(iters=iters)
+    warmup = {100: 20, 18: 3}[iters]  # 0.2 * iters rounded down
+    assert all(_beta(t, settings) is None for t in range(warmup))
+
+    def expected(t: int) -> float:
+        return 2.0 + 18.0 * (1 - (t - warmup) / (iters - warmup))
+
+    assert _beta(warmup, settings) == pytest.approx(20.0, rel=1e-12)
+    middle = (warmup + iters) // 2
+    assert _beta(middle, settings) == pytest.approx(expected(middle), rel=1e-12)
+    assert _beta(iters - 1, settings) == pytest.approx(expected(iters - 1), rel=1e-12)
+    assert _beta(iters, settings) == pytest.approx(2.0, rel=1e-12)
+    if iters == 100:
+        assert _beta(60, settings) == pytest.approx(11.0, rel=1e-12)  # halfway from 20 to 2
+        assert _beta(99, settings) == pytest.approx(2.225, rel=1e-12)
+
+
+def rectified_sigmoid(v: float) -> float:
+    """AdaRound's ``h(V) = clamp(sigmoid(V) (zeta - gamma) + gamma, 0, 1)``, zeta 1.1, gamma -0.1."""
+    return min(1.0, max(0.0, 1.0 / (1.0 + math.exp(-v)) * 1.2 - 0.1))
+
+
+def test_adaround_rectified_sigmoid_regularizer_and_rounding() -> None:
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(2, 9, generator=g)
+    q = WeightQuantizer(QuantConfig(method="mse", placement="matmul", bits="4/4/4", recipe="repq").weight, 2)
+    q.calibrate_weight(weight)
+    stand_in = _AdaRoundWeight(q, weight)
+    v = [-10.0, -3.0, -0.5, -1e-3, 0.0, 1e-3, 0.5, 3.0, 10.0]  # clamped to 0, inside, exactly 0.5, clamped to 1
+    with torch.no_grad():
+        stand_in.v.copy_(torch.tensor([v, v[::-1]]))
+        stand_in.down[0, -1] = q.spec.qmax - stand_in.zero_point[0, 0]  # rounding up would leave the grid
+        stand_in.down[1, -1] = q.spec.qmin - 1 - stand_in.zero_point[1, 0]  # rounding down would leave the grid
+    qmin, qmax = q.spec.qmin, q.spec.qmax
+    step, zero_point = stand_in.step.flatten().tolist(), stand_in.zero_point.flatten().tolist()
+
+    def on_grid(i: int, j: int, up: float) -> float:
+        code = min(qmax, max(qmin, stand_in.down[i, j].item() + up + zero_point[i]))
+        return (code - zero_point[i]) * step[i]
+
+    hs = [[rectified_sigmoid(x) for x in stand_in.v[i].tolist()] for i in range(2)]
+    h = torch.tensor(hs)
+    assert h[0, :2].eq(0).all() and h[0, -2:].eq(1).all() and h[0, 4] == 0.5
+    torch.testing.assert_close(stand_in.h(), h, rtol=1e-6, atol=1e-7)
+    for beta in (20.0, 3.0, 2.0):  # an odd beta: the absolute value matters
+        reference = sum(1 - abs(2 * x - 1) ** beta for row in hs for x in row)
+        assert stand_in.regularizer(beta).item() == pytest.approx(reference, rel=1e-5)
+    hard = torch.tensor([[on_grid(i, j, 1.0 if hs[i][j] >= 0.5 else 0.0) for j in range(9)] for i in range(2)])
+    assert torch.equal(stand_in.hard(), hard)
+    soft = torch.tensor([[on_grid(i, j, hs[i][j]) for j in range(9)] for i in range(2)])
+    torch.testing.assert_close(stand_in(weight), soft, rtol=1e-6, atol=1e-6)
+    assert hard[0, -1] == (qmax - zero_point[0]) * step[0] and hard[1, -1] == (qmin - zero_point[1]) * step[1]
