@@ -16,6 +16,7 @@ from pytorch_lightning.cli import LightningCLI
 
 from .callbacks import CalibrationCallback
 from .data import ImageNetDataModule
+from .errors import ConfigError
 from .module import PTQModule
 from .run import DATA_LINKS, Evaluation, plan_run
 from .sensitivity import SensitivitySettings

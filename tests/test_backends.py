@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-from typing import Any, Optional
+from typing import Any
 
 import pytest
 import torch
