@@ -31,8 +31,8 @@ class CalibrationCallback(Callback):
         load_state: load the quantizer state from this file instead of calibrating.
 
     Attributes:
-        result: what the last calibration did (:class:`~lit_ptq.run.CalibrationResult`), None
-            before one and when there was nothing to calibrate.
+        result: what the last :meth:`prepare` did (:class:`~lit_ptq.run.CalibrationResult`),
+            None before one and when there was nothing to calibrate.
     """
 
     def __init__(self, save_state: Optional[str] = None, load_state: Optional[str] = None) -> None:
@@ -86,10 +86,8 @@ class CalibrationCallback(Callback):
             is_global_zero=(trainer is None or trainer.is_global_zero) and rank_zero_only.rank == 0,
             progress=lambda total: _progress(trainer, total),
         )
-        if result is None:
-            return False
         self.result = result
-        return True
+        return result is not None
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Run :meth:`prepare` with the trainer's datamodule and log ``calibration/seconds``."""
