@@ -104,6 +104,11 @@ class LitPTQCLI(LightningCLI):
         if not plan.logger:
             cfg.trainer.logger = False
 
+    @property
+    def calibration(self) -> CalibrationCallback:
+        """The run's calibration callback (the ``calibration`` options; its ``result`` after the run)."""
+        return self._get(self.config_init, "calibration")
+
     def _start(self, split: Literal["val", "test"]) -> None:
         """Start the run's :class:`~lit_ptq.run.Evaluation`."""
         self._evaluation = Evaluation(
@@ -120,7 +125,7 @@ class LitPTQCLI(LightningCLI):
     def _finish(self) -> None:
         """Finish the run with the calibration callback's result."""
         assert self._evaluation is not None
-        self._evaluation.finish(self._get(self.config_init, "calibration").result)
+        self._evaluation.finish(self.calibration.result)
 
     def before_validate(self) -> None:
         self._start("val")

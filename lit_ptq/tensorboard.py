@@ -267,7 +267,7 @@ def log_run(
 
     Args:
         logger: the trainer's logger.
-        record: the results record (:func:`lit_ptq.results.results_record`).
+        record: the results record (:func:`lit_ptq.run.results_record`).
         report: the per-quantizer report (empty for a float or ONNX run).
         sensitivity: the run's sensitivity measurement, if any.
         top: rows of the worst-points table and bars of the chart.

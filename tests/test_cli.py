@@ -186,7 +186,7 @@ class TestOneProcess:
         assert record["acc5"] == pytest.approx(100 * hits5 / n, abs=1e-4)
         assert record["loss"] == pytest.approx(loss, rel=1e-6)
         assert (record["acc5"], record["loss"]) == (round(100 * run["metrics"]["val/acc5"], 4), run["metrics"]["val/loss"])
-        calib = cli._calibration()
+        calib = cli.calibration.result
         assert record["calib_images"] == calib.calib_images == CALIB_BATCHES * CALIB_BATCH_SIZE
         assert record["calibration_seconds"] == round(calib.seconds, 3)
 

@@ -246,7 +246,8 @@ class TestOutputShape:
     def test_batch_by_classes_is_accepted(self, tmp_path):
         path = _classifier_file(tmp_path / "ok.onnx", ["batch", 10])
         module = PTQModule(model_name="itpn_tiny", num_classes=10, onnx=str(path))
-        assert module.onnx_info.output_shape == ("batch", 10) and module.onnx_info.output_name == "logits"
+        info = module.inference_backend.info
+        assert module.backend == "onnxruntime" and info.output_shape == ("batch", 10) and info.output_name == "logits"
 
     @pytest.mark.parametrize(
         "dims, message",
