@@ -13,8 +13,10 @@ setting, or to ``None`` to leave the matching quant points float (see ``docs/qua
 
 from __future__ import annotations
 
+import difflib
 import enum
 import fnmatch
+import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional, Union
@@ -145,6 +147,13 @@ class PointOverride:
         if not self.enabled:
             return None
         return {k: getattr(getattr(self, k), "value", getattr(self, k)) for k in self.FIELDS if getattr(self, k) is not None}
+
+    def summary(self) -> str:
+        """What the override does, in words: ``float``, ``bits 8, observer mse`` or ``the role's setting``."""
+        fields = self.describe()
+        if fields is None:
+            return "float"
+        return ", ".join(f"{k} {v}" for k, v in fields.items()) or "the role's setting"
 
 
 def _is_int(value: Any) -> bool:
@@ -350,6 +359,25 @@ class QuantConfig:
                 spec = override.apply(spec)
         return spec if enabled else None
 
+    def override_counts(self, names: Collection[str]) -> list[tuple[str, PointOverride, int]]:
+        """``(pattern, override, count)`` for every override: how many of ``names`` its pattern matches.
+
+        Args:
+            names: the full names of the quant points the placement places in a model (those an
+                override leaves float included), as ``quantize_`` collects them.
+
+        Raises:
+            ConfigError: a pattern matches none of ``names`` (a typo, or a point this placement
+                does not place); the message names the closest point names.
+        """
+        counts = []
+        for pattern, override in self.overrides:
+            count = sum(fnmatch.fnmatchcase(name, pattern) for name in names)
+            if count == 0:
+                raise ConfigError(_unmatched_override(pattern, names, self.placement))
+            counts.append((pattern, override, count))
+        return counts
+
     def describe(self) -> dict[str, object]:
         """The user-facing fields, for logs and result files (``overrides`` only when set)."""
         fields: dict[str, object] = dict(
@@ -385,3 +413,16 @@ def _parse_overrides(value: Any) -> tuple[tuple[str, PointOverride], ...]:
             raise ConfigError(f"overrides: the pattern {pattern!r} must be a non-empty string such as 'blocks.0.*'")
         out.append((pattern, PointOverride.parse(pattern, setting)))
     return tuple(out)
+
+
+def _unmatched_override(pattern: str, names: Collection[str], placement: str) -> str:
+    """The sentence refusing an override ``pattern`` that matches none of ``names``: the three
+    closest names, with block and layer indices written ``*`` (``blocks.*.attn.qkv_output``)."""
+    if not names:
+        return f"overrides: the pattern {pattern!r} matches no quant point: placement {placement!r} places none in this model"
+    shapes = sorted({re.sub(r"(?<![^.])\d+(?![^.])", "*", name) for name in names})
+    closest = difflib.get_close_matches(pattern, shapes, n=3, cutoff=0.0)
+    return (
+        f"overrides: the pattern {pattern!r} matches no quant point of this model (placement {placement!r}); "
+        f"the closest point names are {', '.join(map(repr, closest))}"
+    )

@@ -8,6 +8,7 @@ quantized subclasses, and the model's tree is walked once.
 
 from __future__ import annotations
 
+import logging
 from typing import Callable, Optional
 
 import torch.nn as nn
@@ -20,6 +21,8 @@ from .walk import is_quantized, quant_points
 
 __all__ = ["quantize_", "FilterFn"]
 
+log = logging.getLogger(__name__)
+
 FilterFn = Callable[[nn.Module, str], bool]
 """``filter_fn(module, name)``: whether ``quantize_`` may swap this module (torchao's convention)."""
 
@@ -29,7 +32,8 @@ def quantize_(model: nn.Module, config: QuantConfig, filter_fn: Optional[FilterF
 
     The model's family plugin (found by the model's class) says which module types are
     swapped and, through its placement ``config.placement``, which quant points each one
-    creates; ``config.overrides`` then changes or removes points by name. Parameters are kept
+    creates; ``config.overrides`` then changes or removes points by name (each pattern must
+    match a point the placement places; the count it matches is logged). Parameters are kept
     (the class of each module changes, as in modelopt); the new quant points are in
     ``FLOAT`` mode until :func:`~lit_ptq.quant.calibrate` or :func:`~lit_ptq.quant.set_quant_mode`.
 
@@ -46,7 +50,8 @@ def quantize_(model: nn.Module, config: QuantConfig, filter_fn: Optional[FilterF
     Raises:
         ValueError: the model is already quantized.
         ConfigError: no plugin handles the model, or its family lacks the placement (or the
-            facts the steps of the config's recipe read).
+            facts the steps of the config's recipe read), or an override's pattern matches no
+            quant point the placement places (the model is left partly swapped: build it again).
     """
     if is_quantized(model):
         raise ValueError("the model is already quantized; build a fresh float model to quantize it again")
@@ -56,12 +61,17 @@ def quantize_(model: nn.Module, config: QuantConfig, filter_fn: Optional[FilterF
     image_convs = set(family.image_convs(model))
     table = family.swap_table()
     device = next(model.parameters()).device
+    placed: list[str] = []
     for name, module in list(model.named_modules()):
         qcls = table.get(type(module))
         if qcls is None or (filter_fn is not None and not filter_fn(module, name)):
             continue
         module.__class__ = qcls
-        module.setup_quant(PointFactory(config, placement, name, module, model, reads_image=name in image_convs))
+        module.setup_quant(
+            PointFactory(config, placement, name, module, model, reads_image=name in image_convs, placed=placed)
+        )
+    for pattern, override, count in config.override_counts(placed):
+        log.info("override %r: %d quant point%s -> %s", pattern, count, "" if count == 1 else "s", override.summary())
     for name, point in quant_points(model):
         point.qualname = name
     model.quant_config = config

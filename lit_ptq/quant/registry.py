@@ -227,6 +227,9 @@ class PointFactory:
         module: the module (of its quantized class).
         root: the whole model.
         reads_image: the module is one of the family's ``image_convs``.
+        placed: when given, the full name of every point the placement places is appended
+            to it, overridden to ``None`` or not (``quantize_`` checks the overrides' patterns
+            against them).
     """
 
     def __init__(
@@ -237,16 +240,20 @@ class PointFactory:
         module: nn.Module,
         root: nn.Module,
         reads_image: bool = False,
+        placed: Optional[list[str]] = None,
     ) -> None:
         self.config, self.placement = config, placement
         self.module_name, self.module, self.root = module_name, module, root
         self.reads_image = reads_image
+        self.placed = placed
 
     def spec(self, point: str, role: str) -> Optional[QuantSpec]:
         """The spec of ``point`` when it is placed and not disabled, else ``None``."""
         site = Site(self.module_name, point, self.module, role, self.root)
         if not self.placement(site):
             return None
+        if self.placed is not None:
+            self.placed.append(site.name)
         return self.config.spec_for(role, site.name)
 
     def act(self, point: str, inplace: bool = False, channels: Optional[int] = None) -> Optional[TensorQuantizer]:

@@ -8,11 +8,13 @@ itpn_tiny (mlp_depth=1, depth=6) has ``blocks.0`` MLP-only, ``blocks.1`` PatchMe
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 
 import pytest
 import torch
 
+from lit_ptq.errors import ConfigError
 from lit_ptq.quant import (
     CalibrationError,
     LogSoftmaxQuantizer,
@@ -155,6 +157,40 @@ def test_quantize_twice_raises(tiny_model) -> None:
     assert is_quantized(tiny_model)
     with pytest.raises(ValueError, match="already quantized"):
         quantize_(tiny_model, QuantConfig(placement="full"))
+
+
+# --- overrides: every pattern must match a placed point --------------------------------------
+
+
+def test_a_pattern_matching_no_point_is_refused_with_the_closest_names(tiny_model) -> None:
+    message = (
+        r"^overrides: the pattern 'blokcs\.\*\.qkv\*' matches no quant point of this model \(placement 'seed'\); "
+        r"the closest point names are 'blocks\.\*\.attn\.qkv_output', "
+    )
+    with pytest.raises(ConfigError, match=message):
+        quantize_(tiny_model, QuantConfig(overrides={"blokcs.*.qkv*": {"bits": 8}}))
+
+
+def test_a_pattern_matching_only_points_the_placement_leaves_float_is_refused(make_tiny) -> None:
+    assert "head.weight_quantizer" in _full_only_points()  # placed by full, not by seed
+    quantize_(make_tiny(), QuantConfig(placement="full", overrides={"head.*": None}))
+    with pytest.raises(ConfigError, match=r"^overrides: the pattern 'head\.\*' matches no quant point .*\(placement 'seed'\)"):
+        quantize_(make_tiny(), QuantConfig(placement="seed", overrides={"head.*": None}))
+
+
+def test_matching_patterns_are_logged_with_their_counts(tiny_model, caplog) -> None:
+    overrides = {"blocks.*.mlp.*": {"bits": 6}, "blocks.4.attn.*": None, "blocks.4.attn.context": {}}
+    with caplog.at_level(logging.INFO, logger="lit_ptq.quant.quantize"):
+        quantize_(tiny_model, QuantConfig(overrides=overrides))
+    mlp = {n for n in _seed_points() if ".mlp." in n}
+    assert len(mlp) == 4 * len(MLP_BLOCKS)  # fc1, fc2 weights, GELU and fc2 outputs
+    assert caplog.messages == [
+        f"override 'blocks.*.mlp.*': {len(mlp)} quant points -> bits 6",
+        "override 'blocks.4.attn.*': 7 quant points -> float",  # counted though they end float
+        "override 'blocks.4.attn.context': 1 quant point -> the role's setting",
+    ]
+    names = {n for n, _ in quantizers(tiny_model)} | {n for n, p in tiny_model.named_modules() if isinstance(p, LogSoftmaxQuantizer)}
+    assert names == _seed_points() - {f"blocks.4.attn.{p}" for p in ("qkv_output", "logits", "softmax_output", "proj_output", "qkv.weight_quantizer", "proj.weight_quantizer")}
 
 
 # --- calibrate ------------------------------------------------------------------------------
