@@ -6,6 +6,7 @@ import sys
 from collections.abc import Iterable
 from typing import Any, Optional
 
+import torch
 from pytorch_lightning import Callback, LightningModule, Trainer
 from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.callbacks.progress.tqdm_progress import Tqdm
@@ -90,9 +91,11 @@ class CalibrationCallback(Callback):
         return result is not None
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Run :meth:`prepare` with the trainer's datamodule and log ``calibration/seconds``."""
+        """Run :meth:`prepare` with the trainer's datamodule and log ``calibration/seconds``
+        (rounded to 2 decimals, in float64 so that Lightning's table prints them as they are)."""
         if self.prepare(pl_module, trainer.datamodule, trainer):
-            pl_module.log("calibration/seconds", self.seconds, rank_zero_only=True)
+            seconds = torch.tensor(round(self.seconds, 2), dtype=torch.float64, device=pl_module.device)
+            pl_module.log("calibration/seconds", seconds, rank_zero_only=True)
 
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """As :meth:`on_validation_start`, before ``main.py test``."""

@@ -10,11 +10,10 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning import LightningModule
 from torchmetrics import SumMetric
-from torchmetrics.classification import MulticlassAccuracy
 
 from .backends import InferenceBackend, PyTorchBackend, inference_backend
 from .errors import ConfigError
-from .metrics import ExactMean
+from .metrics import ExactMean, PercentAccuracy
 from .models import create_model
 from .quant import QuantConfig, is_quantized, quantize_
 
@@ -120,8 +119,8 @@ class PTQModule(LightningModule):
         self.model: Optional[torch.nn.Module] = backend.model
         self.inference_backend = backend
         top5 = min(5, num_classes)
-        self.acc1 = MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro")
-        self.acc5 = MulticlassAccuracy(num_classes=num_classes, top_k=top5, average="micro")
+        self.acc1 = PercentAccuracy(num_classes=num_classes, top_k=1, average="micro")
+        self.acc5 = PercentAccuracy(num_classes=num_classes, top_k=top5, average="micro")
         self.loss = ExactMean()
         self.num_images = SumMetric()
 

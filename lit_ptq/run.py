@@ -292,10 +292,11 @@ def results_record(
     """One run's result, as written to ``--results_path`` (acc1 / acc5 in percent).
 
     ``metrics`` are the trainer's callback metrics of the evaluated ``split`` (``val/acc1``
-    or ``test/acc1``, ...); the record names the split (``split``: ``val`` for validate,
-    ``test`` for test). ``backend`` says what computed the logits (the inference backend's
-    name, ``pytorch`` or ``onnxruntime``; see :attr:`PTQModule.backend`); an ONNX run's
-    summary also names the file (``onnx``). ``calib`` is None for a run that calibrated nothing.
+    or ``test/acc1``, ...; top-1 and top-5 in percent, as :class:`PTQModule` logs them); the
+    record names the split (``split``: ``val`` for validate, ``test`` for test). ``backend``
+    says what computed the logits (the inference backend's name, ``pytorch`` or
+    ``onnxruntime``; see :attr:`PTQModule.backend`); an ONNX run's summary also names the
+    file (``onnx``). ``calib`` is None for a run that calibrated nothing.
     """
     calib = calib or NOT_CALIBRATED
     return dict(
@@ -303,8 +304,8 @@ def results_record(
         backend=getattr(module, "backend", "pytorch"),
         calib_images=calib.calib_images,
         calibration_seconds=round(calib.seconds, 3),
-        acc1=round(100.0 * metrics[f"{split}/acc1"], 4),  # torchmetrics computes in float32: keep its digits
-        acc5=round(100.0 * metrics[f"{split}/acc5"], 4),
+        acc1=round(metrics[f"{split}/acc1"], 4),  # logged in percent (lit_ptq.metrics.PercentAccuracy)
+        acc5=round(metrics[f"{split}/acc5"], 4),
         loss=metrics[f"{split}/loss"],
         num_images=int(round(metrics[f"{split}/num_images"])),
         split=split,

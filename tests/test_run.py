@@ -119,7 +119,7 @@ class TestCalibration:
 
 def test_record_and_summary_line() -> None:
     module = PTQModule(model_name="itpn_tiny", num_classes=10, method="minmax")
-    metrics = {"test/acc1": 0.5, "test/acc5": 0.875, "test/loss": 1.25, "test/num_images": 8.0}
+    metrics = {"test/acc1": 50.0, "test/acc5": 87.5, "test/loss": 1.25, "test/num_images": 8.0}  # percent, as logged
     calib = CalibrationResult(seconds=1.23456, calib_images=16)
     record = results_record(module, metrics, calib, dict(seed=0), "test")
     assert record["calib_images"] == 16 and record["calibration_seconds"] == 1.235 and record["backend"] == "pytorch"
