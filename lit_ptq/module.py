@@ -171,13 +171,13 @@ class PTQModule(LightningModule):
 
     def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], prefix: str) -> None:
         images, targets = batch
-        if images.numel() == 0:
-            return
-        logits = self.predict_logits(images)
-        self.acc1.update(logits, targets)
-        self.acc5.update(logits, targets)
-        self.loss.update(F.cross_entropy(logits, targets, reduction="none"))
-        self.num_images.update(torch.tensor(float(targets.numel()), device=logits.device))
+        # an empty batch (a rank without images) updates nothing but still logs: the metrics' sync needs every rank
+        if images.numel():
+            logits = self.predict_logits(images)
+            self.acc1.update(logits, targets)
+            self.acc5.update(logits, targets)
+            self.loss.update(F.cross_entropy(logits, targets, reduction="none"))
+            self.num_images.update(torch.tensor(float(targets.numel()), device=logits.device))
         self.log(f"{prefix}/acc1", self.acc1, on_step=False, on_epoch=True, prog_bar=True)
         self.log(f"{prefix}/acc5", self.acc5, on_step=False, on_epoch=True, prog_bar=True)
         self.log(f"{prefix}/loss", self.loss, on_step=False, on_epoch=True)

@@ -354,6 +354,45 @@ def test_val_loaders_of_all_ranks_read_every_image_once(root: Path, world_size: 
     assert len(seen) == 9 and sorted(seen) == sorted(p for p, _ in dm.val_dataset.samples)
 
 
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_a_rank_without_images_gets_one_empty_batch(tmp_path: Path, split: str):
+    """1 image, 2 ranks: rank 0 reads it, rank 1 gets one batch of zero images (so Lightning runs its loop)."""
+    root = make_root(tmp_path, {"a": 4}, {"a": 1})
+    make_split(root / "test", {"a": 1})
+    per_rank = []
+    for rank in (0, 1):
+        dm = datamodule(root, calib_batches=0)
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2)
+        loader = dm.val_dataloader() if split == "val" else dm.test_dataloader()
+        assert len(loader) == 1
+        per_rank.append(list(loader))
+    (one,), (empty,) = per_rank
+    assert one[0].shape == (1, 3, 32, 32) and one[1].tolist() == [0]
+    assert empty[0].shape == (0, 3, 32, 32) and empty[1].shape == (0,) and empty[1].dtype == torch.int64
+
+
+def test_a_rank_whose_images_are_all_unreadable_gets_one_empty_batch(tmp_path: Path):
+    root = make_root(tmp_path, {"a": 4}, {"a": 2})
+    truncated_jpeg(root / "val" / "a" / "x.jpg")  # index 2, after the two PNGs
+    dm = datamodule(root, calib_batches=0, skip_unreadable=True, batch_size=1)
+    dm.trainer = SimpleNamespace(global_rank=1, world_size=3)  # rank 1 of 3 reads index 1 alone: a good image
+    assert [len(t) for _, t in dm.val_dataloader()] == [1]
+    dm.trainer = SimpleNamespace(global_rank=2, world_size=3)  # rank 2 of 3 reads index 2 alone: unreadable
+    assert [(tuple(x.shape), len(t)) for x, t in dm.val_dataloader()] == [((0, 3, 32, 32), 0)]
+    assert dm.skipped_files == [str(root / "val" / "a" / "x.jpg")]
+
+
+def test_the_empty_batch_is_asked_for_only(tmp_path: Path):
+    """Without ``empty_batch`` an empty loader yields nothing; predict fills an empty rank with image 0."""
+    assert len(CheckedDataLoader([], batch_size=2)) == 0 and list(CheckedDataLoader([], batch_size=2)) == []
+    root = make_root(tmp_path, {"a": 4}, {"a": 1})
+    dm = datamodule(root, calib_batches=0, predict_root=str(root / "val"))
+    dm.trainer = SimpleNamespace(global_rank=1, world_size=2)
+    ((images, indices),) = list(dm.predict_dataloader())
+    assert images.shape == (1, 3, 32, 32) and indices.tolist() == [0]
+
+
 def _calib(root: Path, **kwargs) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return list(datamodule(root, calib_batches=3, calib_batch_size=4, **kwargs).calib_dataloader())
 

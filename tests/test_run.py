@@ -3,13 +3,19 @@
 
 from __future__ import annotations
 
+import shutil
+from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from pytorch_lightning import Trainer
+from pytorch_lightning.strategies import DDPStrategy
 from torch.utils.data import DataLoader, TensorDataset
 
 from lit_ptq.callbacks import CalibrationCallback
+from lit_ptq.data import ImageNetDataModule
 from lit_ptq.errors import ConfigError
 from lit_ptq.module import PTQModule
 from lit_ptq.quant import quantizers
@@ -17,6 +23,7 @@ from lit_ptq.run import (
     DATA_LINKS,
     NOT_CALIBRATED,
     CalibrationResult,
+    Evaluation,
     RunPlan,
     calibrate_module,
     linked_data_args,
@@ -126,3 +133,56 @@ def test_record_and_summary_line() -> None:
     assert (record["acc1"], record["acc5"], record["num_images"], record["split"], record["seed"]) == (50.0, 87.5, 8, "test", 0)
     assert results_record(module, metrics, None, {}, "test")["calib_images"] == NOT_CALIBRATED.calib_images == 0
     assert summary_line(record, 2.04) == "itpn_tiny minmax seed 8/8/8: test acc1 50.00 acc5 87.50 loss 1.2500 on 8 images (2.0 s)"
+
+
+# --------------------------------------------------------------------------- fewer images than ranks
+
+
+FEW_CLASSES = ("0_t-shirt_top", "1_trouser")  # the model's classes 0 and 1, so the folders' indices are its own
+
+
+@pytest.fixture(scope="module")
+def few_images_root(tmp_path_factory, fmnist_root) -> Path:
+    """train/: 2 classes of 12 Fashion-MNIST images; val/ and test/ hold 1 image; ``three/`` a root whose val/
+    and test/ hold 3 (2 + 1: unequal shares over 2 ranks)."""
+    base = tmp_path_factory.mktemp("few")
+    for name, counts in (("one", (1, 0)), ("three", (2, 1))):
+        for cls, count in zip(FEW_CLASSES, counts):
+            (base / name / "train").mkdir(parents=True, exist_ok=True)
+            (base / name / "train" / cls).symlink_to(fmnist_root / "train" / cls)
+            for split in ("val", "test"):
+                if count:
+                    (base / name / split / cls).mkdir(parents=True)
+                    for f in sorted((fmnist_root / "val" / cls).glob("*.png"))[-count:]:  # the last images of the class
+                        shutil.copyfile(f, base / name / split / cls / f.name)
+    for cls in FEW_CLASSES[1:]:  # one/ evaluates class 0 alone: train/ must hold the same classes
+        (base / "one" / "train" / cls).unlink()
+    return base
+
+
+def _evaluate(root: Path, checkpoint: Path, split: str, **trainer_kwargs: Any) -> dict[str, Any]:
+    """The run service's record of a minmax 8/8/8 ``itpn_tiny`` run (batches of 10, 2 x 4 calibration images)."""
+    module = PTQModule(model_name="itpn_tiny", checkpoint=str(checkpoint), num_classes=10, method="minmax")
+    data = ImageNetDataModule(str(root), model_name="itpn_tiny", batch_size=10, num_workers=0, calib_batch_size=4, calib_batches=2)
+    calibration = CalibrationCallback()
+    options = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = Trainer(**{**options, **trainer_kwargs}, callbacks=[calibration])
+    return Evaluation(module, data, trainer, split=split, announce=False).run(lambda: calibration.result)
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+@pytest.mark.parametrize("images", [1, 3])
+def test_fewer_images_than_ranks_count_every_image_once(few_images_root, tiny_checkpoint, monkeypatch, split, images):
+    """2 ranks and 1 image: rank 1 has none of its own, yet both finish (it runs one empty step, so
+    it joins the calibration broadcast and the metrics' sync) and the record is the one-process
+    run's; 3 images (2 + 1) likewise."""
+    monkeypatch.delenv("MASTER_PORT", raising=False)  # Lightning picks a free one and leaves it set
+    root = few_images_root / ("one" if images == 1 else "three")
+    one = _evaluate(root, tiny_checkpoint, split)
+    # forked ranks (gloo), with a short collective timeout: a rank left waiting fails the test instead of hanging it
+    strategy = DDPStrategy(start_method="fork", process_group_backend="gloo", timeout=timedelta(seconds=60))
+    two = _evaluate(root, tiny_checkpoint, split, devices=2, strategy=strategy)
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert one["num_images"] == two["num_images"] == images and one["split"] == two["split"] == split
+    for key in ("acc1", "acc5", "loss"):  # (calib_images stays in the forked ranks: the parent calibrated nothing)
+        assert two[key] == one[key], key

@@ -81,9 +81,11 @@ class UnpaddedDistributedSampler(DistributedSampler):
     even the ranks out, which counts some validation images twice. Being a
     DistributedSampler subclass, Lightning leaves it in place.
 
-    With fewer indices than ranks, the last ranks get none, and Lightning skips their loop
-    (hooks included) while the others wait for them in collective calls. ``fill_empty=True``
-    gives such a rank index 0 instead, a duplicate its consumer must drop (``main.py
+    With fewer indices than ranks, the last ranks get none, and Lightning would skip their loop
+    (hooks included) while the others wait for them in collective calls. The validation and
+    test loaders give such a rank one empty batch instead (``empty_batch`` of
+    :class:`~lit_ptq.data.images.CheckedDataLoader`), so every image still counts once;
+    ``fill_empty=True`` gives it index 0, a duplicate its consumer must drop (``main.py
     predict`` keeps each image's first row).
 
     Args:
@@ -121,7 +123,8 @@ class ImageNetDataModule(LightningDataModule):
       ``DataLoader(shuffle=True, generator=...)`` would give -- with the evaluation
       transform; identical on every rank and on every iteration.
     * :meth:`val_dataloader`: every image of ``val/`` exactly once across all ranks, rank
-      ``r`` of ``W`` reading images ``r, r+W, ...`` (:class:`UnpaddedDistributedSampler`).
+      ``r`` of ``W`` reading images ``r, r+W, ...`` (:class:`UnpaddedDistributedSampler`);
+      a rank left without images (fewer images than ranks) gets one batch of zero images.
     * :meth:`test_dataloader`: the same over ``test/`` (``main.py test``).
     * :meth:`predict_dataloader`: every image under ``predict_root`` (:func:`scan_images`,
       sorted paths) exactly once across ranks; its "targets" are the images' indices into
@@ -382,12 +385,15 @@ class ImageNetDataModule(LightningDataModule):
         )
 
     def _split_loader(self, stage: str) -> CheckedDataLoader:
-        """Every image of a stage's dataset exactly once across ranks (rank ``r``: ``r, r+W, ...``)."""
+        """Every image of a stage's dataset exactly once across ranks (rank ``r``: ``r, r+W, ...``);
+        for validate and test, a rank left without images gets one empty batch."""
         self.setup(stage)
         dataset = self._splits[{"validate": "val"}.get(stage, stage)]
         rank, world_size = self._rank_and_world_size()
-        sampler = UnpaddedDistributedSampler(dataset, num_replicas=world_size, rank=rank, fill_empty=stage == "predict")
-        return self._loader(dataset, self.batch_size, sampler=sampler)
+        predict = stage == "predict"
+        sampler = UnpaddedDistributedSampler(dataset, num_replicas=world_size, rank=rank, fill_empty=predict)
+        empty_batch = None if predict else self.eval_cfg.input_size  # a rank without images runs one empty step
+        return self._loader(dataset, self.batch_size, sampler=sampler, empty_batch=empty_batch)
 
     def val_dataloader(self) -> CheckedDataLoader:
         """Every ``val/`` image exactly once across ranks, in a fixed order (rank ``r``: ``r, r+W, ...``)."""

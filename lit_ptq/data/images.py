@@ -115,10 +115,18 @@ class CheckedDataLoader(DataLoader):
     image is not yielded. The same holds for any ``num_workers``, since the check runs here
     and not in the workers.
 
+    With ``empty_batch`` set, a loader that would yield no batch at all (a rank whose share of
+    the images is empty, or all unreadable) yields one batch of zero images instead, shaped
+    ``(0, *empty_batch)`` with ``(0,)`` targets, and its ``len`` is at least 1: Lightning then
+    runs that rank's evaluation loop (its hooks and the metrics' sync across ranks) instead of
+    skipping it while the other ranks wait for it.
+
     Args:
         dataset: an :class:`ImageFileDataset` or a ``Subset`` of one.
         skip_unreadable: drop unreadable images instead of raising.
         skipped_files: the list that receives the paths of dropped images (a new one if None).
+        empty_batch: the image shape ``(C, H, W)`` of the empty batch yielded when there is
+            nothing else to yield; None: yield nothing then.
         **kwargs: DataLoader arguments; ``collate_fn`` defaults to :func:`collate_checked`.
     """
 
@@ -128,14 +136,29 @@ class CheckedDataLoader(DataLoader):
         *args: Any,
         skip_unreadable: bool = False,
         skipped_files: Optional[list[str]] = None,
+        empty_batch: Optional[Sequence[int]] = None,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("collate_fn", collate_checked)
         super().__init__(dataset, *args, **kwargs)
         self.skip_unreadable = skip_unreadable
         self.skipped_files = [] if skipped_files is None else skipped_files
+        self.empty_batch = None if empty_batch is None else tuple(empty_batch)
+
+    def __len__(self) -> int:
+        length = super().__len__()
+        return max(length, 1) if self.empty_batch is not None else length
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:  # type: ignore[override]
+        yielded = False
+        for images, targets in self._checked_batches():
+            yielded = True
+            yield images, targets
+        if not yielded and self.empty_batch is not None:
+            yield torch.empty((0, *self.empty_batch)), torch.empty(0, dtype=torch.int64)
+
+    def _checked_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches of readable images (unreadable ones raised or dropped); no empty batch."""
         for images, targets, failures in super().__iter__():
             for path, reason in failures:
                 if not self.skip_unreadable:
