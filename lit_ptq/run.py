@@ -18,13 +18,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any, Literal, Optional
 
 import torch
+from pytorch_lightning.callbacks import TQDMProgressBar
+from pytorch_lightning.callbacks.progress.tqdm_progress import Tqdm
 
 from . import export as _registers_backends  # noqa: F401  (the onnx and onnxruntime backends)
 from .backends import ExportBackend, export_backend
@@ -33,8 +37,8 @@ from .errors import ConfigError
 from .io import atomic_path, check_writable, write_text
 from .predictions import check_predictions_output
 from .quant import QuantizerStats, broadcast_quant_state, calibrate, load_quant_state, quant_report, save_quant_state
-from .results import run_label
-from .sensitivity import SensitivityResult, SensitivitySettings
+from .results import overrides_summary, run_label
+from .sensitivity import SensitivityResult, SensitivitySettings, sensitivity_lines
 from .tensorboard import log_run, name_logger
 
 if TYPE_CHECKING:
@@ -56,6 +60,7 @@ __all__ = [
     "linked_data_args",
     "plan_run",
     "prepare_export",
+    "progress_bar",
     "quiet_lightning",
     "results_record",
     "summary_line",
@@ -202,6 +207,28 @@ Progress = Callable[[int], Any]
 """Makes a progress bar for ``total`` batches (with ``update(n)`` and ``close()``), or returns None."""
 
 
+def progress_bar(trainer: Optional["Trainer"], total: int, description: str) -> Optional[Tqdm]:
+    """A bar of ``total`` steps in the style of the trainer's validation bar (Lightning's
+    ``Tqdm``, its bar format, on stdout, left on screen when done), or None when the trainer
+    shows no bars (``enable_progress_bar=False``, another progress bar, a rank other than
+    global rank 0) or there is no trainer.
+
+    Args:
+        trainer: the run's trainer.
+        total: steps of the bar.
+        description: what it counts, left of the bar (``Sensitivity``).
+    """
+    if trainer is None or not trainer.is_global_zero:
+        return None
+    bar = trainer.progress_bar_callback
+    if not isinstance(bar, TQDMProgressBar) or bar.is_disabled:
+        return None
+    return Tqdm(
+        total=total, desc=description, position=2 * bar.process_position, leave=True,
+        dynamic_ncols=True, file=sys.stdout, bar_format=bar.BAR_FORMAT,
+    )  # fmt: skip
+
+
 def _state_meta(module: "PTQModule") -> dict[str, Any]:
     """What a state file is tied to besides the quantization config and the weights."""
     hp = module.hparams
@@ -313,12 +340,15 @@ def results_record(
     )
 
 
-def summary_line(record: Mapping[str, Any], seconds: float) -> str:
+def summary_line(record: Mapping[str, Any], seconds: float, mixed: str = "") -> str:
     """The line a validate or test run prints:
-    ``itpn_tiny minmax seed 8/8/8: acc1 91.53 acc5 99.66 loss 0.2553 on 59 images (4.2 s)``."""
+    ``itpn_tiny minmax seed 8/8/8: acc1 91.53 acc5 99.66 loss 0.2553 on 59 images (4.2 s)``;
+    with ``mixed`` (:func:`~lit_ptq.results.overrides_summary`), after the label:
+    ``itpn_tiny omse seed 4/4/4 mixed: 8 points at 8 bits: acc1 ...``."""
     which = "test " if record["split"] == "test" else ""
+    label = f"{run_label(record)} {mixed}" if mixed else run_label(record)
     return (
-        f"{run_label(record)}: {which}acc1 {record['acc1']:.2f} acc5 {record['acc5']:.2f} loss {record['loss']:.4f} "
+        f"{label}: {which}acc1 {record['acc1']:.2f} acc5 {record['acc5']:.2f} loss {record['loss']:.4f} "
         f"on {record['num_images']} images ({seconds:.1f} s)"
     )
 
@@ -329,8 +359,10 @@ class Evaluation:
     :meth:`start` before ``trainer.validate`` / ``trainer.test``, :meth:`finish` after it;
     :meth:`run` does all three. :meth:`finish` reduces the skipped files over the ranks,
     measures the sensitivity (global rank 0, after that last collective, in one process or
-    under DDP), builds the record and, on global rank 0, logs it to TensorBoard, writes it to
-    ``results_path`` and prints :func:`summary_line`.
+    under DDP, with a progress bar over the quant points when the trainer shows bars), builds
+    the record and, on global rank 0, logs it to TensorBoard, writes it to ``results_path``
+    and prints :func:`summary_line` (saying what the overrides changed, when the config has
+    any), then a sensitivity run's worst points and its YAML file (:func:`sensitivity_lines`).
 
     Args:
         module: the :class:`~lit_ptq.module.PTQModule`.
@@ -406,7 +438,8 @@ class Evaluation:
         if settings is None or not settings.enabled or not module.quantized or not self.trainer.is_global_zero:
             return None
         module.to(self.trainer.strategy.root_device)
-        return settings.measure(module, self.datamodule, (calib or NOT_CALIBRATED).report)
+        progress = partial(progress_bar, self.trainer, description="Sensitivity")
+        return settings.measure(module, self.datamodule, (calib or NOT_CALIBRATED).report, progress)
 
     def _publish(
         self,
@@ -424,7 +457,10 @@ class Evaluation:
             write_text(self.results_path, json.dumps(record, indent=2, allow_nan=True))
             log.info("results written to %s", self.results_path)
         if self.announce:
-            print(summary_line(record, seconds))
+            mixed = overrides_summary(self.module.model) if self.module.model is not None else ""
+            print(summary_line(record, seconds, mixed))
+            if sensitivity is not None:
+                print("\n".join(sensitivity_lines(sensitivity)))
 
 
 # --------------------------------------------------------------------------- export

@@ -28,6 +28,7 @@ from .quant.sensitivity import (
     HISTOGRAM_BINS,
     ActivationHistogram,
     PointSensitivity,
+    Progress,
     activation_histograms,
     check_keep_bits,
     keep_count,
@@ -49,6 +50,7 @@ __all__ = [
     "mixed_precision_overrides",
     "output_divergence",
     "overrides_yaml",
+    "sensitivity_lines",
     "sensitivity_markdown",
 ]
 
@@ -111,6 +113,32 @@ def sensitivity_markdown(points: Sequence[PointSensitivity], top: int) -> str:
             f"{p.sqnr_db:.2f} | {100 * p.clipped:.2f} |"
         )
     return "\n".join(lines)
+
+
+def sensitivity_lines(result: SensitivityResult, worst: int = 5) -> list[str]:
+    """What a sensitivity run prints: the ``worst`` points as an aligned table (name, KL,
+    top-1 changed), then the mixed-precision config's points and where it was written.
+
+    Args:
+        result: the measurement.
+        worst: rows of the table.
+    """
+    points = result.points[:worst]
+    rows = [("quant point", "KL (nats)", "top-1 changed %")]
+    rows += [(p.name, f"{p.kl:.3g}", f"{p.top1_drop:.2f}") for p in points]
+    name_width = max(len(r[0]) for r in rows)
+    kl_width = max(len(r[1]) for r in rows)
+    lines = [
+        f"sensitivity of {len(result.points)} quant points on {result.images} images ({result.seconds:.1f} s); "
+        f"the {len(points)} worst:"
+    ]
+    lines += [f"  {name:<{name_width}}  {kl:>{kl_width}}  {drop:>15}" for name, kl, drop in rows]
+    kept = f"{len(result.kept)} point{'' if len(result.kept) == 1 else 's'} at {result.keep_bits} bits"
+    if result.output is not None:
+        lines.append(f"mixed-precision config ({kept}) written to {result.output}; pass it back with --config {result.output}")
+    else:
+        lines.append(f"mixed-precision config: {kept}; write it with --sensitivity.output FILE.yaml")
+    return lines
 
 
 class SensitivitySettings:
@@ -199,7 +227,13 @@ class SensitivitySettings:
         if self.output is not None:
             check_writable(self.output, "sensitivity.output")
 
-    def measure(self, pl_module: Any, datamodule: Any, report: Sequence[QuantizerStats] = ()) -> SensitivityResult:
+    def measure(
+        self,
+        pl_module: Any,
+        datamodule: Any,
+        report: Sequence[QuantizerStats] = (),
+        progress: Optional[Progress] = None,
+    ) -> SensitivityResult:
         """Measure ``pl_module``'s calibrated model on ``datamodule``'s calibration images,
         write ``output`` when set, and return the result.
 
@@ -208,12 +242,13 @@ class SensitivitySettings:
                 device to measure on.
             datamodule: gives ``calib_dataloader()`` and ``calib_batch_size``.
             report: the run's quantizer report, whose SQNR and clipping the result copies.
+            progress: makes the progress bar over the quant points measured.
         """
         start = time.perf_counter()
         images = self._images(datamodule)
         batch_size = self.batch_size or int(getattr(datamodule, "calib_batch_size", 0) or len(images))
         model = pl_module.model
-        points = measure_sensitivity(model, images, batch_size, report)
+        points = measure_sensitivity(model, images, batch_size, report, progress)
         worst = [p.name for p in points[: self.histograms]]
         histograms = activation_histograms(model, images[:batch_size], worst) if worst else []
         config: QuantConfig = model.quant_config
@@ -222,7 +257,7 @@ class SensitivitySettings:
         if self.output is not None:
             self._write(result, config, pl_module)
         result.seconds = time.perf_counter() - start
-        log.info("sensitivity of %d quant points on %d images took %.1f s", len(points), len(images), result.seconds)
+        log.debug("sensitivity of %d quant points on %d images took %.1f s", len(points), len(images), result.seconds)
         return result
 
     def _images(self, datamodule: Any) -> torch.Tensor:
@@ -254,4 +289,4 @@ class SensitivitySettings:
         ]
         assert self.output is not None
         write_text(self.output, overrides_yaml(result.overrides, comment))
-        log.info("mixed-precision overrides written to %s", self.output)
+        log.debug("mixed-precision overrides written to %s", self.output)  # the run service prints it

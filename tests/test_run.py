@@ -28,6 +28,7 @@ from lit_ptq.run import (
     calibrate_module,
     linked_data_args,
     plan_run,
+    progress_bar,
     results_record,
     summary_line,
 )
@@ -186,3 +187,28 @@ def test_fewer_images_than_ranks_count_every_image_once(few_images_root, tiny_ch
     assert one["num_images"] == two["num_images"] == images and one["split"] == two["split"] == split
     for key in ("acc1", "acc5", "loss"):  # (calib_images stays in the forked ranks: the parent calibrated nothing)
         assert two[key] == one[key], key
+
+
+class TestProgressBar:
+    def test_a_bar_in_the_validation_bars_style_on_global_rank_zero(self, capsys):
+        trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_model_summary=False)
+        bar = progress_bar(trainer, 78, "Sensitivity")
+        assert bar is not None and (bar.total, bar.desc) == (78, "Sensitivity")
+        assert bar.bar_format == trainer.progress_bar_callback.BAR_FORMAT and bar.leave
+        bar.update(78)
+        bar.close()
+        assert "Sensitivity: 100%|██████████| 78/78" in capsys.readouterr().out
+
+    def test_no_bar_without_the_trainers_bar(self):
+        assert progress_bar(None, 3, "Sensitivity") is None
+        quiet = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
+        assert progress_bar(quiet, 3, "Sensitivity") is None
+
+
+def test_summary_line_says_what_the_overrides_changed() -> None:
+    record = dict(model="itpn_tiny", method="omse", placement="seed", bits="4/4/4", split="val",
+                  acc1=89.81, acc5=99.6, loss=0.35, num_images=10000)  # fmt: skip
+    assert summary_line(record, 20.0, "mixed: 8 points at 8 bits") == (
+        "itpn_tiny omse seed 4/4/4 mixed: 8 points at 8 bits: acc1 89.81 acc5 99.60 loss 0.3500 on 10000 images (20.0 s)"
+    )
+    assert summary_line(record, 20.0).startswith("itpn_tiny omse seed 4/4/4: acc1 89.81")

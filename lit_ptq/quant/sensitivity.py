@@ -20,7 +20,7 @@ is :mod:`lit_ptq.sensitivity`'s.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Optional, Union
 
@@ -47,6 +47,9 @@ __all__ = [
 
 HISTOGRAM_BINS = 120
 """Bins of an activation histogram (over the values seen and the grid's range together)."""
+
+Progress = Callable[[int], Any]
+"""Makes a progress bar for ``total`` steps (with ``update(n)`` and ``close()``), or returns None."""
 
 
 @dataclass
@@ -140,7 +143,11 @@ def _logits(model: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Te
 
 @torch.no_grad()
 def measure_sensitivity(
-    model: nn.Module, images: torch.Tensor, batch_size: int, report: Sequence[QuantizerStats] = ()
+    model: nn.Module,
+    images: torch.Tensor,
+    batch_size: int,
+    report: Sequence[QuantizerStats] = (),
+    progress: Optional[Progress] = None,
 ) -> list[PointSensitivity]:
     """Quantize each point of a calibrated model alone and measure the cost on its output.
 
@@ -154,6 +161,7 @@ def measure_sensitivity(
         batch_size: images per forward.
         report: the quantizer report of the run (:func:`lit_ptq.quant.quant_report`), whose SQNR
             and clipping are copied into the result.
+        progress: makes a bar over the quant points, advanced once a point is measured.
 
     Returns:
         One :class:`PointSensitivity` per quant point, worst first (largest KL; ties in module order).
@@ -164,9 +172,11 @@ def measure_sensitivity(
     was_training = model.training
     model.eval()
     result = []
+    bar = None
     try:
         with float_points(model) as points:
             reference = _logits(model, images, batch_size)
+            bar = progress(len(points)) if progress is not None else None
             for name, point in points:
                 point.mode = QuantMode.QUANTIZE
                 try:
@@ -180,7 +190,11 @@ def measure_sensitivity(
                         stats.sqnr_db if stats else math.nan, stats.clipped if stats else math.nan,
                     )
                 )  # fmt: skip
+                if bar is not None:
+                    bar.update(1)
     finally:
+        if bar is not None:
+            bar.close()
         model.train(was_training)
     return sorted(result, key=lambda p: -p.kl)
 
