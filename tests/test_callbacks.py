@@ -161,7 +161,7 @@ def _check_calibrated_run(module, metrics, calib, probe, num_val_images):
     assert metrics["val/num_images"] == num_val_images
     assert calib.calib_images == CALIB_BATCHES * CALIB_BATCH_SIZE
     assert calib.seconds > 0
-    assert metrics["calibration/seconds"] == pytest.approx(calib.seconds, rel=1e-6)
+    assert metrics["calibration/seconds"] == round(calib.seconds, 2)  # logged rounded to 2 decimals
 
 
 class TestCalibration:
