@@ -147,6 +147,30 @@ class TestHistograms:
         assert hists[0].clipped > 0.3
         assert all(p.mode is QuantMode.QUANTIZE for _, p in quant_points(clipped_model))
 
+    def test_histogram_summary_is_that_of_the_float_input_of_the_point(self, clipped_model, images):
+        """Count, sum, sum of squares, extremes and the share saturated (more than half a step
+        outside the grid) of the values the point sees in the float model."""
+        point = dict(quant_points(clipped_model))[SABOTAGED]
+        seen = []
+        handle = point.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().double().flatten()))
+        modes = {n: p.mode for n, p in quant_points(clipped_model)}
+        try:
+            for _, p in quant_points(clipped_model):
+                p.mode = QuantMode.FLOAT
+            with torch.no_grad():
+                clipped_model(images[:4])
+        finally:
+            handle.remove()
+            for n, p in quant_points(clipped_model):
+                p.mode = modes[n]
+        (x,) = seen
+        (h,) = activation_histograms(clipped_model, images[:4], [SABOTAGED])
+        s, zp, qmin, qmax = point.scale.double(), point.zero_point.double(), point.spec.qmin, point.spec.qmax
+        outside = (x < (qmin - 0.5 - zp) * s) | (x > (qmax + 0.5 - zp) * s)
+        assert (h.numel, h.min_val, h.max_val) == (x.numel(), x.min().item(), x.max().item())
+        assert h.total == pytest.approx(x.sum().item(), rel=1e-9) and h.total_squares == pytest.approx(x.pow(2).sum().item(), rel=1e-9)
+        assert h.clipped == outside.sum().item() / x.numel() and 0.3 < h.clipped < 1
+
     def test_grid_range_is_the_lowest_and_highest_level(self, clipped_model):
         point = dict(quant_points(clipped_model))[SABOTAGED]
         assert isinstance(point, TensorQuantizer)
@@ -162,7 +186,7 @@ def _points(*specs: tuple[str, int]) -> list[PointSensitivity]:
 class TestMixedPrecision:
     @pytest.mark.parametrize(
         "keep, candidates, expected",
-        [(0.1, 78, 8), (0.1, 10, 1), (1.0, 5, 5), (3, 78, 3), (0, 78, 0), (100, 7, 7), (0.5, 0, 0)],
+        [(0.1, 78, 8), (0.1, 10, 1), (0.1, 12, 2), (1.0, 5, 5), (3, 78, 3), (0, 78, 0), (100, 7, 7), (0.5, 0, 0)],
     )
     def test_keep_count(self, keep, candidates, expected):
         assert keep_count(keep, candidates) == expected

@@ -602,6 +602,17 @@ def test_log_delta_can_be_the_running_max_of_an_earlier_batch(name: str, k: int)
 
 
 @pytest.mark.parametrize("name", ["log2", "log_sqrt2"])
+def test_log_delta_on_a_tie_with_a_quantile_is_the_running_max(name: str) -> None:
+    """A last batch of ones: delta 1 (every quantile) codes it exactly, and so does the running
+    max 4 (``4 * 2^-2 = 1``); on the tie the running max wins."""
+    obs = build_observer(name, 0, 15, False, False, -1)
+    obs.update(torch.tensor([0.0, 4.0]))
+    obs.update(torch.ones(1000), last=True)
+    assert _log_errors(torch.ones(1000), torch.tensor(4.0), 4, obs.steps_per_octave) == [0.0] * 4
+    assert obs.compute()[0].item() == 4.0
+
+
+@pytest.mark.parametrize("name", ["log2", "log_sqrt2"])
 def test_log_delta_before_a_last_batch_is_the_running_max(name: str) -> None:
     obs = build_observer(name, 0, 15, False, False, -1)
     obs.update(torch.tensor([0.25, 0.5]))

@@ -29,7 +29,9 @@ from lit_ptq.quant import (
     quantizers,
     set_quant_mode,
 )
+from lit_ptq.quant.config import QuantSpec
 from lit_ptq.quant.observers import OmseObserver, PtfObserver, build_observer
+from lit_ptq.quant.report import _Accumulator, _stats
 
 MLP_ONLY = [0, 2]
 MERGES = [1, 3]
@@ -404,6 +406,7 @@ def test_report_entries(reported) -> None:
             continue
         assert s.bits == 8 and s.min_val <= s.max_val and s.scale > 0
         assert (s.min_val, s.max_val) == (float(q.min_val.min()), float(q.max_val.max()))
+        assert s.scale == float(q.scale.mean())
         assert math.isfinite(s.sqnr_db)
         if s.role == "weight":
             assert s.sqnr_db > 20.0
@@ -421,6 +424,11 @@ def test_minmax_report_on_the_calibration_batch_saturates_at_most_the_extremes(r
             assert s.clipped * s.numel <= model.get_submodule(s.name.rsplit(".", 1)[0]).weight.shape[0]
         elif s.role != "attn":
             assert s.clipped * s.numel <= 2
+
+
+def test_a_point_that_saw_no_values_reports_nothing_clipped_and_no_error() -> None:
+    stats = _stats("p", TensorQuantizer(QuantSpec(8), "act"), _Accumulator())
+    assert (stats.clipped, stats.sqnr_db, stats.numel) == (0.0, math.inf, 0)
 
 
 def test_report_restores_the_quant_modes(reported, eval_images) -> None:

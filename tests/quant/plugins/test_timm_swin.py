@@ -366,3 +366,17 @@ def test_a_block_padded_along_one_axis_only_has_no_norm1_pair(cfg, axis) -> None
     assert [b.input_resolution[axis] % b.window_size[1 - axis] for b in padded] == [0, 0]
     assert [b.input_resolution[1 - axis] % b.window_size[axis] for b in padded] == [0, 0]
     assert FAMILY.norm_linear_pairs(float_model) == [p for p in PAIRS if p not in (PAIRS[5], PAIRS[7])]
+
+
+def test_logits_point_sees_the_scaled_query_times_the_key_bit_for_bit(eval_images, observe_points) -> None:
+    """Swin's order, ``(q * scale) @ k^T`` from the ``qkv`` output: scaling after the product
+    rounds differently, so the order is pinned exactly."""
+    float_model = create_model("swin_tiny_patch4_window7_224", **dict(SMALL, embed_dim=12)).eval()  # scale 12^-0.5: inexact
+    model = quantize_(float_model, QuantConfig(placement="full"))
+    seen = observe_points(model, _images(float_model, eval_images))
+    for b in BLOCKS:
+        attn = model.get_submodule(f"{b}.attn")
+        qkv, logits = seen[f"{b}.attn.qkv_output"][0], seen[f"{b}.attn.logits"][0]
+        q, k, _ = qkv.reshape(*qkv.shape[:2], 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        assert torch.equal(logits, (q * attn.scale) @ k.transpose(-2, -1)), b
+        assert not torch.equal(logits, (q @ k.transpose(-2, -1)) * attn.scale), b

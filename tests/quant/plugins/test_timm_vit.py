@@ -263,3 +263,16 @@ def test_every_quant_point_sees_the_float_tensor_it_names(
             assert close(args[0], expected[logits]) and args[1] is model.get_submodule(logits), point
         else:
             assert len(args) == 1 and close(args[0], expected[point]), point
+
+
+def test_logits_point_sees_the_query_times_the_key_then_scaled_bit_for_bit(eval_images, observe_points) -> None:
+    """FQ-ViT's order, ``(q @ k^T) * scale`` from the ``qkv`` output: scaling ``q`` first
+    rounds differently, so the order is pinned exactly."""
+    model = quantize_(create_model(DEIT, **dict(SMALL, embed_dim=24)).eval(), QuantConfig(placement="full"))  # scale 12^-0.5: inexact
+    seen = observe_points(model, eval_images)
+    for b in BLOCKS:
+        attn = model.get_submodule(f"{b}.attn")
+        qkv, logits = seen[f"{b}.attn.qkv_output"][0], seen[f"{b}.attn.logits"][0]
+        q, k, _ = qkv.reshape(*qkv.shape[:2], 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        assert torch.equal(logits, (q @ k.transpose(-2, -1)) * attn.scale), b
+        assert not torch.equal(logits, (q * attn.scale) @ k.transpose(-2, -1)), b
