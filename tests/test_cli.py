@@ -353,6 +353,7 @@ def _ddp_run(main_subprocess: Callable[..., Any], tiny_config: Path, out: Path, 
     )  # fmt: skip
     proc = main_subprocess(args, ddp=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("calibration took") == 1, proc.stdout  # rank 0 alone logs
     record = json.loads((out / "results.json").read_text())
     states = [torch.load(out / f"rank{r}.pt", map_location="cpu", weights_only=True) for r in (0, 1)]
     return record, states
