@@ -24,7 +24,9 @@ class PTQModule(LightningModule):
     """A model from the registry, optionally fake-quantized, evaluated on top-1 / top-5 / loss.
 
     Calibration is not done here: :class:`lit_ptq.callbacks.CalibrationCallback` calibrates
-    the quantizers before validation, test or predict.
+    the quantizers before validation, test or predict. ``val/acc1`` and ``val/acc5`` (and
+    ``test/*``) are logged in percent (:class:`~lit_ptq.metrics.PercentAccuracy`), the loss
+    as the mean cross-entropy, ``num_images`` as a count.
 
     The logits come from an inference backend (:class:`lit_ptq.backends.InferenceBackend`):
     by default :class:`~lit_ptq.backends.PyTorchBackend` over the model built from the

@@ -18,13 +18,42 @@ __all__ = ["PTQTrainer"]
 
 
 class PTQTrainer(Trainer):
-    """Lightning's :class:`~pytorch_lightning.Trainer` with an :meth:`export` method and a
-    :meth:`predict` that writes a predictions file.
+    """Lightning's Trainer: the devices, precision, logger, callbacks and batch limits of a run.
 
-    ``LitPTQCLI`` uses it so that ``main.py export`` parses and runs like ``validate``
-    (LightningCLI builds a subcommand's options from the trainer method of that name, and
-    its help line from the method's docstring).
+    :class:`~pytorch_lightning.Trainer` with an :meth:`export` method and a :meth:`predict`
+    that writes a predictions file. ``LitPTQCLI`` uses it so that ``main.py export`` parses
+    and runs like ``validate`` (LightningCLI builds a subcommand's options from the trainer
+    method of that name, its description from the method's docstring, and the title of the
+    Trainer's options in ``--help`` from this docstring's first line).
     """
+
+    def validate(
+        self,
+        model: Optional[LightningModule] = None,
+        dataloaders: Any = None,
+        ckpt_path: Optional[Union[str, Path]] = None,
+        verbose: bool = True,
+        datamodule: Optional[LightningDataModule] = None,
+        weights_only: Optional[bool] = None,
+    ) -> list[Any]:
+        """Calibrate on data.root/train, then evaluate every image of data.root/val (top-1, top-5, loss).
+
+        Lightning's :meth:`~pytorch_lightning.Trainer.validate`; the trainer's
+        :class:`~lit_ptq.callbacks.CalibrationCallback` calibrates at ``on_validation_start``.
+
+        Args:
+            model: the :class:`~lit_ptq.module.PTQModule`.
+            dataloaders: validation dataloaders (the CLI uses the datamodule's ``val/``).
+            ckpt_path: a Lightning checkpoint to load first (not a CLI option: lit_ptq reads
+                its weights from ``model.checkpoint``).
+            verbose: print Lightning's table of the metrics (top-1 and top-5 in percent).
+            datamodule: the :class:`~lit_ptq.data.ImageNetDataModule`.
+            weights_only: passed to ``torch.load`` for ``ckpt_path``.
+
+        Returns:
+            Lightning's list of metric dicts, one per dataloader.
+        """
+        return super().validate(model, dataloaders, ckpt_path, verbose, datamodule, weights_only)
 
     def test(
         self,
@@ -35,7 +64,7 @@ class PTQTrainer(Trainer):
         datamodule: Optional[LightningDataModule] = None,
         weights_only: Optional[bool] = None,
     ) -> list[Any]:
-        """Calibrate as validate does, then evaluate every image of data.root's test/ split.
+        """Calibrate as validate does, then evaluate every image of data.root/test (top-1, top-5, loss).
 
         Lightning's :meth:`~pytorch_lightning.Trainer.test`; the trainer's
         :class:`~lit_ptq.callbacks.CalibrationCallback` calibrates at ``on_test_start``.
@@ -43,9 +72,9 @@ class PTQTrainer(Trainer):
         Args:
             model: the :class:`~lit_ptq.module.PTQModule`.
             dataloaders: test dataloaders (the CLI uses the datamodule's ``test/``).
-            ckpt_path: a Lightning checkpoint to load first (lit_ptq reads its weights from
-                ``model.checkpoint`` instead).
-            verbose: print Lightning's table of the test metrics.
+            ckpt_path: a Lightning checkpoint to load first (not a CLI option: lit_ptq reads
+                its weights from ``model.checkpoint``).
+            verbose: print Lightning's table of the test metrics (top-1 and top-5 in percent).
             datamodule: the :class:`~lit_ptq.data.ImageNetDataModule`.
             weights_only: passed to ``torch.load`` for ``ckpt_path``.
 
@@ -64,7 +93,7 @@ class PTQTrainer(Trainer):
         weights_only: Optional[bool] = None,
         output: Optional[str] = None,
     ) -> Optional[list[Any]]:
-        """Calibrate as validate does, then write the top-5 classes of every image of data.predict_root.
+        """Calibrate as validate does, then write the top-5 classes of every image of data.predict_root to --output.
 
         Lightning's :meth:`~pytorch_lightning.Trainer.predict`; the trainer's
         :class:`~lit_ptq.callbacks.CalibrationCallback` calibrates at ``on_predict_start``.
@@ -76,9 +105,10 @@ class PTQTrainer(Trainer):
             model: the :class:`~lit_ptq.module.PTQModule`.
             dataloaders: predict dataloaders (the CLI uses the datamodule's ``predict_root``).
             datamodule: the :class:`~lit_ptq.data.ImageNetDataModule`.
-            return_predictions: also return the rows in memory (default: not with ``output``).
-            ckpt_path: a Lightning checkpoint to load first (lit_ptq reads its weights from
-                ``model.checkpoint`` instead).
+            return_predictions: also return the rows in memory (default: not with ``output``;
+                not a CLI option).
+            ckpt_path: a Lightning checkpoint to load first (not a CLI option: lit_ptq reads
+                its weights from ``model.checkpoint``).
             weights_only: passed to ``torch.load`` for ``ckpt_path``.
             output: the predictions file, ``.csv`` or ``.jsonl`` (required by ``main.py predict``);
                 its folder must exist and be writable (checked before any compute).

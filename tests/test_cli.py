@@ -22,7 +22,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 import main as main_script
-from lit_ptq.cli import cli_main
+from lit_ptq.cli import TRAINING_ONLY, cli_main
 from lit_ptq.quant import quantizers
 from lit_ptq.tensorboard import run_name
 
@@ -156,12 +156,77 @@ class TestPrintConfig:
         assert printed["results_path"] == str(tmp_path / "omse.json")
 
 
+def _help(subcommand: str, capsys) -> list[str]:
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main([subcommand, "--help"])
+    assert exit_info.value.code in (0, None)
+    return capsys.readouterr().out.splitlines()
+
+
+class TestHelp:
+    DESCRIPTIONS = {
+        "validate": "Calibrate on data.root/train, then evaluate every image of data.root/val",
+        "test": "Calibrate as validate does, then evaluate every image of data.root/test",
+        "predict": "Calibrate as validate does, then write the top-5 classes of every image",
+        "export": "Calibrate the model as validate does and write it to a deployment file",
+    }
+
+    @pytest.mark.parametrize("subcommand", ["validate", "test", "predict", "export"])
+    def test_lit_ptq_options_come_first_and_training_options_are_left_out(self, subcommand, capsys):
+        lines = _help(subcommand, capsys)
+        text = "\n".join(lines)
+        assert " ".join(text.split("\n\n")[1].split()).startswith(self.DESCRIPTIONS[subcommand])
+        options = [line.split()[0] for line in lines if line.startswith("  --")]
+        first = {prefix: next(i for i, o in enumerate(options) if o.startswith(prefix)) for prefix in (
+            "--model.", "--data.", "--calibration.", "--sensitivity.", "--results_path", "--trainer.")}  # fmt: skip
+        assert max(v for k, v in first.items() if k != "--trainer.") < first["--trainer."]
+        assert first["--model."] < first["--data."] < first["--calibration."] < first["--sensitivity."]
+        assert [o for o in options if o.removeprefix("--trainer.").split(".")[0] in TRAINING_ONLY] == []
+        for gone in ("--ckpt_path", "--weights_only", "--model.backend", "--return_predictions"):
+            assert gone not in options and f"[{gone} " not in text
+        kept = ("accelerator", "strategy", "devices", "num_nodes", "precision", "logger", "callbacks", "limit_val_batches")
+        assert {f"--trainer.{k}" for k in kept} <= set(options)
+        model_line = next(i for i, line in enumerate(lines) if line.startswith("  --model.model_name"))
+        assert model_line < 100 and len(lines) < 480  # 474 and 669 before the training options went
+
+    def test_batch_limits_read_an_integer_as_a_number_of_batches(self, capsys, tiny_config):
+        printed = _print_config(["validate", "--config", str(tiny_config), "--trainer.limit_val_batches", "1"], capsys)
+        assert printed["trainer"]["limit_val_batches"] == 1 and isinstance(printed["trainer"]["limit_val_batches"], int)
+        printed = _print_config(["test", "--config", str(tiny_config), "--trainer.limit_test_batches", "0.5"], capsys)
+        assert printed["trainer"]["limit_test_batches"] == 0.5
+
+    @pytest.mark.parametrize(
+        "args, message",
+        [
+            (["validate", "--ckpt_path", "x.pt"], "error: --ckpt_path is Lightning's option for resuming from a training checkpoint, not an option of lit_ptq: pass the float weights to quantize as --model.checkpoint FILE"),
+            (["test", "--weights_only=true"], "error: --weights_only is Lightning's option for resuming"),
+            (["validate", "--trainer.max_epochs", "3"], "error: --trainer.max_epochs only acts on training, and lit_ptq does not train"),
+            (["predict", "--trainer.gradient_clip_val=1"], "error: --trainer.gradient_clip_val only acts on training"),
+            (["validate", "--model.backend", "lit_ptq.backends.PyTorchBackend"], "error: unrecognized arguments: --model.backend"),
+        ],
+    )
+    def test_training_options_are_refused_in_one_line(self, tiny_config, capsys, args, message):
+        code = main_script.main([*args, "--config", str(tiny_config)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and err[0].startswith(message), err
+
+    @pytest.mark.parametrize("subcommand", ["validate", "test", "predict", "export"])
+    def test_a_missing_config_hints_at_one(self, subcommand, capsys):
+        code = main_script.main([subcommand])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and err == [
+            f"error: {subcommand} needs data.root (and a model): pass a config, e.g. "
+            f"`main.py {subcommand} --config configs/demo.yaml`, or --data.root FOLDER"
+        ]
+
+
 class TestOneProcess:
     def test_in_process_run_writes_the_results_json(self, one_process_run, num_val_images):
         run = one_process_run("minmax")
         record = run["record"]
         _check_record(record, num_val_images, "minmax", world_size=1)
         assert record["acc1"] == run["metrics"]["val/acc1"]  # logged in percent, 4 decimals, as the JSON
+        assert run["cli"].trainer.checkpoint_callback is None  # no checkpoint: TRAINER_FIXED
         assert run["metrics"]["calibration/seconds"] == round(run["metrics"]["calibration/seconds"], 2)
         assert record["loss"] == run["metrics"]["val/loss"]
         assert "itpn_tiny minmax seed 8/8/8: acc1" in run["stdout"]
@@ -206,15 +271,17 @@ class TestOneProcess:
         assert logged["calib_images"] == CALIB_BATCHES * CALIB_BATCH_SIZE
         assert {"hp/acc1", "hp/acc5", "hp/loss", "val/acc1", "val/acc5", "val/loss"} <= set(tags["scalars"])
         assert acc.Scalars("hp/acc1")[-1].value == pytest.approx(run["record"]["acc1"], rel=1e-6)
+        for key in ("acc1", "acc5"):  # percent, as the JSON and the summary line
+            assert acc.Scalars(f"val/{key}")[-1].value == pytest.approx(run["record"][key], rel=1e-6)
+        seconds = acc.Scalars("calibration/seconds")[-1].value
+        assert abs(seconds - run["record"]["calibration_seconds"]) <= 0.0051  # rounded to 2 decimals
+        assert abs(seconds * 100 - round(seconds * 100)) < 1e-3
         report = [t for t in tags["tensors"] if t.startswith("quantizers/report")]
         assert report
         text = acc.Tensors(report[0])[-1].tensor_proto.string_val[0].decode()
         assert text.startswith("| quantizer | role | bits |") and "blocks.0.mlp.fc2_output" in text
-        sqnr = [t for t in tags["scalars"] if t.startswith("sqnr_by_layer/")]
-        assert {"sqnr_by_layer/weight", "sqnr_by_layer/act"} <= set(sqnr)
-        weight_points = [line for line in text.splitlines() if "| weight |" in line]
-        steps = [e.step for e in acc.Scalars("sqnr_by_layer/weight")]
-        assert steps == list(range(len(weight_points)))  # one step per weight quantizer, in module order
+        assert {"sqnr_by_layer/weight", "sqnr_by_layer/act"} <= set(tags["images"])  # one figure per role
+        assert not [t for t in tags["scalars"] if t.startswith("sqnr_by_layer/")]
 
     def test_subprocess_run_with_overrides(self, tiny_config, tmp_path, num_val_images, main_subprocess):
         """main.py end to end, here turning the config's minmax run into a float one from the command line."""
@@ -254,6 +321,11 @@ class TestOneProcess:
             ),
             (["--data.calib_batches", "0"], "error: data.calib_batches=0 but model.method is set"),
             (["--model.method", "kmeans"], "error: "),
+            (
+                ["--model.overrides", '{"blokcs.*.qkv*": {"bits": 8}}'],
+                "error: overrides: the pattern 'blokcs.*.qkv*' matches no quant point of this model (placement "
+                "'seed'); the closest point names are 'blocks.*.attn.qkv_output', ",
+            ),
         ],
     )
     def test_user_errors_end_in_one_line(self, tiny_config, tmp_path, capsys, extra, message):
@@ -278,6 +350,7 @@ def _ddp_run(main_subprocess: Callable[..., Any], tiny_config: Path, out: Path, 
     )  # fmt: skip
     proc = main_subprocess(args, ddp=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("calibration took") == 1, proc.stdout  # rank 0 alone logs
     record = json.loads((out / "results.json").read_text())
     states = [torch.load(out / f"rank{r}.pt", map_location="cpu", weights_only=True) for r in (0, 1)]
     return record, states
