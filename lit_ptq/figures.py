@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Sequence
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from .quant import QuantizerStats
 from .sensitivity import ActivationHistogram, PointSensitivity
@@ -56,7 +56,7 @@ def _bar_figure(
     labels: Sequence[str],
     values: Sequence[float],
     colors: Sequence[str],
-    value_text: Callable[[float], str],
+    texts: Sequence[str],
     title: str,
     xlabel: str,
     legend: Sequence[tuple[str, str]] = (),
@@ -68,7 +68,7 @@ def _bar_figure(
         labels: the row names (the y axis).
         values: the bar lengths; a NaN draws no bar.
         colors: one bar colour per row.
-        value_text: the text written at a bar's end.
+        texts: the text written at each bar's end.
         title: the figure's title (may hold a newline).
         xlabel: the x axis title.
         legend: ``(colour, text)`` entries, drawn below the axes.
@@ -85,7 +85,7 @@ def _bar_figure(
     for i in hatched or ():
         bars[i].set_hatch("///")
         bars[i].set_edgecolor("white")
-    ax.bar_label(bars, labels=[value_text(v) for v in values], padding=2, fontsize=FONT - 1)
+    ax.bar_label(bars, labels=list(texts), padding=2, fontsize=FONT - 1)
     ax.set_yticks(rows, labels, fontsize=FONT)
     ax.set_ylim(len(labels) - 0.5, -0.5)  # first row at the top
     ax.tick_params(axis="x", labelsize=FONT - 1)
@@ -104,6 +104,21 @@ def _role_legend(roles: Collection[str]) -> list[tuple[str, str]]:
     return [(ROLE_COLORS.get(r, "#7f7f7f"), r) for r in sorted(roles)]
 
 
+def _labels(names: Sequence[str], bits: Sequence[int]) -> tuple[list[str], str]:
+    """The row labels and the words for their bit width: the names and ``at 4 bits`` when every
+    row has one width, else each name with its width (``blocks.0.attn.logits (8b)``) and ``""``."""
+    if len(set(bits)) == 1:
+        return list(names), f" at {bits[0]} bits"
+    return [f"{n} ({b}b)" for n, b in zip(names, bits)], ""
+
+
+def _sqnr_text(sqnr_db: float) -> str:
+    """An SQNR as a bar's label: ``12.3``, ``lossless`` (no error) or ``no signal`` (all zeros)."""
+    if math.isfinite(sqnr_db):
+        return f"{sqnr_db:.1f}"
+    return "lossless" if sqnr_db > 0 else "no signal"
+
+
 def sqnr_figure(report: Sequence[QuantizerStats], role: str, overridden: Collection[str] = ()) -> Any:
     """The own SQNR of each quant point of one role, in module order, names on the axis.
 
@@ -120,18 +135,20 @@ def sqnr_figure(report: Sequence[QuantizerStats], role: str, overridden: Collect
     values = [r.sqnr_db if math.isfinite(r.sqnr_db) else math.nan for r in points]
     colors = [OVERRIDDEN_COLOR if i in marked else ROLE_COLORS.get(role, "#7f7f7f") for i in range(len(points))]
     legend = [(ROLE_COLORS.get(role, "#7f7f7f"), f"{role}, the run's bits"), (OVERRIDDEN_COLOR, "set by model.overrides")]
+    labels, width = _labels([r.name for r in points], [r.bits for r in points])
     return _bar_figure(
-        [f"{r.name} ({r.bits}b)" for r in points], values, colors,
-        lambda v: "lossless" if math.isnan(v) else f"{v:.1f}",
-        f"Own SQNR of each {role} quant point, in model order\n(last calibration batch; the others float)",
+        labels, values, colors, [_sqnr_text(r.sqnr_db) for r in points],
+        f"Own SQNR of each {role} quant point{width},\nin model order, on the last calibration batch\n(each point's input from the float model)",
         "own SQNR (dB), higher is better",
         legend if marked else (), marked,
     )  # fmt: skip
 
 
-def _ranking(points: Sequence[PointSensitivity], top: int) -> tuple[list[PointSensitivity], list[str], list[str]]:
+def _ranking(points: Sequence[PointSensitivity], top: int) -> tuple[list[PointSensitivity], list[str], str, list[str]]:
+    """The ``top`` first points, their labels, the words for their width (:func:`_labels`), their colours."""
     shown = list(points[:top])
-    return shown, [f"{p.name} ({p.bits}b)" for p in shown], [ROLE_COLORS.get(p.role, "#7f7f7f") for p in shown]
+    labels, width = _labels([p.name for p in shown], [p.bits for p in shown])
+    return shown, labels, width, [ROLE_COLORS.get(p.role, "#7f7f7f") for p in shown]
 
 
 def sensitivity_figure(points: Sequence[PointSensitivity], top: int, images: int) -> Any:
@@ -145,11 +162,11 @@ def sensitivity_figure(points: Sequence[PointSensitivity], top: int, images: int
     Returns:
         A matplotlib ``Figure``.
     """
-    shown, labels, colors = _ranking(points, top)
+    shown, labels, width, colors = _ranking(points, top)
     return _bar_figure(
-        labels, [p.kl for p in shown], colors, "{:.2g}".format,
+        labels, [p.kl for p in shown], colors, [f"{p.kl:.2g}" for p in shown],
         f"The {len(shown)} of {len(points)} quant points that cost most,\n"
-        f"each quantized alone (the others float), {images} images",
+        f"each quantized alone{width} (the others float),\non {images} images",
         "KL(float || quantized) of the output (nats)",
         _role_legend({p.role for p in shown}),
     )  # fmt: skip
@@ -166,11 +183,11 @@ def top1_figure(points: Sequence[PointSensitivity], top: int, images: int) -> An
     Returns:
         A matplotlib ``Figure``.
     """
-    shown, labels, colors = _ranking(points, top)
+    shown, labels, width, colors = _ranking(points, top)
     return _bar_figure(
-        labels, [p.top1_drop for p in shown], colors, "{:.1f}".format,
-        f"Top-1 class changed, the {len(shown)} worst points by KL\n"
-        f"each quantized alone (the others float), {images} images",
+        labels, [p.top1_drop for p in shown], colors, [f"{p.top1_drop:.1f}" for p in shown],
+        f"Top-1 class changed: the {len(shown)} worst points by KL,\n"
+        f"each quantized alone{width} (the others float),\non {images} images",
         "images whose top-1 class changes (%)",
         _role_legend({p.role for p in shown}),
     )  # fmt: skip

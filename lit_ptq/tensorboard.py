@@ -7,6 +7,10 @@ columns (:data:`HPARAM_COLUMNS`) with their real types (booleans as booleans, fl
 included), and the same experiment config, which marks the five columns a user compares first
 (:data:`VISIBLE`) so the HPARAMS tab shows them by default (it shows five hparam columns,
 those flagged ``differs`` first, by name).
+
+Per-layer results are images (:mod:`lit_ptq.figures`) with the layer names on their axis, not
+step-indexed scalars, which TensorBoard would smooth and clip and could not name; nothing is
+logged that would make an empty or constant card (one-step histograms, Lightning's ``epoch``).
 """
 
 from __future__ import annotations

@@ -297,14 +297,15 @@ class TestFigures:
         report = [_stats(f"blocks.{i}.mlp.act_output", "act", 8 if i == 2 else 4, 10.0 + i) for i in range(4)]
         report.insert(1, _stats("blocks.0.attn.qkv.weight_quantizer", "weight"))
         report.append(_stats("blocks.9.mlp.act_output", "act", sqnr=float("inf")))
+        report.append(_stats("blocks.10.mlp.act_output", "act", sqnr=float("-inf")))
         fig = sqnr_figure(report, "act", {"blocks.2.mlp.act_output"})
         ax = fig.axes[0]
         labels = [t.get_text() for t in ax.get_yticklabels()]
-        assert labels == [f"blocks.{i}.mlp.act_output ({8 if i == 2 else 4}b)" for i in range(4)] + ["blocks.9.mlp.act_output (4b)"]
-        assert [t.get_text() for t in ax.texts] == ["10.0", "11.0", "12.0", "13.0", "lossless"]
+        assert labels == [f"blocks.{i}.mlp.act_output ({8 if i == 2 else 4}b)" for i in range(4)] + ["blocks.9.mlp.act_output (4b)", "blocks.10.mlp.act_output (4b)"]
+        assert [t.get_text() for t in ax.texts] == ["10.0", "11.0", "12.0", "13.0", "lossless", "no signal"]
         assert "SQNR (dB)" in ax.get_xlabel() and "each act quant point" in fig.get_suptitle()
-        bars = ax.patches[:5]
-        assert [bar.get_hatch() for bar in bars] == [None, None, "///", None, None]
+        bars = ax.patches[:6]
+        assert [bar.get_hatch() for bar in bars] == [None, None, "///", None, None, None]
         assert bars[2].get_facecolor()[:3] == pytest.approx(matplotlib_rgb(OVERRIDDEN_COLOR))
         assert bars[0].get_y() < bars[1].get_y()  # model order, top to bottom (the y axis is inverted)
         assert ax.yaxis_inverted()
@@ -316,8 +317,12 @@ class TestFigures:
         points = [PointSensitivity(f"blocks.{i}.reduction_output", "act" if i % 2 else "attn", 4, 0.01 / (i + 1), 99.0 - i) for i in range(12)]
         fig = sensitivity_figure(points, 10, 256)
         ax = fig.axes[0]
-        assert [t.get_text() for t in ax.get_yticklabels()][:2] == ["blocks.0.reduction_output (4b)", "blocks.1.reduction_output (4b)"]
+        assert [t.get_text() for t in ax.get_yticklabels()][:2] == ["blocks.0.reduction_output", "blocks.1.reduction_output"]
         assert len(ax.get_yticklabels()) == 10 and "KL" in ax.get_xlabel() and "256 images" in fig.get_suptitle()
+        assert "alone at 4 bits" in fig.get_suptitle()  # one width: said once, not on every row
+        points[3].bits = 8
+        mixed = sensitivity_figure(points, 10, 256).axes[0]
+        assert [t.get_text() for t in mixed.get_yticklabels()][2:4] == ["blocks.2.reduction_output (4b)", "blocks.3.reduction_output (8b)"]
         fig.canvas.draw()
         renderer = fig.canvas.get_renderer()
         legend = fig.legends[0].get_window_extent(renderer)
