@@ -39,16 +39,25 @@ class _StdoutHandler(logging.StreamHandler):
         pass
 
 
+def _on_global_rank_zero(record: logging.LogRecord) -> bool:
+    """Whether this process is global rank 0 (Lightning's rank, from the environment until the
+    strategy sets it): the other ranks of a DDP run say the same lines, so they stay quiet."""
+    from pytorch_lightning.utilities import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
 def _configure_logging() -> None:
+    from lit_ptq.run import quiet_lightning
+
     # Lightning's start-up chatter (seed, accelerators, tips) would bury a one-line error.
-    for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    quiet_lightning()
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     package_log = logging.getLogger("lit_ptq")
     if not package_log.handlers:
         handler = _StdoutHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.addFilter(_on_global_rank_zero)
         package_log.addHandler(handler)
         package_log.setLevel(logging.INFO)
 

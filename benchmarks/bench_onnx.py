@@ -59,8 +59,8 @@ from lit_ptq.export import export_onnx  # noqa: E402
 from lit_ptq.export.runtime import create_session, linear_kernels  # noqa: E402
 from lit_ptq.io import write_text  # noqa: E402
 from lit_ptq.module import PTQModule  # noqa: E402
-from lit_ptq.results import results_record  # noqa: E402
-from lit_ptq.tools.table import GRID_METHODS, GRID_PLACEMENTS, GridSetup, load_setup, quiet_lightning  # noqa: E402
+from lit_ptq.run import Evaluation, quiet_lightning  # noqa: E402
+from lit_ptq.tools.table import GRID_METHODS, GRID_PLACEMENTS, GridSetup, load_setup  # noqa: E402
 from lit_ptq.trainer import PTQTrainer  # noqa: E402
 
 log = logging.getLogger("bench_onnx")
@@ -98,11 +98,8 @@ def validate(setup: GridSetup, module: PTQModule, calibration: Optional[Calibrat
     calibration = calibration or CalibrationCallback()
     recorder = LogitsRecorder()
     trainer = _trainer(setup, [calibration, recorder])
-    start = time.perf_counter()
-    trainer.validate(module, datamodule=setup.datamodule, verbose=False)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    extra = dict(seconds=round(time.perf_counter() - start, 3))
-    return results_record(module, metrics, calibration, extra), recorder.logits
+    evaluation = Evaluation(module, setup.datamodule, trainer, seed=setup.seed, announce=False)
+    return evaluation.run(lambda: calibration.result), recorder.logits
 
 
 def export(setup: GridSetup, model_args: dict[str, Any], path: str, state: Optional[str], log_points: str) -> None:

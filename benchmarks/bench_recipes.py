@@ -36,7 +36,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from lit_ptq.io import write_text  # noqa: E402
-from lit_ptq.tools.table import Cell, load_setup, quiet_lightning, run_cell  # noqa: E402
+from lit_ptq.run import quiet_lightning  # noqa: E402
+from lit_ptq.tools.table import Cell, load_setup, run_cell  # noqa: E402
 
 log = logging.getLogger("bench_recipes")
 
@@ -92,10 +93,9 @@ def _timed(fn: Any, *args: Any, **kwargs: Any) -> float:
 def run_blocks(args: argparse.Namespace) -> dict[str, Any]:
     """Time each recipe step on ``args.model`` (random weights and images), per block."""
     from lit_ptq.models import create_model
-    from lit_ptq.quant import QuantConfig, family_of, quantize_, set_quant_mode
-    from lit_ptq.quant.recipes import calibrate_activations, calibrate_weights
+    from lit_ptq.quant import STEPS, CalibrationContext, QuantConfig, family_of, quantize_, set_quant_mode
     from lit_ptq.quant.config import ReconSettings
-    from lit_ptq.quant.transforms import correct_weights_, reconstruct_, reparameterize_
+    from lit_ptq.quant.transforms import correct_weights_, reconstruct_
 
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -104,13 +104,14 @@ def run_blocks(args: argparse.Namespace) -> dict[str, Any]:
     batches = [torch.randn(args.batch_size, 3, size, size, device=device) for _ in range(args.images // args.batch_size)]
     quantize_(model, QuantConfig("mse", "matmul", args.bits, recipe="repq_gptq"))
     family = family_of(model)
+    ctx = CalibrationContext(model.quant_config, family, device)
     result: dict[str, Any] = dict(model=args.model, images=args.images, bits=args.bits, device=str(device))
     with torch.no_grad():
         result["float_forward_s"] = _timed(lambda: [model(x) for x in batches])
-        result["reparameterize_s"] = _timed(reparameterize_, model, batches, family.norm_linear_pairs(model), model.quant_config.act)
+        result["reparameterize_s"] = _timed(STEPS["reparameterize"].fn, model, batches, ctx)
         set_quant_mode(model, "float")
-        result["weights_s"] = _timed(calibrate_weights, model)
-        result["activations_s"] = _timed(calibrate_activations, model, batches)
+        result["weights_s"] = _timed(STEPS["calibrate_weights"].fn, model, batches, ctx)
+        result["activations_s"] = _timed(STEPS["calibrate_activations_sequential"].fn, model, batches, ctx)
         blocks = family.blocks(model)[: args.blocks] if args.blocks else family.blocks(model)
         calibrated = copy.deepcopy(model)
         per_block: dict[str, float] = {}

@@ -1,6 +1,6 @@
 """Exceptions for mistakes a user can fix (a path, a value, a file); the CLI prints them in one line."""
 
-__all__ = ["UserError", "CheckpointError", "DataError", "ConfigError"]
+__all__ = ["UserError", "CheckpointError", "DataError", "ConfigError", "CalibrationError"]
 
 
 class UserError(Exception):
@@ -17,3 +17,8 @@ class DataError(UserError, ValueError):
 
 class ConfigError(UserError, ValueError):
     """An option has a value outside what it accepts."""
+
+
+class CalibrationError(UserError, ValueError):
+    """Calibration could not produce quantization parameters (no batches, NaN or Inf, a shape
+    that changes between batches)."""

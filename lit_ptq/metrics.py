@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 from torchmetrics import Metric
+from torchmetrics.classification import MulticlassAccuracy
 
-__all__ = ["ExactMean"]
+__all__ = ["ExactMean", "PercentAccuracy"]
 
 
 class ExactMean(Metric):
@@ -39,3 +40,18 @@ class ExactMean(Metric):
         if int(self.count) == 0:
             return torch.tensor(float("nan"), dtype=torch.float64)
         return self.total.double() / self._ONE / self.count.double()
+
+
+class PercentAccuracy(MulticlassAccuracy):
+    """torchmetrics' :class:`~torchmetrics.classification.MulticlassAccuracy`, in percent.
+
+    The value is the float32 fraction torchmetrics computes, times 100 in float64 and rounded
+    to 4 decimals (``round(100.0 * fraction, 4)``, the results JSON's ``acc1`` / ``acc5``), so
+    Lightning's table, TensorBoard and the JSON show one number in one unit, and the JSON's
+    value is exactly the one it had when the fraction was logged.
+    """
+
+    def compute(self) -> torch.Tensor:
+        """The accuracy in percent, a float64 scalar on the metric's device."""
+        fraction = super().compute()
+        return torch.tensor(round(100.0 * float(fraction), 4), dtype=torch.float64, device=fraction.device)

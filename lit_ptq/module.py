@@ -1,5 +1,6 @@
-"""The LightningModule: a float or fake-quantized vision transformer evaluated with torchmetrics
-(or an exported ONNX file run by onnxruntime)."""
+"""The LightningModule: a float or fake-quantized vision transformer evaluated with torchmetrics,
+or whatever inference backend it is given (:mod:`lit_ptq.backends`; an exported ONNX file run by
+onnxruntime is one)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning import LightningModule
 from torchmetrics import SumMetric
-from torchmetrics.classification import MulticlassAccuracy
 
+from .backends import InferenceBackend, PyTorchBackend, inference_backend
 from .errors import ConfigError
-from .metrics import ExactMean
-from .models import create_model, model_entry
+from .metrics import ExactMean, PercentAccuracy
+from .models import create_model
 from .quant import QuantConfig, is_quantized, quantize_
 
 __all__ = ["PTQModule"]
@@ -23,14 +24,18 @@ class PTQModule(LightningModule):
     """A model from the registry, optionally fake-quantized, evaluated on top-1 / top-5 / loss.
 
     Calibration is not done here: :class:`lit_ptq.callbacks.CalibrationCallback` calibrates
-    the quantizers before validation, test or predict.
+    the quantizers before validation, test or predict. ``val/acc1`` and ``val/acc5`` (and
+    ``test/*``) are logged in percent (:class:`~lit_ptq.metrics.PercentAccuracy`), the loss
+    as the mean cross-entropy, ``num_images`` as a count.
 
-    With ``onnx`` set, the module evaluates that ONNX file (as written by ``main.py export``)
-    with onnxruntime instead: no PyTorch model is built and no checkpoint is read, nothing is
-    calibrated (:attr:`quantized` is False), and :meth:`run_summary` reports the run recorded
-    in the file's ``lit_ptq`` metadata. ``model_name``, ``img_size`` and ``num_classes`` must
-    still describe the file: the data module takes its transform from them, and the file's
-    input size, class count and recorded model are checked against them here.
+    The logits come from an inference backend (:class:`lit_ptq.backends.InferenceBackend`):
+    by default :class:`~lit_ptq.backends.PyTorchBackend` over the model built from the
+    arguments. Given ``backend`` (or ``onnx``, the registered ``onnxruntime`` backend of that
+    file), the module evaluates it instead: no PyTorch model is built and no checkpoint is
+    read, nothing is calibrated (:attr:`quantized` is False), and :meth:`run_summary` reports
+    what the backend says (for an ONNX file, the run recorded in its ``lit_ptq`` metadata).
+    ``model_name``, ``img_size`` and ``num_classes`` must still describe it: the data module
+    takes its transform from them, and the backend checks them here.
 
     Args:
         model_name: registered model (``itpn_base``, ``deit_small_patch16_224``, ...; see
@@ -59,11 +64,13 @@ class PTQModule(LightningModule):
         onnx: path of an exported ``.onnx`` file to evaluate with onnxruntime instead of the
             PyTorch model. Its session is made at the first forward, on the module's device:
             ``CUDAExecutionProvider`` on a GPU (a ``ConfigError`` when onnxruntime lacks it),
-            the CPU otherwise (see :func:`lit_ptq.export.runtime.create_session`).
+            the CPU otherwise. Needs the ``onnxruntime`` backend registered (importing
+            ``lit_ptq.export`` registers it; the CLI does).
+        backend: an inference backend to evaluate instead of the PyTorch model.
 
     Raises:
-        ConfigError: with ``onnx``: the file is missing, not an ONNX image classifier, or
-            made for another input size, class count or model.
+        ConfigError: with ``onnx`` or ``backend``: the file is missing, not an image
+            classifier, or made for another input size, class count or model.
     """
 
     def __init__(
@@ -85,11 +92,16 @@ class PTQModule(LightningModule):
         softmax: Optional[str] = None,
         recon: Optional[dict[str, Any]] = None,
         onnx: Optional[str] = None,
+        backend: Optional[InferenceBackend] = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        self.onnx_info = _check_onnx_file(onnx, model_name, num_classes, img_size) if onnx is not None else None
-        self._ort_session: Any = None
+        self.save_hyperparameters(ignore=["backend"])
+        if onnx is not None:
+            if backend is not None:
+                raise ConfigError(f"model.onnx={onnx} and model.backend are both set; give one backend")
+            backend = inference_backend("onnxruntime", option="model.onnx")(onnx, option="model.onnx")
+        if backend is not None:
+            backend.check(model_name, img_size, num_classes)
         self.quant_config = (
             QuantConfig(
                 method=method, placement=placement, bits=bits, ptf=ptf, lis=lis, arithmetic=arithmetic,
@@ -98,67 +110,48 @@ class PTQModule(LightningModule):
             if method is not None
             else None
         )
-        self.model: Optional[torch.nn.Module] = None
-        if onnx is None:
-            self.model = create_model(
+        if backend is None:
+            model = create_model(
                 model_name, num_classes=num_classes, img_size=img_size, checkpoint=checkpoint, pretrained=pretrained,
                 **(model_kwargs or {}),
             )
             if self.quant_config is not None:
-                quantize_(self.model, self.quant_config)
+                quantize_(model, self.quant_config)
+            backend = PyTorchBackend(model)
+        self.model: Optional[torch.nn.Module] = backend.model
+        self.inference_backend = backend
         top5 = min(5, num_classes)
-        self.acc1 = MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro")
-        self.acc5 = MulticlassAccuracy(num_classes=num_classes, top_k=top5, average="micro")
+        self.acc1 = PercentAccuracy(num_classes=num_classes, top_k=1, average="micro")
+        self.acc5 = PercentAccuracy(num_classes=num_classes, top_k=top5, average="micro")
         self.loss = ExactMean()
         self.num_images = SumMetric()
 
     @property
     def quantized(self) -> bool:
-        """Whether the PyTorch model carries quantizers (False for an ONNX module: nothing to calibrate)."""
+        """Whether the PyTorch model carries quantizers (False for a backend without one: nothing to calibrate)."""
         return self.model is not None and is_quantized(self.model)
 
     @property
     def backend(self) -> str:
-        """What computes the logits: ``"pytorch"``, or ``"onnxruntime"`` with ``onnx`` set."""
-        return "pytorch" if self.onnx_info is None else "onnxruntime"
+        """What computes the logits: the inference backend's name (``"pytorch"``, ``"onnxruntime"``, ...)."""
+        return self.inference_backend.name
 
     def run_summary(self) -> dict[str, Any]:
         """Model and quantization settings, for hparams and result files.
 
-        For an ONNX module: the summary the file's ``lit_ptq`` metadata recorded at export
-        (else the config's), plus ``onnx`` (the path) and ``onnx_calib_images`` (how many
-        images calibrated the file; None when unknown).
+        The backend may replace them with what its file records and name the file
+        (:meth:`lit_ptq.backends.InferenceBackend.summary`): an ONNX file's summary recorded at
+        export, plus ``onnx`` (the path) and ``onnx_calib_images`` (how many images calibrated
+        the file; None when unknown).
         """
         hp = self.hparams
         quant = self.quant_config.describe() if self.quant_config else dict(method="fp32", placement=None, bits="32/32/32")
         summary = dict(model=hp.model_name, checkpoint=hp.checkpoint, num_classes=hp.num_classes, **quant)
-        if self.onnx_info is None:
-            return summary
-        meta = self.onnx_info.metadata or {}
-        if isinstance(meta.get("summary"), dict):
-            summary = {k: v for k, v in meta["summary"].items() if k not in _RECORD_KEYS}
-        return dict(summary, onnx=self.onnx_info.path, onnx_calib_images=meta.get("calib_images"))
-
-    def ort_session(self) -> Any:
-        """The onnxruntime session of ``onnx`` on the module's current device, made on first use."""
-        if self.onnx_info is None:
-            raise RuntimeError("this PTQModule runs PyTorch; ort_session() needs onnx=<path>")
-        device = self.device
-        if self._ort_session is None or self._ort_session[0] != device:
-            from .export.runtime import create_session
-
-            self._ort_session = (device, create_session(self.onnx_info.path, device))
-        return self._ort_session[1]
+        return self.inference_backend.summary(summary)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits of a batch of images: the PyTorch model's, or onnxruntime's (float32 in,
-        a tensor on the module's device out) with ``onnx`` set."""
-        if self.onnx_info is None:
-            return self.model(x)
-        info = self.onnx_info
-        images = x.detach().to("cpu", torch.float32).contiguous().numpy()
-        (logits,) = self.ort_session().run([info.output_name], {info.input_name: images})
-        return torch.from_numpy(logits).to(self.device)
+        """Logits of a batch of images, computed by the inference backend (a tensor on ``x``'s device)."""
+        return self.inference_backend.logits(x)
 
     def _full_batch_size(self) -> int:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -180,13 +173,13 @@ class PTQModule(LightningModule):
 
     def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], prefix: str) -> None:
         images, targets = batch
-        if images.numel() == 0:
-            return
-        logits = self.predict_logits(images)
-        self.acc1.update(logits, targets)
-        self.acc5.update(logits, targets)
-        self.loss.update(F.cross_entropy(logits, targets, reduction="none"))
-        self.num_images.update(torch.tensor(float(targets.numel()), device=logits.device))
+        # an empty batch (a rank without images) updates nothing but still logs: the metrics' sync needs every rank
+        if images.numel():
+            logits = self.predict_logits(images)
+            self.acc1.update(logits, targets)
+            self.acc5.update(logits, targets)
+            self.loss.update(F.cross_entropy(logits, targets, reduction="none"))
+            self.num_images.update(torch.tensor(float(targets.numel()), device=logits.device))
         self.log(f"{prefix}/acc1", self.acc1, on_step=False, on_epoch=True, prog_bar=True)
         self.log(f"{prefix}/acc5", self.acc5, on_step=False, on_epoch=True, prog_bar=True)
         self.log(f"{prefix}/loss", self.loss, on_step=False, on_epoch=True)
@@ -221,46 +214,3 @@ class PTQModule(LightningModule):
         probs = logits.softmax(dim=1).gather(1, classes)
         return dict(index=indices.cpu(), classes=classes.cpu(), probs=probs.cpu())
 
-
-_RECORD_KEYS = frozenset(
-    ("backend", "onnx", "onnx_calib_images", "calib_images", "calibration_seconds", "acc1", "acc5", "loss", "num_images")
-)
-"""Keys a results record sets itself, dropped from a file's recorded summary."""
-
-
-def _check_onnx_file(path: str, model_name: str, num_classes: int, img_size: Optional[int]) -> Any:
-    """Read ``path`` (:func:`lit_ptq.export.runtime.read_onnx_file`) and check that it fits the config.
-
-    Raises:
-        ConfigError: the file is unusable, or its input size, class count or recorded model
-            differ from ``model_name`` / ``img_size`` / ``num_classes``.
-    """
-    from .export.runtime import read_onnx_file
-
-    info = read_onnx_file(path, option="model.onnx")
-    try:
-        _, eval_cfg = model_entry(model_name)
-    except ValueError as err:
-        raise ConfigError(f"model.model_name: {err}") from None
-    side = img_size or eval_cfg.input_size[-1]
-    expected = (eval_cfg.input_size[0], side, side)
-    fmt = "x".join
-    if info.image_size is not None and info.image_size != expected:
-        raise ConfigError(
-            f"model.onnx={path} takes {fmt(map(str, info.image_size))} images but the config gives "
-            f"{fmt(map(str, expected))} (model.model_name={model_name}, model.img_size={img_size}); "
-            f"set model.img_size={info.image_size[-1]} or export the file again"
-        )
-    classes = info.output_shape[-1]
-    if isinstance(classes, int) and classes != num_classes:
-        raise ConfigError(
-            f"model.onnx={path} outputs {classes} classes but model.num_classes={num_classes}; "
-            f"set model.num_classes={classes} or use a file exported for this dataset"
-        )
-    recorded = ((info.metadata or {}).get("summary") or {}).get("model")
-    if recorded is not None and recorded != model_name:
-        raise ConfigError(
-            f"model.onnx={path} was exported from {recorded} but model.model_name={model_name}; "
-            f"set model.model_name={recorded} (the images are prepared for the named model)"
-        )
-    return info

@@ -7,11 +7,15 @@ columns (:data:`HPARAM_COLUMNS`) with their real types (booleans as booleans, fl
 included), and the same experiment config, which marks the five columns a user compares first
 (:data:`VISIBLE`) so the HPARAMS tab shows them by default (it shows five hparam columns,
 those flagged ``differs`` first, by name).
+
+Per-layer results are images (:mod:`lit_ptq.figures`) with the layer names on their axis, not
+step-indexed scalars, which TensorBoard would smooth and clip and could not name; nothing is
+logged that would make an empty or constant card (one-step histograms, Lightning's ``epoch``).
 """
 
 from __future__ import annotations
 
-import math
+import fnmatch
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -36,8 +40,10 @@ __all__ = [
     "log_hparams",
     "log_report",
     "log_run",
+    "histogram_tag",
     "log_sensitivity",
     "name_logger",
+    "overridden_points",
     "run_hparams",
     "run_name",
 ]
@@ -160,12 +166,23 @@ def run_name(summary: Mapping[str, Any]) -> str:
 
 
 def name_logger(logger: Optional[Logger], summary: Mapping[str, Any]) -> None:
-    """Make a TensorBoard logger write to ``<save_dir>/<run_name>/version_<n>``.
+    """Make a TensorBoard logger write to ``<save_dir>/<run_name>/version_<n>``, without
+    Lightning's ``epoch`` scalar.
 
-    Call it before anything is logged: a logger whose log folder is already open keeps it.
+    Lightning adds ``epoch`` to every ``self.log`` it hands a logger; a PTQ run has one epoch,
+    numbered 0, so the scalar would be a constant card of its own. Call this before anything is
+    logged: a logger whose log folder is already open keeps it.
     """
     if isinstance(logger, TensorBoardLogger) and logger._experiment is None:
         logger._name = run_name(summary)
+        log_metrics = logger.log_metrics
+
+        def without_epoch(metrics: Mapping[str, float], step: Optional[int] = None) -> None:
+            kept = {k: v for k, v in metrics.items() if k != "epoch"}
+            if kept:
+                log_metrics(kept, step)
+
+        logger.log_metrics = without_epoch  # type: ignore[method-assign]
 
 
 def _hparams_summary(tag: str, data: plugin_data_pb2.HParamsPluginData) -> summary_pb2.Summary:
@@ -217,16 +234,21 @@ def _trial_id(logger: TensorBoardLogger) -> str:
     return f"{logger.name}/{version}"
 
 
-def log_report(writer: Any, report: Sequence[QuantizerStats]) -> None:
-    """The per-quantizer table (text ``quantizers/report``) and ``sqnr_by_layer/<role>`` scalars."""
+def overridden_points(report: Sequence[QuantizerStats], overrides: Mapping[str, Any]) -> set[str]:
+    """The names of the report's points that a ``model.overrides`` pattern matches (``fnmatch``,
+    as :meth:`lit_ptq.quant.QuantConfig.spec_for` matches them)."""
+    return {r.name for r in report if any(fnmatch.fnmatchcase(r.name, pattern) for pattern in overrides)}
+
+
+def log_report(writer: Any, report: Sequence[QuantizerStats], overrides: Optional[Mapping[str, Any]] = None) -> None:
+    """The per-quantizer table (text ``quantizers/report``) and one ``sqnr_by_layer/<role>``
+    figure per role: each point's own SQNR, names on the axis, those ``overrides`` sets marked."""
+    from .figures import sqnr_figure
+
     writer.add_text("quantizers/report", report_markdown(list(report)))
+    marked = overridden_points(report, overrides or {})
     for role in sorted({r.role for r in report}):
-        # step = position among the role's quant points (module order), so runs line up;
-        # a lossless point (infinite SQNR) leaves a gap instead of shifting the others
-        points = [r for r in report if r.role == role]
-        for i, point in enumerate(points):
-            if math.isfinite(point.sqnr_db):
-                writer.add_scalar(f"sqnr_by_layer/{role}", point.sqnr_db, global_step=i)
+        writer.add_figure(f"sqnr_by_layer/{role}", sqnr_figure(report, role, marked), 0)
 
 
 def _mixed_precision_markdown(result: SensitivityResult) -> str:
@@ -240,20 +262,26 @@ def _mixed_precision_markdown(result: SensitivityResult) -> str:
     return text + "```yaml\n" + overrides_yaml(result.overrides) + "```"
 
 
-def log_sensitivity(writer: Any, result: SensitivityResult, top: int) -> None:
-    """The sensitivity chart and histograms (images), the worst-points table and the
-    mixed-precision config (text), and each histogram (``activations/<point>``)."""
-    from .figures import histogram_figure, sensitivity_figure
+def histogram_tag(rank: int, name: str, count: int) -> str:
+    """``activations/<rank>_<point>``, the rank zero-padded to ``count``'s digits so that
+    TensorBoard, which sorts a group's tags by name, shows them worst first."""
+    return f"activations/{rank:0{len(str(count))}d}_{name}"
+
+
+def log_sensitivity(writer: Any, result: SensitivityResult, top: int, report: Sequence[QuantizerStats] = ()) -> None:
+    """The sensitivity charts (images ``sensitivity/chart``: KL, ``sensitivity/top1_changed``),
+    the worst-points table and the mixed-precision config (text), and one histogram figure per
+    point (images :func:`histogram_tag`), captioned with the report's clipped share as well."""
+    from .figures import histogram_figure, sensitivity_figure, top1_figure
 
     writer.add_figure("sensitivity/chart", sensitivity_figure(result.points, top, result.images), 0)
+    writer.add_figure("sensitivity/top1_changed", top1_figure(result.points, top, result.images), 0)
     writer.add_text("sensitivity/worst", sensitivity_markdown(result.points, top))
     writer.add_text("sensitivity/mixed_precision", _mixed_precision_markdown(result))
-    if result.histograms:
-        writer.add_figure("activations/worst", histogram_figure(result.histograms), 0)
-    for h in result.histograms:
-        writer.add_histogram_raw(
-            f"activations/{h.name}", h.min_val, h.max_val, h.numel, h.total, h.total_squares, h.edges[1:], h.counts, 0
-        )
+    clipped = {r.name: r.clipped for r in report}
+    for rank, h in enumerate(result.histograms, 1):
+        figure = histogram_figure(h, clipped.get(h.name))
+        writer.add_figure(histogram_tag(rank, h.name, len(result.histograms)), figure, 0)
 
 
 def log_run(
@@ -267,7 +295,7 @@ def log_run(
 
     Args:
         logger: the trainer's logger.
-        record: the results record (:func:`lit_ptq.results.results_record`).
+        record: the results record (:func:`lit_ptq.run.results_record`).
         report: the per-quantizer report (empty for a float or ONNX run).
         sensitivity: the run's sensitivity measurement, if any.
         top: rows of the worst-points table and bars of the chart.
@@ -278,7 +306,7 @@ def log_run(
     log_hparams(logger, run_hparams(record), metrics)
     writer = logger.experiment
     if report:
-        log_report(writer, report)
+        log_report(writer, report, record.get("overrides") or {})
     if sensitivity is not None:
-        log_sensitivity(writer, sensitivity, top)
+        log_sensitivity(writer, sensitivity, top, report)
     writer.flush()

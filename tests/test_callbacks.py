@@ -161,7 +161,7 @@ def _check_calibrated_run(module, metrics, calib, probe, num_val_images):
     assert metrics["val/num_images"] == num_val_images
     assert calib.calib_images == CALIB_BATCHES * CALIB_BATCH_SIZE
     assert calib.seconds > 0
-    assert metrics["calibration/seconds"] == pytest.approx(calib.seconds, rel=1e-6)
+    assert metrics["calibration/seconds"] == round(calib.seconds, 2)  # logged rounded to 2 decimals
 
 
 class TestCalibration:
@@ -347,7 +347,7 @@ class TestStateFile:
             (dict(bits="8/8/4"), r"bits: file '8/8/8', run '8/8/4'"),
             (dict(placement="full"), r"placement: file 'seed', run 'full'"),
             (dict(model_kwargs={"norm_eps": 1e-5}), r"model_kwargs: file \{\}, run \{'norm_eps': 1e-05\}"),
-            (dict(overrides={"head*": None}), r"overrides: file '<missing>', run \{'head\*': None\}"),
+            (dict(overrides={"blocks.0.*": None}), r"overrides: file '<missing>', run \{'blocks\.0\.\*': None\}"),
         ],
     )
     def test_refuses_a_state_made_for_another_config(self, saved_state, fmnist_root, tiny_checkpoint, kwargs, match):

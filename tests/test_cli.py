@@ -10,7 +10,6 @@ import contextlib
 import io
 import json
 import os
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,14 +22,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 import main as main_script
-from lit_ptq.cli import cli_main
+from lit_ptq.cli import TRAINING_ONLY, cli_main
 from lit_ptq.quant import quantizers
 from lit_ptq.tensorboard import run_name
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
-LOWBIT_CONFIGS = [p for p in CONFIGS if re.fullmatch(r"(?!demo).+_w\da\d_(repq|repq_gptq|recon)", p.stem)]
-ITPN_CONFIGS = [p for p in CONFIGS if p.name.startswith("itpn_") and p not in LOWBIT_CONFIGS]
 RESULT_FIELDS = {
     "model", "checkpoint", "method", "placement", "bits", "calib_images", "acc1", "acc5", "loss", "num_images",
     "world_size", "seconds",
@@ -52,7 +48,7 @@ class DumpQuantState(Callback):
 
 @pytest.fixture(scope="module")
 def tiny_config(tmp_path_factory, fmnist_root, tiny_checkpoint, make_tiny_config) -> Path:
-    """A config shaped like configs/itpn_*.yaml, for itpn_tiny on the small tree."""
+    """A config shaped like configs/models/itpn_base.yaml + configs/methods/minmax.yaml, for itpn_tiny on the small tree."""
     config = make_tiny_config(fmnist_root, tiny_checkpoint, CALIB_BATCH_SIZE, CALIB_BATCHES, logger={
         "class_path": "pytorch_lightning.loggers.TensorBoardLogger",
         "init_args": {"save_dir": "tb_logs", "name": "tiny", "default_hp_metric": False},
@@ -133,61 +129,13 @@ def one_process_run(tiny_config, tmp_path_factory):
     return get
 
 
-class TestConfigs:
-    def test_there_is_a_config_per_run(self):
-        names = {p.stem for p in ITPN_CONFIGS}
-        for size in ("base", "large"):
-            for run in ("fp32", "minmax", "ema", "percentile", "omse"):
-                assert f"itpn_{size}_{run}" in names
-            for method in ("minmax", "ema", "percentile", "omse"):
-                assert f"itpn_{size}_full_{method}" in names
-        assert {"itpn_base_full_ptf_minmax", "itpn_base_full_ptf_lis_minmax"} <= names
-
-    @pytest.mark.parametrize("config", CONFIGS, ids=[p.stem for p in CONFIGS])
-    def test_every_config_parses(self, config, capsys):
-        printed = _print_config(["validate", "--config", str(config)], capsys)
-        assert {"seed_everything", "trainer", "model", "data", "calibration", "results_path"} <= set(printed)
-        assert printed["trainer"]["logger"]["init_args"]["name"] == config.stem
-
-    @pytest.mark.parametrize("config", ITPN_CONFIGS, ids=[p.stem for p in ITPN_CONFIGS])
-    def test_itpn_config_runs_what_its_name_says(self, config, capsys):
-        printed = _print_config(["validate", "--config", str(config)], capsys)
-        model, data = printed["model"], printed["data"]
-        parts = config.stem.split("_")  # itpn, size, [full], [ptf], [lis], method
-        size, flags, method = parts[1], set(parts[2:-1]), parts[-1]
-        assert model["model_name"] == f"itpn_{size}"
-        assert model["num_classes"] == 1000
-        assert model["method"] == (None if method == "fp32" else method)
-        assert model["placement"] == ("full" if "full" in flags else "seed")
-        assert model["ptf"] == ("ptf" in flags) and model["lis"] == ("lis" in flags)
-        assert model["bits"] == ("8/8/4" if "lis" in flags else "8/8/8")
-        assert model["arithmetic"] == "seed"
-        assert (data["calib_batches"], data["calib_batch_size"], data["batch_size"]) == (10, 100, 100)
-        assert data["root"] == "/path/to/imagenet"
-        assert model["checkpoint"] == f"/path/to/itpn_{size}.pth"
-        assert printed["trainer"]["precision"] == "32-true"
-
-    def test_every_imagenet_model_has_the_three_lowbit_configs(self):
-        names = {p.stem for p in LOWBIT_CONFIGS}
-        models = {p.stem[: -len("_fp32")] for p in CONFIGS if p.stem.endswith("_fp32") and not p.stem.startswith("demo")}
-        assert models and names == {f"{m}_{run}" for m in models for run in ("w6a6_repq", "w4a4_repq_gptq", "w4a4_recon")}
-
-    @pytest.mark.parametrize("config", LOWBIT_CONFIGS, ids=[p.stem for p in LOWBIT_CONFIGS])
-    def test_lowbit_config_runs_what_its_name_says(self, config, capsys):
-        printed = _print_config(["validate", "--config", str(config)], capsys)
-        model, data = printed["model"], printed["data"]
-        bits, recipe = re.fullmatch(r".+_w(\d)a(\d)_(.+)", config.stem).group(1, 3)
-        assert (model["method"], model["placement"], model["recipe"]) == ("mse", "matmul", recipe)
-        assert model["bits"] == f"{bits}/{bits}/{bits}"
-        images = data["calib_batches"] * data["calib_batch_size"]
-        assert images == (1024 if recipe == "recon" else 32)  # BRECQ/QDrop's 1,024; RepQ-ViT's 32
-        assert model["num_classes"] == 1000 and data["root"] == "/path/to/imagenet"
-
+class TestPrintConfig:
     def test_print_config_shows_the_whole_run_with_overrides(self, capsys, tmp_path):
         printed = _print_config(
             [
                 "validate",
-                "--config", str(REPO / "configs" / "itpn_base_minmax.yaml"),
+                "--config", str(REPO / "configs" / "models" / "itpn_base.yaml"),
+                "--config", str(REPO / "configs" / "methods" / "minmax.yaml"),
                 "--data.root", "/data/imagenet",
                 "--model.checkpoint", "/ckpt/itpn_base.pth",
                 "--model.method", "omse",
@@ -208,12 +156,78 @@ class TestConfigs:
         assert printed["results_path"] == str(tmp_path / "omse.json")
 
 
+def _help(subcommand: str, capsys) -> list[str]:
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main([subcommand, "--help"])
+    assert exit_info.value.code in (0, None)
+    return capsys.readouterr().out.splitlines()
+
+
+class TestHelp:
+    DESCRIPTIONS = {
+        "validate": "Calibrate on data.root/train, then evaluate every image of data.root/val",
+        "test": "Calibrate as validate does, then evaluate every image of data.root/test",
+        "predict": "Calibrate as validate does, then write the top-5 classes of every image",
+        "export": "Calibrate the model as validate does and write it to a deployment file",
+    }
+
+    @pytest.mark.parametrize("subcommand", ["validate", "test", "predict", "export"])
+    def test_lit_ptq_options_come_first_and_training_options_are_left_out(self, subcommand, capsys):
+        lines = _help(subcommand, capsys)
+        text = "\n".join(lines)
+        assert " ".join(text.split("\n\n")[1].split()).startswith(self.DESCRIPTIONS[subcommand])
+        options = [line.split()[0] for line in lines if line.startswith("  --")]
+        first = {prefix: next(i for i, o in enumerate(options) if o.startswith(prefix)) for prefix in (
+            "--model.", "--data.", "--calibration.", "--sensitivity.", "--results_path", "--trainer.")}  # fmt: skip
+        assert max(v for k, v in first.items() if k != "--trainer.") < first["--trainer."]
+        assert first["--model."] < first["--data."] < first["--calibration."] < first["--sensitivity."]
+        assert [o for o in options if o.removeprefix("--trainer.").split(".")[0] in TRAINING_ONLY] == []
+        for gone in ("--ckpt_path", "--weights_only", "--model.backend", "--return_predictions"):
+            assert gone not in options and f"[{gone} " not in text
+        kept = ("accelerator", "strategy", "devices", "num_nodes", "precision", "logger", "callbacks", "limit_val_batches")
+        assert {f"--trainer.{k}" for k in kept} <= set(options)
+        model_line = next(i for i, line in enumerate(lines) if line.startswith("  --model.model_name"))
+        assert model_line < 100 and len(lines) < 480  # 474 and 669 before the training options went
+
+    def test_batch_limits_read_an_integer_as_a_number_of_batches(self, capsys, tiny_config):
+        printed = _print_config(["validate", "--config", str(tiny_config), "--trainer.limit_val_batches", "1"], capsys)
+        assert printed["trainer"]["limit_val_batches"] == 1 and isinstance(printed["trainer"]["limit_val_batches"], int)
+        printed = _print_config(["test", "--config", str(tiny_config), "--trainer.limit_test_batches", "0.5"], capsys)
+        assert printed["trainer"]["limit_test_batches"] == 0.5
+
+    @pytest.mark.parametrize(
+        "args, message",
+        [
+            (["validate", "--ckpt_path", "x.pt"], "error: --ckpt_path is Lightning's option for resuming from a training checkpoint, not an option of lit_ptq: pass the float weights to quantize as --model.checkpoint FILE"),
+            (["test", "--weights_only=true"], "error: --weights_only is Lightning's option for resuming"),
+            (["validate", "--trainer.max_epochs", "3"], "error: --trainer.max_epochs only acts on training, and lit_ptq does not train"),
+            (["predict", "--trainer.gradient_clip_val=1"], "error: --trainer.gradient_clip_val only acts on training"),
+            (["validate", "--model.backend", "lit_ptq.backends.PyTorchBackend"], "error: unrecognized arguments: --model.backend"),
+        ],
+    )
+    def test_training_options_are_refused_in_one_line(self, tiny_config, capsys, args, message):
+        code = main_script.main([*args, "--config", str(tiny_config)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and err[0].startswith(message), err
+
+    @pytest.mark.parametrize("subcommand", ["validate", "test", "predict", "export"])
+    def test_a_missing_config_hints_at_one(self, subcommand, capsys):
+        code = main_script.main([subcommand])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and err == [
+            f"error: {subcommand} needs data.root (and a model): pass a config, e.g. "
+            f"`main.py {subcommand} --config configs/demo.yaml`, or --data.root FOLDER"
+        ]
+
+
 class TestOneProcess:
     def test_in_process_run_writes_the_results_json(self, one_process_run, num_val_images):
         run = one_process_run("minmax")
         record = run["record"]
         _check_record(record, num_val_images, "minmax", world_size=1)
-        assert record["acc1"] == round(100 * run["metrics"]["val/acc1"], 4)
+        assert record["acc1"] == run["metrics"]["val/acc1"]  # logged in percent, 4 decimals, as the JSON
+        assert run["cli"].trainer.checkpoint_callback is None  # no checkpoint: TRAINER_FIXED
+        assert run["metrics"]["calibration/seconds"] == round(run["metrics"]["calibration/seconds"], 2)
         assert record["loss"] == run["metrics"]["val/loss"]
         assert "itpn_tiny minmax seed 8/8/8: acc1" in run["stdout"]
         assert f"on {num_val_images} images" in run["stdout"]
@@ -237,8 +251,8 @@ class TestOneProcess:
         assert record["acc1"] == pytest.approx(100 * hits1 / n, abs=1e-4)
         assert record["acc5"] == pytest.approx(100 * hits5 / n, abs=1e-4)
         assert record["loss"] == pytest.approx(loss, rel=1e-6)
-        assert (record["acc5"], record["loss"]) == (round(100 * run["metrics"]["val/acc5"], 4), run["metrics"]["val/loss"])
-        calib = cli._calibration()
+        assert (record["acc5"], record["loss"]) == (run["metrics"]["val/acc5"], run["metrics"]["val/loss"])
+        calib = cli.calibration.result
         assert record["calib_images"] == calib.calib_images == CALIB_BATCHES * CALIB_BATCH_SIZE
         assert record["calibration_seconds"] == round(calib.seconds, 3)
 
@@ -257,15 +271,17 @@ class TestOneProcess:
         assert logged["calib_images"] == CALIB_BATCHES * CALIB_BATCH_SIZE
         assert {"hp/acc1", "hp/acc5", "hp/loss", "val/acc1", "val/acc5", "val/loss"} <= set(tags["scalars"])
         assert acc.Scalars("hp/acc1")[-1].value == pytest.approx(run["record"]["acc1"], rel=1e-6)
+        for key in ("acc1", "acc5"):  # percent, as the JSON and the summary line
+            assert acc.Scalars(f"val/{key}")[-1].value == pytest.approx(run["record"][key], rel=1e-6)
+        seconds = acc.Scalars("calibration/seconds")[-1].value
+        assert abs(seconds - run["record"]["calibration_seconds"]) <= 0.0051  # rounded to 2 decimals
+        assert abs(seconds * 100 - round(seconds * 100)) < 1e-3
         report = [t for t in tags["tensors"] if t.startswith("quantizers/report")]
         assert report
         text = acc.Tensors(report[0])[-1].tensor_proto.string_val[0].decode()
         assert text.startswith("| quantizer | role | bits |") and "blocks.0.mlp.fc2_output" in text
-        sqnr = [t for t in tags["scalars"] if t.startswith("sqnr_by_layer/")]
-        assert {"sqnr_by_layer/weight", "sqnr_by_layer/act"} <= set(sqnr)
-        weight_points = [line for line in text.splitlines() if "| weight |" in line]
-        steps = [e.step for e in acc.Scalars("sqnr_by_layer/weight")]
-        assert steps == list(range(len(weight_points)))  # one step per weight quantizer, in module order
+        assert {"sqnr_by_layer/weight", "sqnr_by_layer/act"} <= set(tags["images"])  # one figure per role
+        assert not [t for t in tags["scalars"] if t.startswith("sqnr_by_layer/")]
 
     def test_subprocess_run_with_overrides(self, tiny_config, tmp_path, num_val_images, main_subprocess):
         """main.py end to end, here turning the config's minmax run into a float one from the command line."""
@@ -305,6 +321,11 @@ class TestOneProcess:
             ),
             (["--data.calib_batches", "0"], "error: data.calib_batches=0 but model.method is set"),
             (["--model.method", "kmeans"], "error: "),
+            (
+                ["--model.overrides", '{"blokcs.*.qkv*": {"bits": 8}}'],
+                "error: overrides: the pattern 'blokcs.*.qkv*' matches no quant point of this model (placement "
+                "'seed'); the closest point names are 'blocks.*.attn.qkv_output', ",
+            ),
         ],
     )
     def test_user_errors_end_in_one_line(self, tiny_config, tmp_path, capsys, extra, message):
@@ -329,6 +350,7 @@ def _ddp_run(main_subprocess: Callable[..., Any], tiny_config: Path, out: Path, 
     )  # fmt: skip
     proc = main_subprocess(args, ddp=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("calibration took") == 1, proc.stdout  # rank 0 alone logs
     record = json.loads((out / "results.json").read_text())
     states = [torch.load(out / f"rank{r}.pt", map_location="cpu", weights_only=True) for r in (0, 1)]
     return record, states

@@ -1,7 +1,8 @@
-"""Specification of lit_ptq/data.py: folder checks, decoding, unreadable files, samplers, calibration."""
+"""Specification of lit_ptq/data/: folder checks, decoding, unreadable files, samplers, calibration."""
 
 from __future__ import annotations
 
+import ast
 import functools
 import io
 import os
@@ -353,6 +354,45 @@ def test_val_loaders_of_all_ranks_read_every_image_once(root: Path, world_size: 
     assert len(seen) == 9 and sorted(seen) == sorted(p for p, _ in dm.val_dataset.samples)
 
 
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_a_rank_without_images_gets_one_empty_batch(tmp_path: Path, split: str):
+    """1 image, 2 ranks: rank 0 reads it, rank 1 gets one batch of zero images (so Lightning runs its loop)."""
+    root = make_root(tmp_path, {"a": 4}, {"a": 1})
+    make_split(root / "test", {"a": 1})
+    per_rank = []
+    for rank in (0, 1):
+        dm = datamodule(root, calib_batches=0)
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2)
+        loader = dm.val_dataloader() if split == "val" else dm.test_dataloader()
+        assert len(loader) == 1
+        per_rank.append(list(loader))
+    (one,), (empty,) = per_rank
+    assert one[0].shape == (1, 3, 32, 32) and one[1].tolist() == [0]
+    assert empty[0].shape == (0, 3, 32, 32) and empty[1].shape == (0,) and empty[1].dtype == torch.int64
+
+
+def test_a_rank_whose_images_are_all_unreadable_gets_one_empty_batch(tmp_path: Path):
+    root = make_root(tmp_path, {"a": 4}, {"a": 2})
+    truncated_jpeg(root / "val" / "a" / "x.jpg")  # index 2, after the two PNGs
+    dm = datamodule(root, calib_batches=0, skip_unreadable=True, batch_size=1)
+    dm.trainer = SimpleNamespace(global_rank=1, world_size=3)  # rank 1 of 3 reads index 1 alone: a good image
+    assert [len(t) for _, t in dm.val_dataloader()] == [1]
+    dm.trainer = SimpleNamespace(global_rank=2, world_size=3)  # rank 2 of 3 reads index 2 alone: unreadable
+    assert [(tuple(x.shape), len(t)) for x, t in dm.val_dataloader()] == [((0, 3, 32, 32), 0)]
+    assert dm.skipped_files == [str(root / "val" / "a" / "x.jpg")]
+
+
+def test_the_empty_batch_is_asked_for_only(tmp_path: Path):
+    """Without ``empty_batch`` an empty loader yields nothing; predict fills an empty rank with image 0."""
+    assert len(CheckedDataLoader([], batch_size=2)) == 0 and list(CheckedDataLoader([], batch_size=2)) == []
+    root = make_root(tmp_path, {"a": 4}, {"a": 1})
+    dm = datamodule(root, calib_batches=0, predict_root=str(root / "val"))
+    dm.trainer = SimpleNamespace(global_rank=1, world_size=2)
+    ((images, indices),) = list(dm.predict_dataloader())
+    assert images.shape == (1, 3, 32, 32) and indices.tolist() == [0]
+
+
 def _calib(root: Path, **kwargs) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return list(datamodule(root, calib_batches=3, calib_batch_size=4, **kwargs).calib_dataloader())
 
@@ -443,3 +483,39 @@ def test_trainer_validate_sees_every_image_once_and_reports_skips(root: Path):
     assert sorted(model.targets) == [0, 0, 0, 1, 1, 1, 1, 2, 2]
     assert isinstance(trainer.val_dataloaders.sampler, UnpaddedDistributedSampler)
     assert dm.skipped_files == [str(bad)]
+
+
+PACKAGE = Path(__file__).resolve().parents[1] / "lit_ptq" / "data"
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """The modules a file imports, relative ones as written (``..errors``, ``.images``)."""
+    modules = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            modules |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            modules.add("." * node.level + (node.module or ""))
+    return modules
+
+
+@pytest.mark.parametrize("module", ["folders", "images"])
+def test_folders_and_images_need_no_lightning_no_model_and_no_datamodule(module):
+    imported = _imported_modules(PACKAGE / f"{module}.py")
+    lightning = {m for m in imported if m.split(".")[0] in ("pytorch_lightning", "lightning")}
+    assert imported and not lightning and not imported & {"..models", ".datamodule"}
+
+
+def test_folders_decode_nothing():
+    assert not _imported_modules(PACKAGE / "folders.py") & {"torch", "PIL", ".images"}
+
+
+def test_the_package_exports_every_name_of_its_modules():
+    import lit_ptq.data as package
+    from lit_ptq.data import datamodule, folders, images
+
+    modules = (datamodule, folders, images)
+    assert sorted(package.__all__) == sorted(name for module in modules for name in module.__all__)
+    for module in modules:
+        for name in module.__all__:
+            assert getattr(package, name) is getattr(module, name), name

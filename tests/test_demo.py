@@ -92,6 +92,13 @@ amplify the last-bit differences of another thread count or CPU (README's 89.75 
 with two threads; these tests run one, which gave 89.68)."""
 
 
+GPTQ_POINTS = 0.1
+"""How far the W4A4 ridge + GPTQ run may land from README's figure on another CPU: each column's
+rounding decision feeds the next columns' error compensation, so the last-bit differences of
+another CPU's kernels move more weights to the neighbouring level at 4 bits than at 6 (README's
+89.78 was measured on an Intel Xeon with AMX; an AMD EPYC (Zen 4) gives 89.71, seven images)."""
+
+
 def check_lowbit(
     config: str, label: str, bits: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, points: float = CROSS_CPU_POINTS
 ) -> None:
@@ -107,7 +114,7 @@ def test_w6a6_recipe_is_documented_and_within_its_margin(tmp_path: Path, monkeyp
 
 
 def test_w4a4_recipe_is_documented_and_within_its_margin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    check_lowbit("demo_w4a4.yaml", "W4A4 repq_gptq (matmul placement)", "4/4/4", tmp_path, monkeypatch)
+    check_lowbit("demo_w4a4.yaml", "W4A4 repq_gptq (matmul placement)", "4/4/4", tmp_path, monkeypatch, GPTQ_POINTS)
 
 
 @pytest.mark.slow

@@ -144,13 +144,13 @@ class TestExport:
             assert torch.allclose(ort_module(images), torch_module(images), atol=1e-3)
 
     def test_an_error_while_writing_leaves_no_file(self, export_config, exported, tmp_path, monkeypatch, capsys):
-        import lit_ptq.export
+        import lit_ptq.export.qdq
 
         def fail(model, path, *args, **kwargs):
             Path(path).write_bytes(b"half")
             raise ConfigError("disk full")
 
-        monkeypatch.setattr(lit_ptq.export, "export_onnx", fail)
+        monkeypatch.setattr(lit_ptq.export.qdq, "export_onnx", fail)
         path = tmp_path / "half.onnx"
         code = main_script.main(["export", "--config", str(export_config), "--output", str(path),
                                  "--calibration.load_state", str(exported["state"])])  # fmt: skip
@@ -246,7 +246,8 @@ class TestOutputShape:
     def test_batch_by_classes_is_accepted(self, tmp_path):
         path = _classifier_file(tmp_path / "ok.onnx", ["batch", 10])
         module = PTQModule(model_name="itpn_tiny", num_classes=10, onnx=str(path))
-        assert module.onnx_info.output_shape == ("batch", 10) and module.onnx_info.output_name == "logits"
+        info = module.inference_backend.info
+        assert module.backend == "onnxruntime" and info.output_shape == ("batch", 10) and info.output_name == "logits"
 
     @pytest.mark.parametrize(
         "dims, message",

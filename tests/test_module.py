@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning import Trainer
 from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics.classification import MulticlassAccuracy
 
 from lit_ptq.errors import ConfigError
-from lit_ptq.metrics import ExactMean
+from lit_ptq.metrics import ExactMean, PercentAccuracy
 from lit_ptq.models import create_model
 from lit_ptq.module import PTQModule
 from lit_ptq.quant import QuantMode, TensorQuantizer, calibrate, quantizers
@@ -39,15 +40,15 @@ def _module(method: str | None = None, num_classes: int = 10, **kwargs) -> PTQMo
 
 
 def _hand_metrics(module: PTQModule, images: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-    """Top-1, top-5 and mean cross-entropy computed directly from the logits, batch by batch."""
+    """Top-1 and top-5 (in percent) and mean cross-entropy computed directly from the logits, batch by batch."""
     module.eval()
     with torch.no_grad():
         logits = torch.cat([module(images[i : i + BATCH]) for i in range(0, len(images), BATCH)]).float()
     k = min(5, logits.shape[1])
     top = logits.topk(k, dim=1).indices
     return {
-        "val/acc1": (top[:, 0] == targets).double().mean().item(),
-        "val/acc5": (top == targets[:, None]).any(dim=1).double().mean().item(),
+        "val/acc1": 100 * (top[:, 0] == targets).double().mean().item(),
+        "val/acc5": 100 * (top == targets[:, None]).any(dim=1).double().mean().item(),
         "val/loss": F.cross_entropy(logits, targets, reduction="none").double().mean().item(),
         "val/num_images": float(len(targets)),
     }
@@ -104,7 +105,7 @@ class TestBuild:
         "kwargs, match",
         [
             (dict(method="kmeans"), "method='kmeans' is not one of"),
-            (dict(method="minmax", placement="everywhere"), "placement='everywhere' is not one of"),
+            (dict(method="minmax", placement="everywhere"), "placement='everywhere' is not defined for the itpn model family"),
             (dict(method="minmax", bits="8/8"), "bits='8/8' must be three integers"),
             (dict(method="minmax", arithmetic="fast"), "arithmetic='fast' is not one of"),
         ],
@@ -125,8 +126,8 @@ class TestEvalStep:
         expected = _hand_metrics(module, images, targets)
         metrics = _validate(module, images, targets)
         assert metrics["val/num_images"] == expected["val/num_images"] == 29
-        assert metrics["val/acc1"] == pytest.approx(expected["val/acc1"], abs=1e-7)
-        assert metrics["val/acc5"] == pytest.approx(expected["val/acc5"], abs=1e-7)
+        assert metrics["val/acc1"] == pytest.approx(expected["val/acc1"], abs=1e-4)  # percent, 4 decimals
+        assert metrics["val/acc5"] == pytest.approx(expected["val/acc5"], abs=1e-4)
         assert metrics["val/loss"] == pytest.approx(expected["val/loss"], abs=1e-9)
 
     @pytest.mark.parametrize("method, placement", [("minmax", "seed"), ("ema", "full")])
@@ -136,8 +137,8 @@ class TestEvalStep:
         calibrate(module.model, [images[:16], images[16:]])
         expected = _hand_metrics(module, images, targets)
         metrics = _validate(module, images, targets)
-        assert metrics["val/acc1"] == pytest.approx(expected["val/acc1"], abs=1e-7)
-        assert metrics["val/acc5"] == pytest.approx(expected["val/acc5"], abs=1e-7)
+        assert metrics["val/acc1"] == pytest.approx(expected["val/acc1"], abs=1e-4)  # percent, 4 decimals
+        assert metrics["val/acc5"] == pytest.approx(expected["val/acc5"], abs=1e-4)
         assert metrics["val/loss"] == pytest.approx(expected["val/loss"], abs=1e-9)
         assert metrics["val/num_images"] == 29
 
@@ -161,6 +162,18 @@ class TestEvalStep:
         assert set(metrics) == {"test/acc1", "test/acc5", "test/loss", "test/num_images"}
         assert metrics["test/num_images"] == 10
 
+    def test_the_printed_table_shows_percent(self, capsys):
+        module = _module(method=None)
+        images, targets = _images_and_targets()
+        expected = _hand_metrics(module, images, targets)
+        loader = DataLoader(TensorDataset(images, targets), batch_size=BATCH)
+        (metrics,) = _trainer().validate(module, loader, verbose=True)
+        table = capsys.readouterr().out
+        for key in ("val/acc1", "val/acc5"):
+            assert metrics[key] == pytest.approx(expected[key], abs=1e-4)
+            row = next(line for line in table.splitlines() if key in line)
+            assert str(metrics[key]) in row.split() and len(str(metrics[key]).split(".")[1]) <= 4
+
     def test_empty_batch_is_skipped(self):
         module = _module(method=None)
         module.eval()
@@ -174,6 +187,32 @@ class TestEvalStep:
         name, q = next(quantizers(module.model))
         assert isinstance(q, TensorQuantizer)
         assert {f"model.{name}.scale", f"model.{name}.zero_point", f"model.{name}.calibrated"} <= set(keys)
+
+
+class TestPercentAccuracy:
+    @pytest.mark.parametrize("top_k", [1, 5])
+    def test_is_the_fraction_times_100_rounded_to_4_decimals_in_float64(self, top_k):
+        g = torch.Generator().manual_seed(2)
+        for n in (29, 59, 1000):
+            logits, targets = torch.randn(n, 10, generator=g), torch.randint(0, 10, (n,), generator=g)
+            reference = MulticlassAccuracy(num_classes=10, top_k=top_k, average="micro")
+            percent = PercentAccuracy(num_classes=10, top_k=top_k, average="micro")
+            reference.update(logits, targets)
+            percent.update(logits, targets)
+            value = percent.compute()
+            assert value.dtype == torch.float64
+            assert value.item() == round(100.0 * reference.compute().item(), 4)  # the results JSON's formula before
+
+    def test_every_count_of_59_images_keeps_the_jsons_digits(self):
+        targets = torch.zeros(59, dtype=torch.int64)
+        for hits in range(60):
+            logits = torch.zeros(59, 10)
+            logits[:hits, 0] = 1.0
+            logits[hits:, 1] = 1.0
+            metric = PercentAccuracy(num_classes=10, top_k=1, average="micro")
+            metric.update(logits, targets)
+            fraction = (torch.tensor(float(hits)) / 59).item()  # float32, as torchmetrics divides
+            assert metric.compute().item() == round(100.0 * fraction, 4)
 
 
 class TestExactMean:

@@ -1,11 +1,13 @@
-"""Specification of lit_ptq/sensitivity.py: the per-point sensitivity arithmetic, the activation
-histograms and the mixed-precision overrides, on the demo's ``itpn_tiny`` (conftest's
+"""Specification of lit_ptq/quant/sensitivity.py (the per-point sensitivity arithmetic, the activation
+histograms and the mixed-precision overrides) and lit_ptq/sensitivity.py (the YAML and table), on the demo's ``itpn_tiny`` (conftest's
 ``tiny_checkpoint``) and random images."""
 
 from __future__ import annotations
 
 import fnmatch
+import json
 import math
+import re
 from dataclasses import replace
 
 import pytest
@@ -15,16 +17,15 @@ import yaml
 from lit_ptq.errors import ConfigError
 from lit_ptq.models import create_model
 from lit_ptq.quant import QuantConfig, QuantMode, TensorQuantizer, WeightQuantizer, calibrate, quant_points, quantize_
-from lit_ptq.sensitivity import (
+from lit_ptq.quant.sensitivity import (
     PointSensitivity,
     activation_histograms,
     keep_count,
     measure_sensitivity,
     mixed_precision_overrides,
     output_divergence,
-    overrides_yaml,
-    sensitivity_markdown,
 )
+from lit_ptq.sensitivity import SensitivityResult, overrides_yaml, sensitivity_lines, sensitivity_markdown
 
 SABOTAGED = "blocks.2.mlp.fc2_output"
 
@@ -146,6 +147,30 @@ class TestHistograms:
         assert hists[0].clipped > 0.3
         assert all(p.mode is QuantMode.QUANTIZE for _, p in quant_points(clipped_model))
 
+    def test_histogram_summary_is_that_of_the_float_input_of_the_point(self, clipped_model, images):
+        """Count, sum, sum of squares, extremes and the share saturated (more than half a step
+        outside the grid) of the values the point sees in the float model."""
+        point = dict(quant_points(clipped_model))[SABOTAGED]
+        seen = []
+        handle = point.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().double().flatten()))
+        modes = {n: p.mode for n, p in quant_points(clipped_model)}
+        try:
+            for _, p in quant_points(clipped_model):
+                p.mode = QuantMode.FLOAT
+            with torch.no_grad():
+                clipped_model(images[:4])
+        finally:
+            handle.remove()
+            for n, p in quant_points(clipped_model):
+                p.mode = modes[n]
+        (x,) = seen
+        (h,) = activation_histograms(clipped_model, images[:4], [SABOTAGED])
+        s, zp, qmin, qmax = point.scale.double(), point.zero_point.double(), point.spec.qmin, point.spec.qmax
+        outside = (x < (qmin - 0.5 - zp) * s) | (x > (qmax + 0.5 - zp) * s)
+        assert (h.numel, h.min_val, h.max_val) == (x.numel(), x.min().item(), x.max().item())
+        assert h.total == pytest.approx(x.sum().item(), rel=1e-9) and h.total_squares == pytest.approx(x.pow(2).sum().item(), rel=1e-9)
+        assert h.clipped == outside.sum().item() / x.numel() and 0.3 < h.clipped < 1
+
     def test_grid_range_is_the_lowest_and_highest_level(self, clipped_model):
         point = dict(quant_points(clipped_model))[SABOTAGED]
         assert isinstance(point, TensorQuantizer)
@@ -161,7 +186,7 @@ def _points(*specs: tuple[str, int]) -> list[PointSensitivity]:
 class TestMixedPrecision:
     @pytest.mark.parametrize(
         "keep, candidates, expected",
-        [(0.1, 78, 8), (0.1, 10, 1), (1.0, 5, 5), (3, 78, 3), (0, 78, 0), (100, 7, 7), (0.5, 0, 0)],
+        [(0.1, 78, 8), (0.1, 10, 1), (0.1, 12, 2), (1.0, 5, 5), (3, 78, 3), (0, 78, 0), (100, 7, 7), (0.5, 0, 0)],
     )
     def test_keep_count(self, keep, candidates, expected):
         assert keep_count(keep, candidates) == expected
@@ -211,3 +236,84 @@ class TestMixedPrecision:
         lines = text.splitlines()
         assert lines[0].startswith("| rank | quant point | role | bits | KL")
         assert len(lines) == 4 and lines[2].startswith("| 1 | a.x |") and lines[3].startswith("| 2 | b.y |")
+
+
+class _Bar:
+    """A progress bar that records what it is told."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.n, self.closed = total, 0, False
+
+    def update(self, n: int) -> None:
+        self.n += n
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_the_progress_bar_counts_the_points_and_changes_nothing(clipped_model, images):
+    bars: list[_Bar] = []
+    with_bar = measure_sensitivity(clipped_model, images[:6], batch_size=6, progress=lambda total: bars.append(_Bar(total)) or bars[-1])
+    without = measure_sensitivity(clipped_model, images[:6], batch_size=6)
+    points = len(list(quant_points(clipped_model)))
+    assert [(b.total, b.n, b.closed) for b in bars] == [(points, points, True)]
+    assert [(p.name, p.kl, p.agreement) for p in with_bar] == [(p.name, p.kl, p.agreement) for p in without]
+
+
+def test_the_printed_lines_are_an_aligned_table_and_the_yaml_path():
+    points = [replace(p, kl=kl, agreement=agreement) for p, kl, agreement in zip(
+        _points(*((f"blocks.{i}.mlp.act_output", 4) for i in range(6))), (0.00893, 0.0005, 2e-5, 1e-5, 1e-6, 0.0), (98.4375, 100, 100, 100, 100, 100)
+    )]  # fmt: skip
+    result = SensitivityResult(256, 9.58, points, kept=["blocks.0.mlp.act_output"], output="/tmp/mixed.yaml")
+    assert sensitivity_lines(result) == [
+        "sensitivity of 6 quant points on 256 images (9.6 s); the 5 worst:",
+        "  quant point              KL (nats)  top-1 changed %",
+        "  blocks.0.mlp.act_output    0.00893             1.56",
+        "  blocks.1.mlp.act_output     0.0005             0.00",
+        "  blocks.2.mlp.act_output      2e-05             0.00",
+        "  blocks.3.mlp.act_output      1e-05             0.00",
+        "  blocks.4.mlp.act_output      1e-06             0.00",
+        "mixed-precision config (1 point at 8 bits) written to /tmp/mixed.yaml; pass it back with --config /tmp/mixed.yaml",
+    ]
+    unwritten = sensitivity_lines(replace(result, output=None, kept=[], keep_bits=6), worst=2)
+    assert len(unwritten) == 5 and unwritten[-1] == "mixed-precision config: 0 points at 6 bits; write it with --sensitivity.output FILE.yaml"
+
+
+def test_a_sensitivity_run_shows_a_bar_then_the_worst_points_and_the_yaml(fmnist_root, tiny_checkpoint, make_tiny_config, tmp_path):
+    """``main.py validate --sensitivity.enabled true`` at 4/4/4: a bar over the quant points, the
+    five worst of the results JSON's ranking, the YAML's path; the run with that YAML says it is mixed."""
+    import contextlib
+    import io
+
+    import main as main_script
+
+    config = make_tiny_config(fmnist_root, tiny_checkpoint, 16, 2, logger=False)
+    config["model"]["bits"] = "4/4/4"
+    config["trainer"]["enable_progress_bar"] = True
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    run = ["validate", "--config", str(tmp_path / "run.yaml"), "--results_path", str(tmp_path / "r.json")]
+
+    def main(*extra: str) -> str:
+        stdout = io.StringIO()
+        with contextlib.redirect_stdout(stdout):
+            assert main_script.main([*run, *extra]) == 0
+        return stdout.getvalue()
+
+    out = main("--sensitivity.enabled", "true", "--sensitivity.images", "8", "--sensitivity.keep", "3",
+               "--sensitivity.output", str(tmp_path / "mixed.yaml"))  # fmt: skip
+    sensitivity = json.loads((tmp_path / "r.json").read_text())["sensitivity"]
+    points = len(sensitivity["points"])
+    assert re.search(rf"\rSensitivity: 100%\|\S{{10}}\| {points}/{points} ", out)  # tqdm draws '#' into a StringIO
+    lines = out.rstrip("\n").splitlines()
+    assert lines[-9].startswith("itpn_tiny minmax seed 4/4/4: acc1 ")
+    assert lines[-8].startswith(f"sensitivity of {points} quant points on 8 images (")
+    assert lines[-7].split() == ["quant", "point", "KL", "(nats)", "top-1", "changed", "%"]
+    rows = lines[-6:-1]
+    assert [line.split() for line in rows] == [
+        [p["name"], f"{p['kl']:.3g}", f"{p['top1_drop']:.2f}"] for p in sensitivity["points"][:5]
+    ]
+    assert len({len(line) for line in lines[-7:-1]}) == 1  # aligned
+    assert lines[-1] == f"mixed-precision config (3 points at 8 bits) written to {tmp_path / 'mixed.yaml'}; " \
+                        f"pass it back with --config {tmp_path / 'mixed.yaml'}"  # fmt: skip
+    mixed = main("--config", str(tmp_path / "mixed.yaml"), "--trainer.enable_progress_bar", "false")
+    assert mixed.strip().splitlines()[-1].startswith("itpn_tiny minmax seed 4/4/4 mixed: 3 points at 8 bits: acc1 ")

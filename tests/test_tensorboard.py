@@ -19,10 +19,23 @@ from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
 import main as main_script
 from lit_ptq.cli import cli_main
 from lit_ptq.quant import QuantConfig
-from lit_ptq.tensorboard import HPARAM_COLUMNS, VISIBLE, run_hparams, run_name
+from lit_ptq.figures import DPI, OVERRIDDEN_COLOR, ROW, WIDTH, histogram_figure, sensitivity_figure, sqnr_figure
+from lit_ptq.quant import QuantizerStats
+from lit_ptq.sensitivity import ActivationHistogram, PointSensitivity, SensitivityResult
+from lit_ptq.tensorboard import (
+    HPARAM_COLUMNS,
+    VISIBLE,
+    histogram_tag,
+    log_sensitivity,
+    name_logger,
+    overridden_points,
+    run_hparams,
+    run_name,
+)
 
 SENSITIVITY_IMAGES = 16
 KEEP = 3
+HISTOGRAMS = 6  # sensitivity.histograms' default
 
 
 @pytest.fixture(scope="module")
@@ -141,21 +154,42 @@ class TestNamesAndHparams:
 
 
 class TestSensitivityRun:
-    def test_event_files_hold_the_chart_tables_and_histograms(self, sensitivity_run):
+    def test_event_files_hold_the_charts_tables_and_histograms(self, sensitivity_run):
         acc = _events(sensitivity_run["out"] / "tb" / "itpn_tiny" / "minmax-seed-w4a4a4" / "version_0")
         tags = acc.Tags()
-        assert {"sensitivity/chart", "activations/worst"} <= set(tags["images"])
-        chart = acc.Images("sensitivity/chart")[-1]
-        assert chart.encoded_image_string.startswith(b"\x89PNG") and chart.height > 300
         worst = sensitivity_run["record"]["sensitivity"]["points"]
+        histograms = [histogram_tag(rank, p["name"], HISTOGRAMS) for rank, p in enumerate(worst[:HISTOGRAMS], 1)]
+        charts = ["sensitivity/chart", "sensitivity/top1_changed", "sqnr_by_layer/act", "sqnr_by_layer/attn", "sqnr_by_layer/weight"]
+        assert sorted(tags["images"]) == sorted(charts + histograms)
+        assert sorted(histograms) == histograms  # TensorBoard's name order is the ranking
         table = _text(acc, "sensitivity/worst").splitlines()
         assert table[0].startswith("| rank | quant point |") and len(table) == 2 + 10
         assert table[2].startswith(f"| 1 | {worst[0]['name']} |")
-        assert f"activations/{worst[0]['name']}" in tags["histograms"]
         assert "blocks.0.mlp.fc2_output" in _text(acc, "quantizers/report")
         mixed = _text(acc, "sensitivity/mixed_precision")
         assert "```yaml" in mixed and worst[0]["name"] in mixed
-        assert {"hp/acc1", "sqnr_by_layer/act", "sqnr_by_layer/weight"} <= set(tags["scalars"])
+
+    def test_figures_are_one_card_wide_and_a_row_per_point(self, sensitivity_run):
+        """Each image is WIDTH pixels wide (TensorBoard's card, so not scaled down) and tall
+        enough for its rows: 10 for the charts (``--sensitivity.top 10``), one per point of the role."""
+        acc = _events(sensitivity_run["out"] / "tb" / "itpn_tiny" / "minmax-seed-w4a4a4" / "version_0")
+        points = sensitivity_run["record"]["sensitivity"]["points"]
+        rows = {f"sqnr_by_layer/{role}": sum(p["role"] == role for p in points) for role in ("act", "attn", "weight")}
+        rows |= {"sensitivity/chart": 10, "sensitivity/top1_changed": 10}
+        for tag in acc.Tags()["images"]:
+            [image] = acc.Images(tag)
+            assert image.encoded_image_string.startswith(b"\x89PNG") and image.width == WIDTH, tag
+            assert image.height >= rows.get(tag, 0) * ROW * DPI, tag
+        assert rows["sqnr_by_layer/act"] > 20
+
+    def test_nothing_empty_or_constant_gets_a_card(self, sensitivity_run):
+        """No one-step histogram (an empty DISTRIBUTIONS chart), no step-indexed per-layer
+        scalars, no ``epoch`` (always 0)."""
+        acc = _events(sensitivity_run["out"] / "tb" / "itpn_tiny" / "minmax-seed-w4a4a4" / "version_0")
+        tags = acc.Tags()
+        assert tags["histograms"] == [] and tags["distributions"] == []
+        assert "epoch" not in tags["scalars"] and not [t for t in tags["scalars"] if t.startswith("sqnr_by_layer")]
+        assert {"hp/acc1", "hp/acc5", "hp/loss", "val/acc1"} <= set(tags["scalars"])
 
     def test_results_json_ranks_every_point(self, sensitivity_run):
         record = sensitivity_run["record"]
@@ -202,3 +236,147 @@ class TestSensitivityRun:
         code = main_script.main(["validate", "--config", str(config), "--trainer.logger", "false", *extra])
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and err and err[-1].startswith(message), err
+
+
+def _stats(name: str, role: str, bits: int = 4, sqnr: float = 20.0, clipped: float = 0.01) -> QuantizerStats:
+    return QuantizerStats(name, role, bits, -1.0, 1.0, 0.1, clipped, sqnr, 100)
+
+
+def _texts(fig: Any) -> list[Any]:
+    """Every text the figure draws: titles, axis titles, tick labels in view, bar labels,
+    legend entries and the figure's own texts (its caption)."""
+    fig.canvas.draw()
+    texts = [t for t in (fig._suptitle, fig._supxlabel) if t is not None]
+    for ax in fig.axes:
+        (x0, x1), (y0, y1) = sorted(ax.get_xlim()), sorted(ax.get_ylim())
+        ticks = [label for label in ax.get_xticklabels() if x0 <= label.get_position()[0] <= x1]
+        ticks += [label for label in ax.get_yticklabels() if y0 <= label.get_position()[1] <= y1]
+        texts += [ax.title, ax.xaxis.label, ax.yaxis.label, *ticks, *ax.texts]
+    for legend in fig.legends:
+        texts += legend.get_texts()
+    return [t for t in texts if t.get_text() and t.get_visible()]
+
+
+def _check_layout(fig: Any) -> None:
+    """No legend covers a bar, a tick or bar label or an axis title; every text lies inside the image."""
+    renderer = fig.canvas.get_renderer()
+    texts = _texts(fig)
+    legends = [legend.get_window_extent(renderer) for legend in fig.legends]
+    for ax in fig.axes:
+        legends += [ax.get_legend().get_window_extent(renderer)] if ax.get_legend() else []
+    for t in texts:
+        box = t.get_window_extent(renderer)
+        assert fig.bbox.contains(box.x0, box.y0) and fig.bbox.contains(box.x1, box.y1), t.get_text()
+        in_legend = any(legend.contains(box.x0 + 1, box.y0 + 1) for legend in legends)
+        assert in_legend or not any(legend.overlaps(box) for legend in legends), t.get_text()
+    for ax in fig.axes:
+        for bar in ax.patches:
+            assert not any(legend.overlaps(bar.get_window_extent(renderer)) for legend in legends)
+
+
+class _Recorder:
+    """A SummaryWriter stand-in that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.figures: dict[str, Any] = {}
+        self.texts: dict[str, str] = {}
+
+    def add_figure(self, tag: str, figure: Any, step: int) -> None:
+        self.figures[tag] = figure
+
+    def add_text(self, tag: str, text: str) -> None:
+        self.texts[tag] = text
+
+
+def _histogram(name: str, clipped: float) -> ActivationHistogram:
+    return ActivationHistogram(name, "act", 4, [0.0, 1.0, 2.0, 3.0], [5.0, 3.0, 2.0], (0.5, 2.0), clipped, 10, 12.0, 20.0, 0.1, 2.9)
+
+
+class TestFigures:
+    def test_sqnr_figure_names_every_point_of_the_role_in_model_order_and_marks_overrides(self):
+        report = [_stats(f"blocks.{i}.mlp.act_output", "act", 8 if i == 2 else 4, 10.0 + i) for i in range(4)]
+        report.insert(1, _stats("blocks.0.attn.qkv.weight_quantizer", "weight"))
+        report.append(_stats("blocks.9.mlp.act_output", "act", sqnr=float("inf")))
+        report.append(_stats("blocks.10.mlp.act_output", "act", sqnr=float("-inf")))
+        fig = sqnr_figure(report, "act", {"blocks.2.mlp.act_output"})
+        ax = fig.axes[0]
+        labels = [t.get_text() for t in ax.get_yticklabels()]
+        assert labels == [f"blocks.{i}.mlp.act_output ({8 if i == 2 else 4}b)" for i in range(4)] + ["blocks.9.mlp.act_output (4b)", "blocks.10.mlp.act_output (4b)"]
+        assert [t.get_text() for t in ax.texts] == ["10.0", "11.0", "12.0", "13.0", "lossless", "no signal"]
+        assert "SQNR (dB)" in ax.get_xlabel() and "each act quant point" in fig.get_suptitle()
+        bars = ax.patches[:6]
+        assert [bar.get_hatch() for bar in bars] == [None, None, "///", None, None, None]
+        assert bars[2].get_facecolor()[:3] == pytest.approx(matplotlib_rgb(OVERRIDDEN_COLOR))
+        assert bars[0].get_y() < bars[1].get_y()  # model order, top to bottom (the y axis is inverted)
+        assert ax.yaxis_inverted()
+        assert [t.get_text() for t in fig.legends[0].get_texts()] == ["act, the run's bits", "set by model.overrides"]
+        _check_layout(fig)
+        assert round(fig.get_figwidth() * fig.dpi) == WIDTH
+
+    def test_sensitivity_figures_put_the_worst_at_the_top_and_the_legend_below(self):
+        points = [PointSensitivity(f"blocks.{i}.reduction_output", "act" if i % 2 else "attn", 4, 0.01 / (i + 1), 99.0 - i) for i in range(12)]
+        fig = sensitivity_figure(points, 10, 256)
+        ax = fig.axes[0]
+        assert [t.get_text() for t in ax.get_yticklabels()][:2] == ["blocks.0.reduction_output", "blocks.1.reduction_output"]
+        assert len(ax.get_yticklabels()) == 10 and "KL" in ax.get_xlabel() and "256 images" in fig.get_suptitle()
+        assert "alone at 4 bits" in fig.get_suptitle()  # one width: said once, not on every row
+        points[3].bits = 8
+        mixed = sensitivity_figure(points, 10, 256).axes[0]
+        assert [t.get_text() for t in mixed.get_yticklabels()][2:4] == ["blocks.2.reduction_output (4b)", "blocks.3.reduction_output (8b)"]
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        legend = fig.legends[0].get_window_extent(renderer)
+        assert legend.y1 <= ax.xaxis.label.get_window_extent(renderer).y0  # below the x axis title
+        _check_layout(fig)
+
+    def test_histogram_figure_labels_its_axes_and_gives_both_clipped_shares(self):
+        fig = histogram_figure(_histogram("blocks.4.mlp.act_output", 0.2863), 0.2951)
+        ax = fig.axes[0]
+        assert ax.get_xlabel() and "log" in ax.get_ylabel() and ax.get_yscale() == "log"
+        caption = " ".join(t.get_text() for t in _texts(fig))
+        assert "clipped here: 28.63 % (the first batch of the sensitivity images)" in caption
+        assert "in the text tables: 29.51 % (the last calibration batch)" in caption
+        without = " ".join(t.get_text() for t in _texts(histogram_figure(_histogram("p", 0.5), None)))
+        assert "50.00 %" in without and "text tables" not in without
+        _check_layout(fig)
+
+    def test_log_sensitivity_captions_each_histogram_with_its_own_points_report_share(self):
+        names = [f"blocks.{i}.mlp.act_output" for i in range(11)]
+        result = SensitivityResult(
+            16, 1.0, [PointSensitivity(n, "act", 4, 1.0 / (i + 1), 90.0) for i, n in enumerate(names)],
+            [_histogram(n, 0.01 * i) for i, n in enumerate(names)],
+        )  # fmt: skip
+        report = [_stats(n, "act", clipped=0.1 + 0.01 * i) for i, n in enumerate(reversed(names))]
+        writer = _Recorder()
+        log_sensitivity(writer, result, 5, report)
+        tags = [t for t in writer.figures if t.startswith("activations/")]
+        assert tags == [f"activations/{i + 1:02d}_{n}" for i, n in enumerate(names)] == sorted(tags)
+        table = {r.name: f"in the text tables: {100 * r.clipped:.2f} %" for r in report}
+        for tag, name in zip(tags, names):
+            caption = " ".join(t.get_text() for t in _texts(writer.figures[tag]))
+            assert table[name] in caption, name
+        assert {"sensitivity/chart", "sensitivity/top1_changed"} <= set(writer.figures)
+        assert set(writer.texts) == {"sensitivity/worst", "sensitivity/mixed_precision"}
+
+    def test_overridden_points_are_those_a_pattern_matches(self):
+        report = [_stats(n, "act") for n in ("blocks.0.attn.qkv_output", "blocks.1.attn.qkv_output", "blocks.10.mlp.act_output")]
+        overrides = {"blocks.1.*": {"bits": 8}, "*.act_output": None}
+        assert overridden_points(report, overrides) == {"blocks.1.attn.qkv_output", "blocks.10.mlp.act_output"}
+        assert overridden_points(report, {}) == set()
+
+
+def matplotlib_rgb(color: str) -> tuple[float, float, float]:
+    """``#rrggbb`` as matplotlib's RGB floats."""
+    return tuple(int(color[i : i + 2], 16) / 255 for i in (1, 3, 5))  # type: ignore[return-value]
+
+
+def test_name_logger_drops_lightnings_epoch_scalar(tmp_path):
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    logger = TensorBoardLogger(str(tmp_path), name="x", default_hp_metric=False)
+    name_logger(logger, dict(model="itpn_tiny", method="fp32", bits="32/32/32"))
+    logger.log_metrics(metrics={"epoch": 0, "val/acc1": 90.0}, step=0)
+    logger.log_metrics(metrics={"epoch": 0}, step=0)
+    logger.finalize("success")
+    acc = _events(tmp_path / "itpn_tiny" / "fp32" / "version_0")
+    assert acc.Tags()["scalars"] == ["val/acc1"] and acc.Scalars("val/acc1")[0].value == 90.0

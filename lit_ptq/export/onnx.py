@@ -68,7 +68,7 @@ import torch.nn as nn
 
 from ..errors import UserError
 from ..quant.layers import QuantLinear, maybe_quant
-from ..quant.quantize import owner_weight, quant_points
+from ..quant.walk import owner_weight, quant_points
 from ..quant.quantizer import (
     LogQuantizer,
     LogSoftmaxQuantizer,

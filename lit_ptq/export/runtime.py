@@ -1,4 +1,5 @@
-"""Exported ONNX files at run time: their ``lit_ptq`` metadata, checks, and onnxruntime sessions.
+"""Exported ONNX files at run time: their ``lit_ptq`` metadata, checks, onnxruntime sessions,
+and the ``onnxruntime`` inference backend (:class:`OnnxRuntimeBackend`).
 
 An ONNX file written by ``main.py export`` carries, in its ``metadata_props``, the key
 :data:`METADATA_KEY` whose value is a JSON object describing the run that produced it::
@@ -21,8 +22,10 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn as nn
 
+from ..backends import InferenceBackend, register_inference_backend
 from ..errors import ConfigError
-from ..quant.quantize import quant_points
+from ..models import model_entry
+from ..quant.walk import quant_points
 from ..quant.quantizer import LogQuantizer, LogSoftmaxQuantizer, TensorQuantizer
 from .graph import MOVABLE_OPS
 from .onnx import CODES_SUFFIX, _integer_dtype, log_point_error, ort_session_options
@@ -37,6 +40,7 @@ __all__ = [
     "INTEGER_KERNELS",
     "LinearKernel",
     "linear_kernels",
+    "OnnxRuntimeBackend",
 ]
 
 log = logging.getLogger(__name__)
@@ -317,3 +321,87 @@ def linear_kernels(path: str, optimized_path: str) -> list[LinearKernel]:
             op_type = found[0].op_type if found is not None else reader.op_type
         kernels.append(LinearKernel(codes.removesuffix(CODES_SUFFIX), input_quantized, op_type))
     return kernels
+
+
+_RECORD_KEYS = frozenset(
+    ("backend", "onnx", "onnx_calib_images", "calib_images", "calibration_seconds", "acc1", "acc5", "loss", "num_images")
+)
+"""Keys a results record sets itself, dropped from a file's recorded summary."""
+
+
+@register_inference_backend("onnxruntime")
+class OnnxRuntimeBackend(InferenceBackend):
+    """An ONNX file written by ``main.py export``, run by onnxruntime (``main.py validate --model.onnx FILE``).
+
+    The file is read and checked when the backend is made (:func:`read_onnx_file`); its
+    session is made at the first batch, on the images' device (:func:`create_session`), and
+    again when they move.
+
+    Args:
+        path: the ``.onnx`` file.
+        option: how the path is named in error messages.
+
+    Raises:
+        ConfigError: the file is missing or not an ONNX image classifier.
+    """
+
+    def __init__(self, path: str, option: str = "model.onnx") -> None:
+        self.option = option
+        self.info = read_onnx_file(path, option=option)
+        self._session: Optional[tuple[torch.device, Any]] = None
+
+    def check(self, model_name: str, img_size: Optional[int], num_classes: int) -> None:
+        """Refuse a file made for another input size, class count or model.
+
+        Raises:
+            ConfigError: the file's input size, class count or recorded model differ from
+                ``model_name`` / ``img_size`` / ``num_classes``.
+        """
+        info, path, option = self.info, self.info.path, self.option
+        try:
+            _, eval_cfg = model_entry(model_name)
+        except ValueError as err:
+            raise ConfigError(f"model.model_name: {err}") from None
+        side = img_size or eval_cfg.input_size[-1]
+        expected = (eval_cfg.input_size[0], side, side)
+        fmt = "x".join
+        if info.image_size is not None and info.image_size != expected:
+            raise ConfigError(
+                f"{option}={path} takes {fmt(map(str, info.image_size))} images but the config gives "
+                f"{fmt(map(str, expected))} (model.model_name={model_name}, model.img_size={img_size}); "
+                f"set model.img_size={info.image_size[-1]} or export the file again"
+            )
+        classes = info.output_shape[-1]
+        if isinstance(classes, int) and classes != num_classes:
+            raise ConfigError(
+                f"{option}={path} outputs {classes} classes but model.num_classes={num_classes}; "
+                f"set model.num_classes={classes} or use a file exported for this dataset"
+            )
+        recorded = ((info.metadata or {}).get("summary") or {}).get("model")
+        if recorded is not None and recorded != model_name:
+            raise ConfigError(
+                f"{option}={path} was exported from {recorded} but model.model_name={model_name}; "
+                f"set model.model_name={recorded} (the images are prepared for the named model)"
+            )
+
+    def session(self, device: torch.device) -> Any:
+        """The onnxruntime session of the file on ``device``, made on first use."""
+        if self._session is None or self._session[0] != device:
+            self._session = (device, create_session(self.info.path, device, option=self.option))
+        return self._session[1]
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """onnxruntime's logits of ``images`` (given as float32), on the images' device."""
+        info = self.info
+        batch = images.detach().to("cpu", torch.float32).contiguous().numpy()
+        (logits,) = self.session(images.device).run([info.output_name], {info.input_name: batch})
+        return torch.from_numpy(logits).to(images.device)
+
+    def summary(self, config_summary: dict[str, Any]) -> dict[str, Any]:
+        """The summary the file's metadata recorded at export (else ``config_summary``), plus
+        ``onnx`` (the path) and ``onnx_calib_images`` (None when unknown)."""
+        meta = self.info.metadata or {}
+        summary = config_summary
+        if isinstance(meta.get("summary"), dict):
+            summary = {k: v for k, v in meta["summary"].items() if k not in _RECORD_KEYS}
+        return dict(summary, onnx=self.info.path, onnx_calib_images=meta.get("calib_images"))

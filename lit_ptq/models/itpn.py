@@ -21,6 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 
+from ..errors import ConfigError
+
 __all__ = ["iTPN", "Attention", "Mlp", "Block", "PatchEmbed", "PatchMerge", "relative_position_index"]
 
 
@@ -363,7 +365,7 @@ class iTPN(nn.Module):
         H, W = x.shape[-2:]
         ph, pw = self.patch_embed.patch_size
         if H != W or H % ph:
-            raise ValueError(f"iTPN needs a square input whose side divides by {ph}; got {H}x{W}")
+            raise ConfigError(f"iTPN needs a square input whose side divides by {ph}; got {H}x{W}")
         grid = H // ph
         x = self.patch_embed(x)
         for blk in self.blocks[: -self.num_main_blocks]:

@@ -1,37 +1,34 @@
 """Fake quantization of float vision transformers (no Lightning, no model names).
 
-Config, arithmetic, observers, quant points, generic quantized layers, the in-place
-``quantize_`` entry point, calibration (and the low-bit recipes, ``recipes`` and
-``transforms``), state files and reports. Model families are
-plugins (``lit_ptq.quant.plugins``), loaded when this package is imported.
+Config, arithmetic, observers, quant points, generic quantized layers, the model-walk
+helpers (``walk``), the in-place ``quantize_`` entry point, calibration as registered steps
+(``steps``, ``calibration``; the low-bit ``recipes`` and the ``transforms`` that register
+their steps), state files and reports. Model families are plugins
+(``lit_ptq.quant.plugins``); the plugins and the transforms are loaded when this package is
+imported (the core modules never import them).
 """
 
-from .config import (
-    METHODS,
-    PLACEMENTS,
-    RECIPES,
-    SOFTMAX_QUANTIZERS,
-    Arithmetic,
-    Granularity,
-    PointOverride,
-    QuantConfig,
-    QuantSpec,
-    ReconSettings,
-    parse_bits,
-)
-from .observers import OBSERVERS, Observer, build_observer, register_observer
-from .quantize import CalibrationError, calibrate, float_points, is_quantized, quant_points, quantize_, quantizers, set_quant_mode
+from ..errors import CalibrationError
+from .calibration import CalibrationContext, calibrate, run_calibration
+from .config import Arithmetic, Granularity, PointOverride, QuantConfig, QuantSpec, ReconSettings, parse_bits
+from .observers import METHODS, OBSERVERS, SOFTMAX_QUANTIZERS, Observer, build_observer, register_observer
+from .quantize import quantize_
 from .quantizer import LogQuantizer, LogSoftmaxQuantizer, NotCalibratedError, QuantMode, QuantPoint, TensorQuantizer, WeightQuantizer
-from .registry import FAMILIES, Family, PointFactory, Site, family_of, register_family
+from .registry import FAMILIES, PLACEMENTS, Family, PointFactory, Site, family_of, register_family
 from .report import QuantizerStats, quant_report
 from .state import broadcast_quant_state, load_quant_state, quant_state, save_quant_state, state_meta, weights_fingerprint
+from .steps import RECIPES, STEPS, Step, register_recipe, register_step
+from .walk import as_input, float_points, is_quantized, owner_weight, quant_points, quantizers, set_quant_mode
 from . import layers  # noqa: F401  (registers the generic quantized layers)
+from . import recipes  # noqa: F401  (registers the low-bit recipes)
+from . import transforms  # noqa: F401  (registers the transforms' calibration steps)
 from .plugins import load_plugins
 
 load_plugins()
 
 __all__ = [
     "Arithmetic",
+    "CalibrationContext",
     "CalibrationError",
     "FAMILIES",
     "Family",
@@ -53,15 +50,20 @@ __all__ = [
     "RECIPES",
     "ReconSettings",
     "SOFTMAX_QUANTIZERS",
+    "STEPS",
     "Site",
+    "Step",
     "TensorQuantizer",
     "WeightQuantizer",
+    "as_input",
     "broadcast_quant_state",
     "build_observer",
     "calibrate",
     "family_of",
+    "float_points",
     "is_quantized",
     "load_quant_state",
+    "owner_weight",
     "parse_bits",
     "quant_points",
     "quant_report",
@@ -70,9 +72,11 @@ __all__ = [
     "quantizers",
     "register_family",
     "register_observer",
+    "register_recipe",
+    "register_step",
+    "run_calibration",
     "save_quant_state",
     "set_quant_mode",
-    "float_points",
     "state_meta",
     "weights_fingerprint",
 ]

@@ -13,13 +13,17 @@ setting, or to ``None`` to leave the matching quant points float (see ``docs/qua
 
 from __future__ import annotations
 
+import difflib
 import enum
 import fnmatch
-from collections.abc import Mapping
+import re
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional, Union
 
 from ..errors import ConfigError
+from .observers import METHODS, OBSERVERS, SOFTMAX_QUANTIZERS
+from .steps import RECIPES
 
 __all__ = [
     "Granularity",
@@ -28,18 +32,8 @@ __all__ = [
     "QuantConfig",
     "PointOverride",
     "ReconSettings",
-    "METHODS",
-    "PLACEMENTS",
-    "RECIPES",
-    "SOFTMAX_QUANTIZERS",
     "parse_bits",
 ]
-
-METHODS = ("minmax", "ema", "percentile", "omse", "mse")
-PLACEMENTS = ("seed", "full", "matmul")
-RECIPES = ("repq", "repq_gptq", "recon")
-"""Named low-bit presets; what each one runs is ``lit_ptq.quant.recipes.RECIPE_STEPS``."""
-SOFTMAX_QUANTIZERS = ("uniform", "log2", "log_sqrt2")
 
 
 class Granularity(str, enum.Enum):
@@ -62,7 +56,7 @@ class Arithmetic(str, enum.Enum):
     FUSED = "fused"
 
 
-def _choice(field_name: str, value: str, allowed: tuple[str, ...]) -> str:
+def _choice(field_name: str, value: str, allowed: Collection[str]) -> str:
     if value not in allowed:
         raise ConfigError(f"{field_name}={value!r} is not one of: {', '.join(allowed)}")
     return value
@@ -85,8 +79,6 @@ class QuantSpec:
     observer: str = "minmax"
 
     def __post_init__(self) -> None:
-        from .observers import OBSERVERS
-
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 16:
             raise ConfigError(f"bits={self.bits!r} is outside the supported range 2..16")
         object.__setattr__(self, "granularity", Granularity(self.granularity))
@@ -139,8 +131,6 @@ class PointOverride:
         if bits is not None and (not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 16):
             raise ConfigError(f"overrides[{pattern!r}].bits={bits!r} is outside the supported range 2..16")
         if observer is not None:
-            from .observers import OBSERVERS
-
             _choice(f"overrides[{pattern!r}].observer", observer, tuple(sorted(OBSERVERS)))
         if granularity is not None:
             _choice(f"overrides[{pattern!r}].granularity", str(getattr(granularity, "value", granularity)), tuple(g.value for g in Granularity))
@@ -157,6 +147,13 @@ class PointOverride:
         if not self.enabled:
             return None
         return {k: getattr(getattr(self, k), "value", getattr(self, k)) for k in self.FIELDS if getattr(self, k) is not None}
+
+    def summary(self) -> str:
+        """What the override does, in words: ``float``, ``bits 8, observer mse`` or ``the role's setting``."""
+        fields = self.describe()
+        if fields is None:
+            return "float"
+        return ", ".join(f"{k} {v}" for k, v in fields.items()) or "the role's setting"
 
 
 def _is_int(value: Any) -> bool:
@@ -248,13 +245,16 @@ class QuantConfig:
     """What to quantize, where, and how.
 
     Attributes:
-        method: activation observer, one of ``minmax``, ``ema``, ``percentile``, ``omse``,
-            ``mse`` (per-tensor clip search of least squared error).
-        placement: ``seed`` (the PTQ-for-iTPN quant points), ``full`` (FQ-ViT style: every
-            Linear/Conv input and weight including head and patch embedding, every LayerNorm
-            input) or ``matmul`` (the benchmark protocol of PTQ4ViT / RepQ-ViT: every Linear
-            input and weight and both operands of the two attention products; LayerNorms
-            and the residual stream float).
+        method: activation observer, any registered observer usable as a method
+            (:data:`~lit_ptq.quant.observers.METHODS`): ``minmax``, ``ema``, ``percentile``,
+            ``omse``, ``mse`` (per-tensor clip search of least squared error) and those
+            registered outside the package.
+        placement: a placement of the model's family, checked by ``quantize_``: ``seed`` (the
+            PTQ-for-iTPN quant points), ``full`` (FQ-ViT style: every Linear/Conv input and
+            weight including head and patch embedding, every LayerNorm input) or ``matmul``
+            (the benchmark protocol of PTQ4ViT / RepQ-ViT: every Linear input and weight and
+            both operands of the two attention products; LayerNorms and the residual stream
+            float), or one the family adds.
         bits: ``"weights/activations/attention"``; attention is the softmax output.
         ptf: FQ-ViT's power-of-two factors for LayerNorm inputs (only ``full`` quantizes them).
         lis: FQ-ViT's log-int-softmax: the softmax output as a log2 code of ``attention`` bits.
@@ -265,13 +265,15 @@ class QuantConfig:
             ``head.weight_quantizer``), and every matching entry applies in order, so later
             entries win. A setting is ``None`` (leave the point float) or a mapping of
             ``bits``, ``observer``, ``granularity``. Stored as ``(pattern, PointOverride)`` pairs.
-        recipe: a low-bit preset (``repq``, ``repq_gptq``, ``recon``; needs ``placement="matmul"``):
-            RepQ-ViT's LayerNorm reparameterization, then GPTQ/ridge weight correction, or
-            block reconstruction (see ``lit_ptq.quant.recipes``).
-        softmax: the softmax-output quantizer, ``uniform``, ``log2`` or ``log_sqrt2``
-            (RepQ-ViT); ``None`` picks ``log_sqrt2`` with a recipe and ``uniform`` without.
+        recipe: a registered recipe (:data:`~lit_ptq.quant.steps.RECIPES`; ``repq``,
+            ``repq_gptq``, ``recon``; needs ``placement="matmul"``): RepQ-ViT's LayerNorm
+            reparameterization, then GPTQ/ridge weight correction, or block reconstruction
+            (see ``lit_ptq.quant.recipes``).
+        softmax: the softmax-output quantizer, ``uniform`` or a registered logarithmic code,
+            ``log2`` or ``log_sqrt2`` (RepQ-ViT); ``None`` picks ``log_sqrt2`` with a recipe
+            and ``uniform`` without.
         recon: block-reconstruction settings (a mapping of :class:`ReconSettings` fields) for
-            ``recipe="recon"``.
+            a recipe that reconstructs (``recipe="recon"``).
         weight: derived from ``bits``; int, symmetric, per channel, MinMax (with a recipe:
             asymmetric per channel, MSE clip search).
         act: derived; uint, asymmetric, per tensor, observer ``method``.
@@ -299,7 +301,10 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         _choice("method", self.method, METHODS)
-        _choice("placement", self.placement, PLACEMENTS)
+        if not isinstance(self.placement, str) or not self.placement:
+            raise ConfigError(
+                f"placement={self.placement!r} must name a placement of the model's family, e.g. seed, full or matmul"
+            )
         try:
             object.__setattr__(self, "arithmetic", Arithmetic(self.arithmetic))
         except ValueError:
@@ -310,7 +315,7 @@ class QuantConfig:
         set_ = object.__setattr__
         self._check_recipe()
         set_(self, "softmax", self.softmax or ("log_sqrt2" if self.recipe else "uniform"))
-        set_(self, "recon", ReconSettings.parse(self.recon) if self.recipe == "recon" else None)
+        set_(self, "recon", ReconSettings.parse(self.recon) if self._reconstructs() else None)
         set_(self, "overrides", _parse_overrides(self.overrides))
         if self.recipe:
             set_(self, "weight", QuantSpec(w, False, Granularity.PER_CHANNEL, "mse"))
@@ -336,8 +341,12 @@ class QuantConfig:
             _choice("softmax", self.softmax, SOFTMAX_QUANTIZERS)
             if self.lis and self.softmax != "uniform":
                 raise ConfigError(f"softmax={self.softmax!r} and lis=True both quantize the softmax output; pick one")
-        if self.recon is not None and self.recipe != "recon":
+        if self.recon is not None and not self._reconstructs():
             raise ConfigError(f"recon settings are for recipe='recon' (got recipe={self.recipe!r})")
+
+    def _reconstructs(self) -> bool:
+        """Whether the recipe runs block reconstruction (the ``reconstruct`` step), which reads ``recon``."""
+        return self.recipe is not None and "reconstruct" in RECIPES[self.recipe]
 
     def spec_for(self, role: str, name: str) -> Optional[QuantSpec]:
         """The spec of the quant point ``name`` of ``role`` (``weight``, ``act``, ``attn``,
@@ -349,6 +358,25 @@ class QuantConfig:
                 enabled = override.enabled
                 spec = override.apply(spec)
         return spec if enabled else None
+
+    def override_counts(self, names: Collection[str]) -> list[tuple[str, PointOverride, int]]:
+        """``(pattern, override, count)`` for every override: how many of ``names`` its pattern matches.
+
+        Args:
+            names: the full names of the quant points the placement places in a model (those an
+                override leaves float included), as ``quantize_`` collects them.
+
+        Raises:
+            ConfigError: a pattern matches none of ``names`` (a typo, or a point this placement
+                does not place); the message names the closest point names.
+        """
+        counts = []
+        for pattern, override in self.overrides:
+            count = sum(fnmatch.fnmatchcase(name, pattern) for name in names)
+            if count == 0:
+                raise ConfigError(_unmatched_override(pattern, names, self.placement))
+            counts.append((pattern, override, count))
+        return counts
 
     def describe(self) -> dict[str, object]:
         """The user-facing fields, for logs and result files (``overrides`` only when set)."""
@@ -385,3 +413,16 @@ def _parse_overrides(value: Any) -> tuple[tuple[str, PointOverride], ...]:
             raise ConfigError(f"overrides: the pattern {pattern!r} must be a non-empty string such as 'blocks.0.*'")
         out.append((pattern, PointOverride.parse(pattern, setting)))
     return tuple(out)
+
+
+def _unmatched_override(pattern: str, names: Collection[str], placement: str) -> str:
+    """The sentence refusing an override ``pattern`` that matches none of ``names``: the three
+    closest names, with block and layer indices written ``*`` (``blocks.*.attn.qkv_output``)."""
+    if not names:
+        return f"overrides: the pattern {pattern!r} matches no quant point: placement {placement!r} places none in this model"
+    shapes = sorted({re.sub(r"(?<![^.])\d+(?![^.])", "*", name) for name in names})
+    closest = difflib.get_close_matches(pattern, shapes, n=3, cutoff=0.0)
+    return (
+        f"overrides: the pattern {pattern!r} matches no quant point of this model (placement {placement!r}); "
+        f"the closest point names are {', '.join(map(repr, closest))}"
+    )

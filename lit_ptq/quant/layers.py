@@ -117,8 +117,9 @@ class QuantLinear(nn.Linear):
 class QuantConv2d(nn.Conv2d):
     """``nn.Conv2d`` with an optional input point and an optional weight point.
 
-    In every supported family the only convolution is the patch embedding, so its input
-    point is the image's (role ``image``).
+    The input point of a convolution that reads the image (one of the family's
+    ``image_convs``, the patch embedding) has the role ``image``; any other convolution's
+    is an ordinary activation point (per tensor).
     """
 
     input_quantizer: Optional[TensorQuantizer]
@@ -126,7 +127,7 @@ class QuantConv2d(nn.Conv2d):
 
     def setup_quant(self, points: PointFactory) -> None:
         """Create the points the placement asks for."""
-        self.input_quantizer = points.image("input_quantizer")
+        self.input_quantizer = points.image("input_quantizer") if points.reads_image else points.act("input_quantizer")
         self.weight_quantizer = points.weight("weight_quantizer", self.out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

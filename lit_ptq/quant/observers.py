@@ -20,7 +20,12 @@ The four activation observers of PTQ-for-iTPN / FQ-ViT, with the seed's arithmet
 
 An observer only records (``update``) and computes (``compute``); the quantizer owns the
 buffers. ``update(x, last=True)`` marks the last calibration batch, which ``omse`` and
-``ptf`` search on, as the seed does.
+``ptf`` search on, as the seed does. Three class attributes say where an observer may be
+used, so the registry is the only list: ``method`` (an activation method,
+``QuantConfig(method=...)``: :data:`METHODS`), ``supports_per_channel`` (it can compute one
+range per channel) and ``softmax`` (a logarithmic code of the softmax output,
+``QuantConfig(softmax=...)``: :data:`SOFTMAX_QUANTIZERS`). A new observer is one file that
+subclasses :class:`Observer` and registers it with :func:`register_observer`.
 """
 
 from __future__ import annotations
@@ -29,14 +34,23 @@ from typing import Callable, Optional
 
 import torch
 
+from ..errors import CalibrationError, ConfigError
+from .names import NameView
 from .primitives import affine_qparams, fake_quant_log, fake_quant_seed, quantile, quantile_pair, symmetric_qparams
 
-__all__ = ["Observer", "OBSERVERS", "register_observer", "build_observer", "QParams"]
+__all__ = ["Observer", "OBSERVERS", "METHODS", "SOFTMAX_QUANTIZERS", "register_observer", "build_observer", "QParams"]
 
 QParams = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 """``(scale, zero_point, min_val, max_val)`` as float32 tensors."""
 
 OBSERVERS: dict[str, type["Observer"]] = {}
+"""Registered observers by name, in registration order."""
+METHODS = NameView(lambda: [n for n, cls in OBSERVERS.items() if cls.method], "activation methods")
+"""The registered observers usable as ``QuantConfig(method=...)`` (``Observer.method``), live."""
+SOFTMAX_QUANTIZERS = NameView(
+    lambda: ["uniform", *sorted(n for n, cls in OBSERVERS.items() if cls.softmax)], "softmax-output quantizers"
+)
+"""``uniform`` and the registered logarithmic softmax codes (``Observer.softmax``), live."""
 
 
 def register_observer(name: str) -> Callable[[type["Observer"]], type["Observer"]]:
@@ -53,7 +67,7 @@ def register_observer(name: str) -> Callable[[type["Observer"]], type["Observer"
 def build_observer(name: str, qmin: int, qmax: int, signed: bool, per_channel: bool, channel_axis: int) -> "Observer":
     """Instantiate the observer registered under ``name``."""
     if name not in OBSERVERS:
-        raise ValueError(f"unknown observer {name!r}; registered: {', '.join(sorted(OBSERVERS))}")
+        raise ConfigError(f"unknown observer {name!r}; registered: {', '.join(sorted(OBSERVERS))}")
     return OBSERVERS[name](qmin, qmax, signed, per_channel, channel_axis)
 
 
@@ -66,11 +80,25 @@ class Observer:
         signed: symmetric (zero point 0) instead of asymmetric qparams.
         per_channel: one range per channel along ``channel_axis``.
         channel_axis: the channel dimension (0 for weights, -1 for activations).
+
+    Attributes:
+        method: usable as an activation method (``QuantConfig(method=name)``).
+        supports_per_channel: can compute one range per channel (RepQ-ViT's reparameterization
+            calibrates with it, ``mse`` otherwise).
+        softmax: a logarithmic code of the softmax output (``QuantConfig(softmax=name)``).
+
+    Raises:
+        ConfigError: ``per_channel`` for an observer that computes one range per tensor.
     """
 
     name = "base"
+    method = True
+    supports_per_channel = True
+    softmax = False
 
     def __init__(self, qmin: int, qmax: int, signed: bool, per_channel: bool, channel_axis: int) -> None:
+        if per_channel and not self.supports_per_channel:
+            raise ConfigError(f"the {self.name} observer computes one range per tensor, not per channel; use per_tensor for it")
         self.qmin, self.qmax, self.signed = qmin, qmax, signed
         self.per_channel, self.channel_axis = per_channel, channel_axis
         self.min_val: Optional[torch.Tensor] = None
@@ -87,7 +115,7 @@ class Observer:
             return
         channels = x.shape[self.channel_axis]
         if self.shape is not None and self.shape != (channels,):
-            raise ValueError(
+            raise CalibrationError(
                 f"{self.name} observer saw {channels} channels in a tensor of shape {tuple(x.shape)} "
                 f"after {self.shape[0]} channels before"
             )
@@ -170,11 +198,7 @@ class PercentileObserver(_SmoothedObserver):
     """
 
     alpha = 0.99999
-
-    def update(self, x: torch.Tensor, last: bool = False) -> None:
-        if self.per_channel:
-            raise ValueError("the percentile observer computes one range per tensor, not per channel")
-        super().update(x, last)
+    supports_per_channel = False
 
     def batch_statistic(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         lo, hi = quantile_pair(x, self.alpha)
@@ -205,12 +229,11 @@ class OmseObserver(MinMaxObserver):
     bins = 1 << 16
     candidates = 90
     chunk = 1 << 20
+    supports_per_channel = False
 
     def update(self, x: torch.Tensor, last: bool = False) -> None:
         super().update(x, last)
         if last:
-            if self.per_channel:
-                raise ValueError("the omse observer searches one range per tensor, not per channel")
             self.min_val, self.max_val = self.search(x.detach().float())
 
     def candidate_ranges(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -334,6 +357,7 @@ class PtfObserver(MinMaxObserver):
     """
 
     factors = 4
+    method = False  # for LayerNorm inputs under QuantConfig(ptf=True)
 
     def __init__(self, qmin: int, qmax: int, signed: bool, per_channel: bool, channel_axis: int) -> None:
         super().__init__(qmin, qmax, signed, True, channel_axis)
@@ -424,11 +448,12 @@ class LogSqrt2Observer(MinMaxObserver):
 
     steps_per_octave = 2
     quantiles = (0.999, 0.9999, 0.99999)
+    method = False
+    supports_per_channel = False
+    softmax = True
 
     def __init__(self, qmin: int, qmax: int, signed: bool, per_channel: bool, channel_axis: int) -> None:
-        if per_channel:
-            raise ValueError(f"the {self.name} observer computes one scale per tensor, not per channel")
-        super().__init__(qmin, qmax, signed, False, channel_axis)
+        super().__init__(qmin, qmax, signed, per_channel, channel_axis)
         self.delta: Optional[torch.Tensor] = None
 
     def reset(self) -> None:

@@ -15,8 +15,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from ..errors import CalibrationError
 from .config import Arithmetic, Granularity, QuantSpec
-from .observers import build_observer
+from .observers import OBSERVERS, build_observer
 from .primitives import (
     fake_quant_fused,
     fake_quant_log,
@@ -151,14 +152,14 @@ class TensorQuantizer(QuantPoint):
         """Turn the observer's statistics into buffers.
 
         Raises:
-            ValueError: the observed range is NaN or infinite (names the quantizer).
+            CalibrationError: the observed range is NaN or infinite (names the quantizer).
             RuntimeError: the quantizer saw no data.
         """
         if self.observer.min_val is None:
             raise RuntimeError(f"quantizer {self.qualname or self.role} saw no data during calibration")
         scale, zp, lo, hi = self.observer.compute()
         if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
-            raise ValueError(
+            raise CalibrationError(
                 f"quantizer {self.qualname or self.role} saw NaN or Inf values during calibration; "
                 "check the input images and the checkpoint"
             )
@@ -285,11 +286,12 @@ class LogQuantizer(TensorQuantizer):
     Transformers", ICCV 2023; zkkli/RepQ-ViT, ``quant/quantizer.py``).
 
     ``scale`` holds ``delta``, the value of code 0 (see
-    :func:`lit_ptq.quant.primitives.fake_quant_log`); the observer is ``log2`` or ``log_sqrt2``.
+    :func:`lit_ptq.quant.primitives.fake_quant_log`); the observer is a logarithmic code
+    (``Observer.softmax``: ``log2``, ``log_sqrt2``).
     """
 
     def __init__(self, spec: QuantSpec) -> None:
-        if spec.observer not in ("log2", "log_sqrt2"):
+        if not OBSERVERS[spec.observer].softmax:
             raise ValueError(f"a LogQuantizer needs the log2 or log_sqrt2 observer, not {spec.observer!r}")
         super().__init__(spec, "attn")
         self.steps_per_octave = self.observer.steps_per_octave

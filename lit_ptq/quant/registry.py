@@ -10,20 +10,39 @@ placements. A placement is a rule that says, for every quant point a quantized m
 Quantized modules create their quant points in ``setup_quant(points)`` through a
 :class:`PointFactory`, which applies the placement and the config's per-layer overrides,
 and returns ``None`` for a point that is not placed.
+
+A family also states facts about its models that methods need (the LayerNorm -> Linear
+pairs of RepQ-ViT's reparameterization, the blocks that error correction and reconstruction
+work through, ...): named functions of the model, passed to :func:`register_family` as
+keywords and read with :meth:`Family.fact`, so that a new method reads a new fact without a
+change here.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch.nn as nn
 
 from ..errors import ConfigError
 from .config import Granularity, QuantConfig, QuantSpec
+from .names import NameView
 from .quantizer import LogQuantizer, LogSoftmaxQuantizer, QuantPoint, TensorQuantizer, WeightQuantizer
 
-__all__ = ["Site", "Placement", "Family", "FAMILIES", "register_family", "family_of", "PointFactory", "GENERIC_MODULES"]
+__all__ = [
+    "Site",
+    "Placement",
+    "Fact",
+    "Family",
+    "FAMILIES",
+    "PLACEMENTS",
+    "register_family",
+    "family_of",
+    "PointFactory",
+    "GENERIC_MODULES",
+]
 
 
 @dataclass(frozen=True)
@@ -63,29 +82,61 @@ GENERIC_MODULES: dict[type[nn.Module], type[nn.Module]] = {}
 """Float layer type -> generic quantized subclass, shared by every family (filled by ``layers``)."""
 
 
+Fact = Callable[[nn.Module], Any]
+"""A fact a family states about its models: a function of the (float or quantized) model."""
+
+
+def _no_image_convs(model: nn.Module) -> tuple[str, ...]:
+    """No convolution reads the image (the default of a family that names none)."""
+    return ()
+
+
 @dataclass
 class Family:
-    """A model family: the models it handles, its quantized modules and its placements.
+    """A model family: the models it handles, its quantized modules, its placements and facts.
 
     Attributes:
         name: short name (``itpn``, ``timm_vit``, ...).
         model_types: root model classes of the family (``isinstance`` decides).
-        placements: placement name -> rule.
+        placements: placement name -> rule; a family may define placements of its own.
         modules: float module type -> quantized subclass (on top of :data:`GENERIC_MODULES`).
-        norm_linear_pairs: ``model -> [(layernorm name, linear name), ...]``: every LayerNorm
-            whose output feeds only one Linear through channel-wise-neutral operations
-            (token selection, pooling, window partition), for RepQ-ViT's reparameterization.
-        blocks: ``model -> [module name, ...]``: the units, in forward order, that
-            error correction and block reconstruction work through (transformer blocks, patch
-            merging, the head).
+        image_convs: ``model -> [module name, ...]``: the convolutions that read the input
+            image (their input point has the role ``image``); any other convolution's input
+            is an ordinary activation.
+        facts: name -> :data:`Fact`, what methods read through :meth:`fact`. The built-in
+            recipes read ``norm_linear_pairs`` (``model -> [(layernorm name, linear name),
+            ...]``: every LayerNorm whose output feeds only one Linear through
+            channel-wise-neutral operations, for RepQ-ViT's reparameterization) and ``blocks``
+            (``model -> [module name, ...]``: the units, in forward order, that error
+            correction and block reconstruction work through). ``family.blocks(model)`` is
+            ``family.fact("blocks", model)``.
     """
 
     name: str
     model_types: tuple[type[nn.Module], ...]
     placements: dict[str, Placement]
     modules: dict[type[nn.Module], type[nn.Module]] = field(default_factory=dict)
-    norm_linear_pairs: Optional[Callable[[nn.Module], list[tuple[str, str]]]] = None
-    blocks: Optional[Callable[[nn.Module], list[str]]] = None
+    image_convs: Callable[[nn.Module], Sequence[str]] = _no_image_convs
+    facts: dict[str, Fact] = field(default_factory=dict)
+
+    def fact(self, name: str, model: nn.Module) -> Any:
+        """The fact ``name`` about ``model``.
+
+        Raises:
+            ConfigError: the family's plugin does not state it.
+        """
+        if name not in self.facts:
+            raise ConfigError(
+                f"the {self.name} model family does not list its {name}; its plugin can pass "
+                f"register_family(..., {name}=...)"
+            )
+        return self.facts[name](model)
+
+    def __getattr__(self, name: str) -> Fact:
+        facts = self.__dict__.get("facts", {})
+        if name in facts:
+            return facts[name]
+        raise AttributeError(f"{type(self).__name__} {self.__dict__.get('name')!r} has no attribute or fact {name!r}")
 
     def quant_module(self, float_cls: type[nn.Module]) -> Callable[[type[nn.Module]], type[nn.Module]]:
         """Class decorator: register a quantized subclass of ``float_cls`` for this family."""
@@ -117,23 +168,32 @@ class Family:
 
 FAMILIES: dict[str, Family] = {}
 """Registered families by name, in registration order."""
+PLACEMENTS = NameView(
+    lambda: list(dict.fromkeys(p for family in FAMILIES.values() for p in family.placements)), "placements"
+)
+"""The placements of every registered family, in order of first registration (live)."""
 
 
 def register_family(
     name: str,
     model_types: tuple[type[nn.Module], ...],
     placements: dict[str, Placement],
-    norm_linear_pairs: Optional[Callable[[nn.Module], list[tuple[str, str]]]] = None,
-    blocks: Optional[Callable[[nn.Module], list[str]]] = None,
+    image_convs: Callable[[nn.Module], Sequence[str]] = _no_image_convs,
+    **facts: Fact,
 ) -> Family:
     """Register a model family (called once at import by its plugin file) and return it.
 
-    ``norm_linear_pairs`` and ``blocks`` (see :class:`Family`) are what the low-bit recipes
-    need; a family without them supports the placements only.
+    Args:
+        name: the family's name.
+        model_types: the root model classes it handles.
+        placements: placement name -> rule.
+        image_convs: which convolutions read the image (see :class:`Family`).
+        **facts: what methods read about the models (see :class:`Family`); a family without
+            the facts a recipe's steps need supports the placements only.
     """
     if name in FAMILIES:
         raise ValueError(f"a model family named {name!r} is already registered")
-    family = Family(name, tuple(model_types), dict(placements), norm_linear_pairs=norm_linear_pairs, blocks=blocks)
+    family = Family(name, tuple(model_types), dict(placements), image_convs=image_convs, facts=dict(facts))
     FAMILIES[name] = family
     return family
 
@@ -166,19 +226,34 @@ class PointFactory:
         module_name: path of the module in the model.
         module: the module (of its quantized class).
         root: the whole model.
+        reads_image: the module is one of the family's ``image_convs``.
+        placed: when given, the full name of every point the placement places is appended
+            to it, overridden to ``None`` or not (``quantize_`` checks the overrides' patterns
+            against them).
     """
 
     def __init__(
-        self, config: QuantConfig, placement: Placement, module_name: str, module: nn.Module, root: nn.Module
+        self,
+        config: QuantConfig,
+        placement: Placement,
+        module_name: str,
+        module: nn.Module,
+        root: nn.Module,
+        reads_image: bool = False,
+        placed: Optional[list[str]] = None,
     ) -> None:
         self.config, self.placement = config, placement
         self.module_name, self.module, self.root = module_name, module, root
+        self.reads_image = reads_image
+        self.placed = placed
 
     def spec(self, point: str, role: str) -> Optional[QuantSpec]:
         """The spec of ``point`` when it is placed and not disabled, else ``None``."""
         site = Site(self.module_name, point, self.module, role, self.root)
         if not self.placement(site):
             return None
+        if self.placed is not None:
+            self.placed.append(site.name)
         return self.config.spec_for(role, site.name)
 
     def act(self, point: str, inplace: bool = False, channels: Optional[int] = None) -> Optional[TensorQuantizer]:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .quantize import as_input, float_points, quant_points
+from .walk import as_input, float_points, quant_points
 from .quantizer import QuantPoint
 
 __all__ = ["QuantizerStats", "quant_report"]

@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from ..errors import CheckpointError
 from ..io import atomic_path
-from .quantize import quant_points, set_quant_mode
+from .walk import quant_points, set_quant_mode
 
 __all__ = [
     "STATE_FORMAT",

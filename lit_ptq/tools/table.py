@@ -3,7 +3,8 @@
 Every cell is a normal evaluation through the product path, exactly what
 ``python main.py validate --config CONFIG --model.method M ...`` runs: a :class:`PTQModule`,
 a :class:`CalibrationCallback` and ``Trainer.validate`` on one :class:`ImageNetDataModule`
-(built once for the whole grid). The grid crosses the activation observers (MinMax, EMA,
+(built once for the whole grid), run and recorded by the run service
+(:class:`lit_ptq.run.Evaluation`). The grid crosses the activation observers (MinMax, EMA,
 Percentile, OMSE), FQ-ViT's power-of-two factors (PTF) on and off, the ``seed`` and ``full``
 placements and the bit widths 8/8/8, 6/6/6, 4/4/4 and 8/8/4 with log-int-softmax (LIS), plus
 the float baseline. PTF and LIS come from Lin et al., "FQ-ViT: Post-Training Quantization for
@@ -30,7 +31,6 @@ import json
 import logging
 import sys
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,14 +40,14 @@ import yaml
 from pytorch_lightning import Trainer, seed_everything
 
 from lit_ptq.callbacks import CalibrationCallback
-from lit_ptq.results import results_record
 from lit_ptq.data import ImageNetDataModule
 from lit_ptq.errors import ConfigError, UserError
 from lit_ptq.io import check_writable, write_text
 from lit_ptq.module import PTQModule
 from lit_ptq.quant import METHODS, PLACEMENTS, parse_bits
+from lit_ptq.run import Evaluation, linked_data_args, quiet_lightning
 
-__all__ = ["BITS", "Cell", "GridSetup", "grid", "load_setup", "main", "markdown_table", "quiet_lightning", "run_cell", "run_grid"]
+__all__ = ["BITS", "Cell", "GridSetup", "grid", "load_setup", "main", "markdown_table", "run_cell", "run_grid"]
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,8 @@ class GridSetup:
 def load_setup(config: str) -> GridSetup:
     """Read the model, data, seed and accelerator of a ``main.py`` YAML config.
 
-    The data section gets the model's name, input size and class count, as the CLI links them.
+    The data section gets the model's name, input size and class count, as the CLI links them
+    (:func:`lit_ptq.run.linked_data_args`).
     The config's quantization options and trainer logger are not used; the grid runs on one
     device.
 
@@ -154,9 +155,8 @@ def load_setup(config: str) -> GridSetup:
     model = {k: v for k, v in cfg["model"].items() if k not in _GRID_KEYS}
     model.setdefault("model_name", "itpn_base")
     model.setdefault("num_classes", 1000)
-    links = dict(model_name=model["model_name"], img_size=model.get("img_size"), num_classes=model["num_classes"])
     try:
-        datamodule = ImageNetDataModule(**{**cfg["data"], **links})
+        datamodule = ImageNetDataModule(**{**cfg["data"], **linked_data_args(model)})
     except TypeError as err:
         raise ConfigError(f"--config {config}: the data section does not fit ImageNetDataModule ({err})") from None
     trainer = cfg.get("trainer") or {}
@@ -164,13 +164,6 @@ def load_setup(config: str) -> GridSetup:
         log.warning("trainer.devices=%s in %s: the grid runs on one device", trainer["devices"], config)
     seed = int(cfg.get("seed_everything") or 0)
     return GridSetup(model, datamodule, seed, trainer.get("accelerator", "auto"))
-
-
-def quiet_lightning() -> None:
-    """No Trainer start-up banners or Lightning deprecation chatter (one Trainer per cell)."""
-    for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")  # Lightning's own
 
 
 def run_cell(setup: GridSetup, cell: Cell) -> dict[str, Any]:
@@ -190,20 +183,8 @@ def run_cell(setup: GridSetup, cell: Cell) -> dict[str, Any]:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    dm = setup.datamodule
-    skipped_before = len(dm.skipped_files)
-    start = time.perf_counter()
-    trainer.validate(module, datamodule=dm, verbose=False)
-    seconds = time.perf_counter() - start
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    extra = dict(
-        world_size=trainer.world_size,
-        seconds=round(seconds, 3),
-        skipped_files=len(dm.skipped_files) - skipped_before,
-        seed=setup.seed,
-        device=str(module.device),
-    )
-    return results_record(module, metrics, calibration, extra)
+    evaluation = Evaluation(module, setup.datamodule, trainer, seed=setup.seed, announce=False)
+    return evaluation.run(lambda: calibration.result)
 
 
 def run_grid(

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 
 from lit_ptq.errors import ConfigError
-from lit_ptq.quant import METHODS, PLACEMENTS, Arithmetic, Granularity, QuantConfig, QuantSpec, parse_bits
+from lit_ptq.quant import METHODS, PLACEMENTS, SOFTMAX_QUANTIZERS, Arithmetic, Granularity, QuantConfig, QuantSpec, parse_bits
 
 
 def test_defaults_are_the_seed_run() -> None:
@@ -28,8 +29,20 @@ def test_method_placement_bits_is_all_a_run_needs(method: str, placement: str) -
 
 
 def test_valid_values_are_the_documented_ones() -> None:
-    assert METHODS == ("minmax", "ema", "percentile", "omse", "mse")
-    assert PLACEMENTS == ("seed", "full", "matmul")
+    assert tuple(METHODS) == ("minmax", "ema", "percentile", "omse", "mse")
+    assert tuple(PLACEMENTS) == ("seed", "full", "matmul")
+    assert tuple(SOFTMAX_QUANTIZERS) == ("uniform", "log2", "log_sqrt2")
+
+
+@pytest.mark.parametrize("placement", ["seed", "fq-vit"])
+def test_any_placement_name_is_kept_for_the_family_to_check(placement: str) -> None:
+    assert QuantConfig(placement=placement).placement == placement
+
+
+@pytest.mark.parametrize("placement", ["", None])
+def test_a_placement_must_be_a_name(placement: object) -> None:
+    with pytest.raises(ConfigError, match=rf"placement={placement!r} must name a placement of the model's family"):
+        QuantConfig(placement=placement)
 
 
 @pytest.mark.parametrize("method", ["minmax", "ema", "percentile", "omse"])
@@ -86,7 +99,6 @@ def test_arithmetic_accepts_its_name_or_the_enum(arithmetic: object) -> None:
     [
         ("method", "kl", r"method='kl' is not one of: minmax, ema, percentile, omse, mse$"),
         ("method", "MinMax", r"method='MinMax' is not one of: minmax, ema, percentile, omse, mse$"),
-        ("placement", "fq-vit", r"placement='fq-vit' is not one of: seed, full, matmul$"),
         ("arithmetic", "fast", r"arithmetic='fast' is not one of: seed, fused"),
     ],
 )
@@ -152,3 +164,46 @@ def test_quant_spec_rejects_impossible_values(fields: dict, message: str) -> Non
 def test_quant_spec_is_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         QuantSpec().bits = 4  # type: ignore[misc]
+
+
+# --- override patterns against a model's point names -------------------------------------------
+
+POINTS = [f"blocks.{i}.attn.{p}" for i in range(12) for p in ("qkv_output", "proj_output", "qkv.weight_quantizer")] + [
+    "head.weight_quantizer"
+]
+
+
+def test_override_counts_are_the_points_each_pattern_matches_in_order() -> None:
+    config = QuantConfig(overrides={"blocks.*.attn.qkv*": {"bits": 6}, "head.*": None, "blocks.1[01].*": {}})
+    counts = [(pattern, override.describe(), n) for pattern, override, n in config.override_counts(POINTS)]
+    assert counts == [("blocks.*.attn.qkv*", {"bits": 6}, 24), ("head.*", None, 1), ("blocks.1[01].*", {}, 6)]
+    assert QuantConfig().override_counts(POINTS) == []
+
+
+@pytest.mark.parametrize(
+    ("pattern", "closest"),
+    [
+        ("blokcs.*.qkv*", "'blocks.*.attn.qkv_output', "),
+        ("blocks.*.attn.qkv", "'blocks.*.attn.qkv_output', "),
+        ("haed.weight_quantizer", "'head.weight_quantizer', "),
+    ],
+)
+def test_a_pattern_that_matches_no_point_is_refused_naming_the_closest(pattern: str, closest: str) -> None:
+    config = QuantConfig(overrides={"head.*": None, pattern: {"bits": 8}})
+    head = f"overrides: the pattern '{pattern}' matches no quant point of this model (placement 'seed'); "
+    with pytest.raises(ConfigError, match="^" + re.escape(head + "the closest point names are " + closest) + r"'[^']+', '[^']+'$"):
+        config.override_counts(POINTS)
+
+
+def test_a_model_without_points_refuses_any_pattern() -> None:
+    with pytest.raises(ConfigError, match=r"^overrides: the pattern 'head\.\*' matches no quant point: placement 'full' places none"):
+        QuantConfig(placement="full", overrides={"head.*": None}).override_counts([])
+
+
+@pytest.mark.parametrize(
+    ("setting", "summary"),
+    [(None, "float"), ({"bits": 8}, "bits 8"), ({"bits": 4, "observer": "mse", "granularity": "per_tensor"}, "bits 4, observer mse, granularity per_tensor"), ({}, "the role's setting")],
+)
+def test_an_override_says_what_it_does_in_words(setting: object, summary: str) -> None:
+    ((_, override),) = QuantConfig(overrides={"x": setting}).overrides
+    assert override.summary() == summary

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lit_ptq.quant.observers import OBSERVERS, Observer, OmseObserver, PtfObserver, build_observer
+from lit_ptq.errors import CalibrationError, ConfigError
+from lit_ptq.quant.observers import METHODS, OBSERVERS, SOFTMAX_QUANTIZERS, Observer, OmseObserver, PtfObserver, build_observer
 from lit_ptq.quant.primitives import EPS, affine_qparams, symmetric_qparams
 
 F32 = torch.float32
@@ -30,6 +31,22 @@ BATCHES = [
 def test_registry_holds_the_eight_observers() -> None:
     assert sorted(OBSERVERS) == ["ema", "log2", "log_sqrt2", "minmax", "mse", "omse", "percentile", "ptf"]
     assert all(cls.name == name for name, cls in OBSERVERS.items())
+
+
+def test_what_each_observer_is_for_is_an_attribute_of_its_class() -> None:
+    def names(attribute: str) -> list[str]:
+        return [name for name, cls in OBSERVERS.items() if getattr(cls, attribute)]
+
+    assert names("method") == ["minmax", "ema", "percentile", "omse", "mse"] == list(METHODS)
+    assert names("softmax") == ["log_sqrt2", "log2"] and list(SOFTMAX_QUANTIZERS) == ["uniform", "log2", "log_sqrt2"]
+    # the methods RepQ-ViT's reparameterization calibrates per channel with (others: mse)
+    assert [name for name in METHODS if OBSERVERS[name].supports_per_channel] == ["minmax", "ema", "mse"]
+
+
+@pytest.mark.parametrize("name", ["percentile", "omse", "log2", "log_sqrt2"])
+def test_a_per_tensor_observer_refuses_per_channel_in_one_line(name: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^the {name} observer computes one range per tensor, not per channel; use per_tensor for it$"):
+        build_observer(name, 0, 255, False, True, -1)
 
 
 def test_unknown_observer_names_the_registered_ones() -> None:
@@ -104,13 +121,6 @@ def test_percentile_of_tiny_batches_by_hand() -> None:
     obs.update(torch.tensor([0.0, 10.0]))  # rank q * (n - 1): 1e-5 -> 1e-4, 0.99999 -> 9.9999
     assert obs.min_val.item() == pytest.approx(1e-4, rel=1e-4)
     assert obs.max_val.item() == pytest.approx(9.9999, rel=1e-6)
-
-
-@pytest.mark.parametrize("name", ["percentile", "omse"])
-def test_per_tensor_only_observers_refuse_per_channel(name: str) -> None:
-    obs = build_observer(name, 0, 255, signed=False, per_channel=True, channel_axis=-1)
-    with pytest.raises(ValueError, match="per tensor, not per channel"):
-        obs.update(torch.ones(2, 3), last=True)
 
 
 # --- OMSE -----------------------------------------------------------------------------------
@@ -304,7 +314,7 @@ def test_per_channel_observer_rejects_a_changed_channel_count(name: str, signed:
     obs = build_observer(name, -128 if signed else 0, 127 if signed else 255, signed, True, axis)
     obs.update(torch.zeros(4, 4))
     message = rf"{name} observer saw 5 channels in a tensor of shape \({shape[0]}, {shape[1]}\) after 4 channels before"
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(CalibrationError, match=message):
         obs.update(torch.zeros(shape))
 
 
@@ -592,6 +602,17 @@ def test_log_delta_can_be_the_running_max_of_an_earlier_batch(name: str, k: int)
 
 
 @pytest.mark.parametrize("name", ["log2", "log_sqrt2"])
+def test_log_delta_on_a_tie_with_a_quantile_is_the_running_max(name: str) -> None:
+    """A last batch of ones: delta 1 (every quantile) codes it exactly, and so does the running
+    max 4 (``4 * 2^-2 = 1``); on the tie the running max wins."""
+    obs = build_observer(name, 0, 15, False, False, -1)
+    obs.update(torch.tensor([0.0, 4.0]))
+    obs.update(torch.ones(1000), last=True)
+    assert _log_errors(torch.ones(1000), torch.tensor(4.0), 4, obs.steps_per_octave) == [0.0] * 4
+    assert obs.compute()[0].item() == 4.0
+
+
+@pytest.mark.parametrize("name", ["log2", "log_sqrt2"])
 def test_log_delta_before_a_last_batch_is_the_running_max(name: str) -> None:
     obs = build_observer(name, 0, 15, False, False, -1)
     obs.update(torch.tensor([0.25, 0.5]))
@@ -602,5 +623,5 @@ def test_log_delta_before_a_last_batch_is_the_running_max(name: str) -> None:
 
 @pytest.mark.parametrize("name", ["log2", "log_sqrt2"])
 def test_log_observers_refuse_per_channel(name: str) -> None:
-    with pytest.raises(ValueError, match=f"the {name} observer computes one scale per tensor, not per channel"):
+    with pytest.raises(ConfigError, match=f"the {name} observer computes one range per tensor, not per channel"):
         build_observer(name, 0, 15, False, True, -1)

@@ -8,11 +8,13 @@ itpn_tiny (mlp_depth=1, depth=6) has ``blocks.0`` MLP-only, ``blocks.1`` PatchMe
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 
 import pytest
 import torch
 
+from lit_ptq.errors import ConfigError
 from lit_ptq.quant import (
     CalibrationError,
     LogSoftmaxQuantizer,
@@ -27,7 +29,9 @@ from lit_ptq.quant import (
     quantizers,
     set_quant_mode,
 )
+from lit_ptq.quant.config import QuantSpec
 from lit_ptq.quant.observers import OmseObserver, PtfObserver, build_observer
+from lit_ptq.quant.report import _Accumulator, _stats
 
 MLP_ONLY = [0, 2]
 MERGES = [1, 3]
@@ -155,6 +159,40 @@ def test_quantize_twice_raises(tiny_model) -> None:
     assert is_quantized(tiny_model)
     with pytest.raises(ValueError, match="already quantized"):
         quantize_(tiny_model, QuantConfig(placement="full"))
+
+
+# --- overrides: every pattern must match a placed point --------------------------------------
+
+
+def test_a_pattern_matching_no_point_is_refused_with_the_closest_names(tiny_model) -> None:
+    message = (
+        r"^overrides: the pattern 'blokcs\.\*\.qkv\*' matches no quant point of this model \(placement 'seed'\); "
+        r"the closest point names are 'blocks\.\*\.attn\.qkv_output', "
+    )
+    with pytest.raises(ConfigError, match=message):
+        quantize_(tiny_model, QuantConfig(overrides={"blokcs.*.qkv*": {"bits": 8}}))
+
+
+def test_a_pattern_matching_only_points_the_placement_leaves_float_is_refused(make_tiny) -> None:
+    assert "head.weight_quantizer" in _full_only_points()  # placed by full, not by seed
+    quantize_(make_tiny(), QuantConfig(placement="full", overrides={"head.*": None}))
+    with pytest.raises(ConfigError, match=r"^overrides: the pattern 'head\.\*' matches no quant point .*\(placement 'seed'\)"):
+        quantize_(make_tiny(), QuantConfig(placement="seed", overrides={"head.*": None}))
+
+
+def test_matching_patterns_are_logged_with_their_counts(tiny_model, caplog) -> None:
+    overrides = {"blocks.*.mlp.*": {"bits": 6}, "blocks.4.attn.*": None, "blocks.4.attn.context": {}}
+    with caplog.at_level(logging.INFO, logger="lit_ptq.quant.quantize"):
+        quantize_(tiny_model, QuantConfig(overrides=overrides))
+    mlp = {n for n in _seed_points() if ".mlp." in n}
+    assert len(mlp) == 4 * len(MLP_BLOCKS)  # fc1, fc2 weights, GELU and fc2 outputs
+    assert caplog.messages == [
+        f"override 'blocks.*.mlp.*': {len(mlp)} quant points -> bits 6",
+        "override 'blocks.4.attn.*': 7 quant points -> float",  # counted though they end float
+        "override 'blocks.4.attn.context': 1 quant point -> the role's setting",
+    ]
+    names = {n for n, _ in quantizers(tiny_model)} | {n for n, p in tiny_model.named_modules() if isinstance(p, LogSoftmaxQuantizer)}
+    assert names == _seed_points() - {f"blocks.4.attn.{p}" for p in ("qkv_output", "logits", "softmax_output", "proj_output", "qkv.weight_quantizer", "proj.weight_quantizer")}
 
 
 # --- calibrate ------------------------------------------------------------------------------
@@ -368,6 +406,7 @@ def test_report_entries(reported) -> None:
             continue
         assert s.bits == 8 and s.min_val <= s.max_val and s.scale > 0
         assert (s.min_val, s.max_val) == (float(q.min_val.min()), float(q.max_val.max()))
+        assert s.scale == float(q.scale.mean())
         assert math.isfinite(s.sqnr_db)
         if s.role == "weight":
             assert s.sqnr_db > 20.0
@@ -385,6 +424,11 @@ def test_minmax_report_on_the_calibration_batch_saturates_at_most_the_extremes(r
             assert s.clipped * s.numel <= model.get_submodule(s.name.rsplit(".", 1)[0]).weight.shape[0]
         elif s.role != "attn":
             assert s.clipped * s.numel <= 2
+
+
+def test_a_point_that_saw_no_values_reports_nothing_clipped_and_no_error() -> None:
+    stats = _stats("p", TensorQuantizer(QuantSpec(8), "act"), _Accumulator())
+    assert (stats.clipped, stats.sqnr_db, stats.numel) == (0.0, math.inf, 0)
 
 
 def test_report_restores_the_quant_modes(reported, eval_images) -> None:

@@ -3,6 +3,8 @@ errors a user can meet (not calibrated, NaN / Inf in calibration data)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -11,6 +13,7 @@ from lit_ptq.quant import (
     Arithmetic,
     CalibrationError,
     Granularity,
+    LogQuantizer,
     NotCalibratedError,
     QuantConfig,
     QuantMode,
@@ -261,3 +264,23 @@ def test_the_two_arithmetics_round_a_tie_by_hand(arithmetic: str, expected: floa
     assert (q.scale.item(), q.zero_point.item()) == (3.0, 3.0)
     q.set_mode(QuantMode.QUANTIZE)
     assert torch.equal(q(torch.tensor([4.5])), torch.tensor([expected]))
+
+
+@pytest.mark.parametrize("observer, k", [("log2", 1), ("log_sqrt2", 2)])
+def test_log_quantizer_codes_with_its_steps_per_octave_and_clips_underflow_and_overflow_but_not_zeros(observer: str, k: int) -> None:
+    """RepQ-ViT's code by hand: ``q = round(-k log2(x / delta))`` (``k`` steps per octave), the
+    value ``delta 2^(-max(q, 0) / k)`` below ``2^bits`` levels and 0 past them; the clip mask
+    marks a positive value coded 0 and a value above ``delta``, never an exact zero."""
+    bits, delta = 3, 0.5
+    q = LogQuantizer(QuantSpec(bits, False, Granularity.PER_TENSOR, observer))
+    q.scale.fill_(delta)
+    xs = [0.0, 1e-9, 0.004, 0.01, 0.1, 0.2, 0.3, 0.35, 0.45, 0.5, 0.7]
+    expected, clipped = [], []
+    for x in xs:
+        code = round(-k * math.log2(x / delta)) if x > 0 else math.inf
+        value = delta * 2 ** (-max(code, 0) / k) if code < 2**bits else 0.0
+        expected.append(value)
+        clipped.append((value == 0 and x > 0) or x > delta)
+    x = torch.tensor(xs)
+    torch.testing.assert_close(q.fake_quant(x), torch.tensor(expected), rtol=1e-6, atol=0)
+    assert q.clip_mask(x).tolist() == clipped

@@ -10,25 +10,27 @@ import torch
 
 from lit_ptq.errors import CheckpointError, ConfigError
 from lit_ptq.quant import (
+    RECIPES,
+    STEPS,
     QuantConfig,
     calibrate,
     family_of,
     load_quant_state,
+    owner_weight,
     quant_points,
     quantize_,
     quantizers,
     save_quant_state,
 )
 from lit_ptq.quant.primitives import affine_qparams
-from lit_ptq.quant.quantize import owner_weight
 from lit_ptq.quant.quantizer import LogQuantizer, QuantMode, TensorQuantizer, WeightQuantizer
 from lit_ptq.quant.transforms import correct_weights_, reparameterize_
-from lit_ptq.quant.recipes import RECIPE_STEPS
-from lit_ptq.quant.config import RECIPES
 
 
-def test_every_recipe_name_has_steps() -> None:
-    assert set(RECIPE_STEPS) == set(RECIPES)
+def test_the_recipes_run_these_registered_steps_in_this_order() -> None:
+    repq = ("reparameterize", "calibrate_weights", "calibrate_activations_sequential")
+    assert dict(RECIPES) == {"repq": repq, "repq_gptq": (*repq, "correct_weights"), "recon": (*repq, "reconstruct")}
+    assert all(step in STEPS for steps in RECIPES.values() for step in steps)
 
 
 def test_matmul_placement_points(make_quantized) -> None:

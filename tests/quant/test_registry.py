@@ -6,6 +6,8 @@ the contract a new model family relies on.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 import torch.nn as nn
@@ -13,6 +15,8 @@ import torch.nn as nn
 from lit_ptq.errors import ConfigError
 from lit_ptq.quant import (
     FAMILIES,
+    PLACEMENTS,
+    Family,
     Granularity,
     LogSoftmaxQuantizer,
     PointFactory,
@@ -168,7 +172,7 @@ class TestOverrides:
         ]
 
     def test_bits_and_observer_change_only_the_matching_points(self) -> None:
-        overrides = {"blocks.1.*": {"bits": 4, "observer": "percentile"}}
+        overrides = {"blocks.1.*": {"bits": 4}, "blocks.1.output": {"observer": "percentile"}}
         points = _points(quantize_(_toy(), QuantConfig(placement="full", bits="8/6/8", overrides=overrides)))
         assert (points["blocks.1.fc.weight_quantizer"].spec.bits, points["blocks.1.output"].spec.bits) == (4, 4)
         assert points["blocks.1.output"].spec.observer == "percentile"
@@ -194,6 +198,11 @@ class TestOverrides:
         assert points["head.weight_quantizer"].scale.numel() == 1
         assert points["head.input_quantizer"].spec.granularity is Granularity.PER_CHANNEL
         assert points["head.input_quantizer"].scale.numel() == 8
+
+    @pytest.mark.parametrize("observer", ["percentile", "omse"])
+    def test_a_per_tensor_observer_on_per_channel_weights_is_refused(self, observer: str) -> None:
+        with pytest.raises(ConfigError, match=rf"^the {observer} observer computes one range per tensor, not per channel; use per_tensor for it$"):
+            quantize_(_toy(), QuantConfig(placement="full", overrides={"head.weight_quantizer": {"observer": observer}}))
 
     def test_per_channel_where_the_channels_are_unknown_is_refused(self) -> None:
         with pytest.raises(ConfigError, match=r"blocks.0.output cannot be quantized per channel"):
@@ -254,3 +263,86 @@ def test_module_mode_follows_the_points() -> None:
 def test_every_point_shares_one_base_class() -> None:
     assert issubclass(TensorQuantizer, QuantPoint) and issubclass(WeightQuantizer, QuantPoint)
     assert issubclass(LogSoftmaxQuantizer, QuantPoint)
+
+
+class ConvNet(nn.Module):
+    """A stem convolution that reads the image, a second one that does not, and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, kernel_size=2, stride=2)
+        self.mid = nn.Conv2d(4, 4, kernel_size=3, padding=1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.mid(self.stem(x)).mean(dim=(2, 3)))
+
+
+def _convs_only(site: Site) -> bool:
+    """A placement of the conv family's own: the inputs and weights of the convolutions."""
+    return isinstance(site.module, nn.Conv2d)
+
+
+@pytest.fixture
+def conv_family() -> Iterator[Family]:
+    """A family registered for one test, with a placement of its own (``convs``) and its
+    image convolution (``stem``); its facts: the blocks."""
+    family = register_family(
+        "toy_conv",
+        (ConvNet,),
+        {"convs": _convs_only, "matmul": _toy_everything},
+        image_convs=lambda model: ["stem"],
+        blocks=lambda model: ["stem", "mid", "head"],
+    )
+    yield family
+    del FAMILIES[family.name]
+
+
+def _conv_net() -> ConvNet:
+    torch.manual_seed(0)
+    return ConvNet().eval()
+
+
+class TestFamilyExtensions:
+    def test_a_family_adds_a_placement_of_its_own(self, conv_family: Family) -> None:
+        assert "convs" in PLACEMENTS
+        model = quantize_(_conv_net(), QuantConfig(placement="convs"))
+        assert sorted(_points(model)) == [
+            "mid.input_quantizer",
+            "mid.weight_quantizer",
+            "stem.input_quantizer",
+            "stem.weight_quantizer",
+        ]
+        calibrate(model, [torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))])
+        with pytest.raises(ConfigError, match=r"placement='convs' is not defined for the toy model family; it has: seed, full$"):
+            quantize_(_toy(), QuantConfig(placement="convs"))
+
+    def test_placements_lists_every_registered_familys_placements(self, conv_family: Family) -> None:
+        assert tuple(PLACEMENTS) == ("seed", "full", "matmul", "convs")
+
+    def test_only_the_image_convolution_has_an_image_point(self, conv_family: Family) -> None:
+        points = _points(quantize_(_conv_net(), QuantConfig(placement="matmul", bits="8/4/8")))
+        image, other = points["stem.input_quantizer"], points["mid.input_quantizer"]
+        assert (image.role, image.spec.bits) == ("image", 8)  # the matmul placement's image: 8 bits at least
+        assert (other.role, other.spec.bits) == ("act", 4)
+
+    def test_without_image_convs_every_convolution_is_an_activation(self) -> None:
+        family = register_family("toy_conv_plain", (ConvNet,), {"full": _toy_everything})
+        try:
+            points = _points(quantize_(_conv_net(), QuantConfig(placement="full", bits="8/4/8")))
+        finally:
+            del FAMILIES[family.name]
+        assert {points[n].role for n in ("stem.input_quantizer", "mid.input_quantizer")} == {"act"}
+
+    def test_facts_are_read_by_name(self, conv_family: Family) -> None:
+        model = _conv_net()
+        assert conv_family.fact("blocks", model) == ["stem", "mid", "head"]
+        assert conv_family.blocks(model) == ["stem", "mid", "head"]
+        with pytest.raises(ConfigError, match=r"^the toy_conv model family does not list its norm_linear_pairs; "):
+            conv_family.fact("norm_linear_pairs", model)
+        with pytest.raises(AttributeError, match="has no attribute or fact 'widgets'"):
+            conv_family.widgets  # noqa: B018
+
+    def test_a_recipe_needs_only_the_facts_its_steps_read(self, conv_family: Family) -> None:
+        with pytest.raises(ConfigError, match=r"^recipe='repq_gptq' needs the toy_conv plugin to list its LayerNorm -> Linear pairs$"):
+            quantize_(_conv_net(), QuantConfig(method="mse", placement="matmul", recipe="repq_gptq"))

@@ -1,9 +1,12 @@
-"""Model-family plugins: each module in this package registers one family on import.
+"""Model-family plugins: each module in this package registers one family on import, except
+``toolkit`` (what the families share: attention, MLP and residual points, the ``seed``
+placement, the ``blocks`` and ``norm_linear_pairs`` helpers) and the ``_``-prefixed modules
+(quantized layers of one model library).
 
 Adding a family is one new file here: it imports its models (this package is the only part
-of ``lit_ptq.quant`` that does), defines quantized subclasses of their modules and calls
-:func:`lit_ptq.quant.registry.register_family`. Every module of the package is imported
-when ``lit_ptq.quant`` is.
+of ``lit_ptq.quant`` that does), defines quantized subclasses of their modules (with the
+toolkit's mixins where they fit) and calls :func:`lit_ptq.quant.registry.register_family`.
+Every module of the package is imported when ``lit_ptq.quant`` is.
 """
 
 from __future__ import annotations

@@ -24,30 +24,14 @@ import torch
 import torch.nn as nn
 
 from ...models.itpn import Attention, Mlp, PatchMerge, iTPN
-from ..layers import (
-    OPERAND_POINTS,
-    check_softmax_source,
-    matmul_placement,
-    maybe_quant,
-    module_mode,
-    quantize_operands,
-    quantized_softmax,
-    setup_operands,
-)
+from ..layers import OPERAND_POINTS, matmul_placement, maybe_quant, module_mode, quantize_operands
 from ..quantizer import QuantMode
 from ..registry import PointFactory, Site, register_family
+from .toolkit import AttentionPoints, MlpPoints, block_pairs, merge_pair, patch_embed_conv, seed_placement, stem_blocks_head
 
 __all__ = ["FAMILY", "QuantAttention", "QuantMlp", "QuantPatchMerge"]
 
-_OWN_POINTS = (Attention, Mlp, PatchMerge)
 _INPUT_QUANTIZED_LINEARS = ("qkv", "fc1", "reduction", "head")
-
-
-def seed_placement(site: Site) -> bool:
-    """PTQ-for-iTPN's points: block outputs, and every Linear weight except the head's."""
-    if isinstance(site.module, _OWN_POINTS):
-        return site.point not in OPERAND_POINTS
-    return site.role == "weight" and isinstance(site.module, nn.Linear) and site.module_name != "head"
 
 
 def full_placement(site: Site) -> bool:
@@ -63,32 +47,34 @@ def norm_linear_pairs(model: iTPN) -> list[tuple[str, str]]:
     pairs = []
     for i, blk in enumerate(model.blocks):
         if isinstance(blk, PatchMerge):
-            pairs.append((f"blocks.{i}.norm", f"blocks.{i}.reduction"))
-            continue
-        if blk.attn is not None:
-            pairs.append((f"blocks.{i}.norm1", f"blocks.{i}.attn.qkv"))
-        pairs.append((f"blocks.{i}.norm2", f"blocks.{i}.mlp.fc1"))
+            pairs.append(merge_pair(f"blocks.{i}"))
+        else:
+            pairs += block_pairs(f"blocks.{i}", qkv=blk.attn is not None)
     if isinstance(model.head, nn.Linear):
         pairs.append(("fc_norm", "head"))
     return pairs
 
 
-def blocks(model: iTPN) -> list[str]:
-    """The patch embedding, every block and PatchMerge in order, then the head."""
-    return ["patch_embed", *(f"blocks.{i}" for i in range(len(model.blocks))), "head"]
+blocks = stem_blocks_head()
+"""The patch embedding, every block and PatchMerge in order, then the head."""
 
 
 FAMILY = register_family(
     "itpn",
     (iTPN,),
-    {"seed": seed_placement, "full": full_placement, "matmul": matmul_placement((Attention,))},
+    {
+        "seed": seed_placement((Attention, Mlp, PatchMerge), "head", OPERAND_POINTS),
+        "full": full_placement,
+        "matmul": matmul_placement((Attention,)),
+    },
+    image_convs=patch_embed_conv,
     norm_linear_pairs=norm_linear_pairs,
     blocks=blocks,
 )
 
 
 @FAMILY.quant_module(Attention)
-class QuantAttention(Attention):
+class QuantAttention(AttentionPoints, Attention):
     """Attention with the seed's five quant points and the three operand points.
 
     ``qkv_output`` (q, k and v), ``logits`` (``(q @ k^T) * scale`` before the position bias),
@@ -97,20 +83,6 @@ class QuantAttention(Attention):
     (per head, before the logits' scale). Outside ``FLOAT`` mode the logits are computed as the seed does,
     ``(q @ k^T) * scale``; in ``FLOAT`` mode as the official model, ``(q * scale) @ k^T``.
     """
-
-    def setup_quant(self, points: PointFactory) -> None:
-        """Create the five quant points, and ``query``, ``key``, ``value`` (the operands)."""
-        self.qkv_output = points.act("qkv_output", inplace=True)
-        setup_operands(self, points)
-        self.logits = points.act("logits", inplace=True)
-        self.softmax_output = points.softmax("softmax_output")
-        self.context = points.act("context", inplace=True)
-        self.proj_output = points.act("proj_output", inplace=True)
-        check_softmax_source(self.softmax_output, self.logits, points.module_name)
-
-    def attention_probs(self, attn: torch.Tensor) -> torch.Tensor:
-        """Softmax of the biased logits, through the softmax quant point."""
-        return quantized_softmax(self.softmax_output, self.logits, attn)
 
     def forward(self, x: torch.Tensor, rpe_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         N = x.shape[1]
@@ -131,17 +103,8 @@ class QuantAttention(Attention):
 
 
 @FAMILY.quant_module(Mlp)
-class QuantMlp(Mlp):
+class QuantMlp(MlpPoints, Mlp):
     """MLP with the seed's quant points: the GELU output (``act_output``) and ``fc2_output``."""
-
-    def setup_quant(self, points: PointFactory) -> None:
-        """Create the two quant points."""
-        self.act_output = points.act("act_output", inplace=True)
-        self.fc2_output = points.act("fc2_output", inplace=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.drop1(maybe_quant(self.act_output, self.act(self.fc1(x))))
-        return self.drop2(maybe_quant(self.fc2_output, self.fc2(x)))
 
 
 @FAMILY.quant_module(PatchMerge)

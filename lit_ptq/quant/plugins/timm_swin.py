@@ -56,19 +56,20 @@ from timm.layers import Mlp, PatchEmbed
 from timm.models.swin_transformer import PatchMerging, SwinTransformer, SwinTransformerBlock, WindowAttention
 
 from ...errors import ConfigError
-from ..layers import (
-    OPERAND_POINTS,
-    check_softmax_source,
-    matmul_placement,
-    maybe_quant,
-    module_mode,
-    quantize_operands,
-    quantized_softmax,
-    setup_operands,
-)
+from ..layers import OPERAND_POINTS, matmul_placement, maybe_quant, module_mode, quantize_operands
 from ..quantizer import QuantMode, TensorQuantizer
-from ..registry import PointFactory, Site, register_family
-from ._timm_layers import QuantTimmMlp, QuantTimmPatchEmbed
+from ..registry import PointFactory, register_family
+from ._timm_layers import QuantTimmMlp, QuantTimmPatchEmbed, fqvit_full_placement
+from .toolkit import (
+    AttentionPoints,
+    LogitsPoint,
+    ResidualPoints,
+    block_pairs,
+    indexed,
+    merge_pair,
+    patch_embed_conv,
+    seed_placement,
+)
 
 __all__ = [
     "FAMILY",
@@ -78,32 +79,14 @@ __all__ = [
     "QuantSwinTransformer",
 ]
 
-_INPUT_QUANTIZED_LINEARS = ("qkv", "fc1", "reduction", "fc")
-_SEED_ATTENTION_POINTS = ("qkv_output", "logits", "softmax_output", "context", "proj_output")
+
+_SEED_LEFT_OUT = (*OPERAND_POINTS, "bias_table", "biased_logits")
+"""The points of the seed's modules that ``seed`` leaves float: the operands and the position bias."""
 
 
-def seed_placement(site: Site) -> bool:
-    """PTQ-for-iTPN's roles: attention, MLP and PatchMerging outputs, every Linear weight except the head's."""
-    module = site.module
-    if isinstance(module, WindowAttention):
-        return site.point in _SEED_ATTENTION_POINTS
-    if isinstance(module, Mlp) or (isinstance(module, PatchMerging) and site.point == "reduction_output"):
-        return True
-    return site.role == "weight" and isinstance(module, nn.Linear) and site.module_name != "head.fc"
-
-
-def full_placement(site: Site) -> bool:
-    """FQ-ViT's points (see the module docstring)."""
-    module = site.module
-    if isinstance(module, nn.LayerNorm):
-        return False  # the LayerNorm inputs are the residual-stream and reduction-output points
-    if site.point == "input_quantizer":
-        if isinstance(module, nn.Conv2d):
-            return True  # FQ-ViT quantizes the image of its Swin models
-        return site.leaf in _INPUT_QUANTIZED_LINEARS
-    if site.point == "proj_output" and isinstance(module, PatchEmbed):
-        return not isinstance(module.norm, nn.Identity)
-    return site.point not in OPERAND_POINTS
+def _quantizes_image(root: nn.Module) -> bool:
+    """FQ-ViT quantizes the input image of its Swin models."""
+    return True
 
 
 def _may_pad(block: SwinTransformerBlock) -> bool:
@@ -119,12 +102,9 @@ def norm_linear_pairs(model: SwinTransformer) -> list[tuple[str, str]]:
     pairs = []
     for i, stage in enumerate(model.layers):
         if isinstance(stage.downsample, PatchMerging):
-            pairs.append((f"layers.{i}.downsample.norm", f"layers.{i}.downsample.reduction"))
+            pairs.append(merge_pair(f"layers.{i}.downsample"))
         for j, block in enumerate(stage.blocks):
-            name = f"layers.{i}.blocks.{j}"
-            if not _may_pad(block):
-                pairs.append((f"{name}.norm1", f"{name}.attn.qkv"))
-            pairs.append((f"{name}.norm2", f"{name}.mlp.fc1"))
+            pairs += block_pairs(f"layers.{i}.blocks.{j}", qkv=not _may_pad(block))
     if isinstance(model.norm, nn.LayerNorm) and isinstance(model.head.fc, nn.Linear):
         pairs.append(("norm", "head.fc"))
     return pairs
@@ -137,14 +117,19 @@ def blocks(model: SwinTransformer) -> list[str]:
     for i, stage in enumerate(model.layers):
         if isinstance(stage.downsample, PatchMerging):
             names.append(f"layers.{i}.downsample")
-        names += [f"layers.{i}.blocks.{j}" for j in range(len(stage.blocks))]
+        names += indexed(f"layers.{i}.blocks", stage.blocks)
     return [*names, "head.fc"]
 
 
 FAMILY = register_family(
     "timm_swin",
     (SwinTransformer,),
-    {"seed": seed_placement, "full": full_placement, "matmul": matmul_placement((WindowAttention,))},
+    {
+        "seed": seed_placement((WindowAttention, Mlp, PatchMerging), "head.fc", _SEED_LEFT_OUT),
+        "full": fqvit_full_placement(("qkv", "fc1", "reduction", "fc"), _quantizes_image),
+        "matmul": matmul_placement((WindowAttention,)),
+    },
+    image_convs=patch_embed_conv,
     norm_linear_pairs=norm_linear_pairs,
     blocks=blocks,
 )
@@ -153,7 +138,7 @@ FAMILY.quant_module(PatchEmbed)(QuantTimmPatchEmbed)
 
 
 @FAMILY.quant_module(WindowAttention)
-class QuantWindowAttention(WindowAttention):
+class QuantWindowAttention(AttentionPoints, WindowAttention):
     """timm's ``WindowAttention`` with FQ-ViT's seven points and the three operand points.
 
     ``qkv_output``, ``logits`` (``(q * scale) @ k^T``), ``bias_table`` (the
@@ -164,17 +149,10 @@ class QuantWindowAttention(WindowAttention):
     are the operands of the two products (per head, before the logits' scale).
     """
 
-    def setup_quant(self, points: PointFactory) -> None:
-        """Create the seven quant points, and ``query``, ``key``, ``value`` (the operands)."""
-        self.qkv_output = points.act("qkv_output", inplace=True)
-        setup_operands(self, points)
-        self.logits = points.act("logits", inplace=True)
+    def setup_logits_points(self, points: PointFactory) -> None:
+        """Create ``bias_table`` and ``biased_logits``."""
         self.bias_table = points.act("bias_table")
         self.biased_logits = points.act("biased_logits", inplace=True)
-        self.softmax_output = points.softmax("softmax_output")
-        self.context = points.act("context", inplace=True)
-        self.proj_output = points.act("proj_output", inplace=True)
-        check_softmax_source(self.softmax_output, self.softmax_source(), points.module_name)
 
     def softmax_source(self) -> Optional[TensorQuantizer]:
         """The point whose scale a log-int-softmax uses: ``biased_logits``, else ``logits``."""
@@ -195,22 +173,16 @@ class QuantWindowAttention(WindowAttention):
             num_win = mask.shape[0]
             attn = attn.view(-1, num_win, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
             attn = attn.view(-1, self.num_heads, N, N)
-        attn = self.attn_drop(quantized_softmax(self.softmax_output, self.softmax_source(), attn))
+        attn = self.attn_drop(self.attention_probs(attn))
         x = maybe_quant(self.context, (attn @ v).transpose(1, 2).reshape(B_, N, -1))
         return self.proj_drop(maybe_quant(self.proj_output, self.proj(x)))
 
 
 @FAMILY.quant_module(SwinTransformerBlock)
-class QuantSwinTransformerBlock(SwinTransformerBlock):
+class QuantSwinTransformerBlock(ResidualPoints, SwinTransformerBlock):
     """timm's ``SwinTransformerBlock`` with the residual stream quantized after each sum
     (FQ-ViT's ``qact2`` / ``qact4``): ``attn_residual`` and ``mlp_residual``, the next
     LayerNorms' inputs (per channel, along the last dimension, under PTF)."""
-
-    def setup_quant(self, points: PointFactory) -> None:
-        """Create the two residual-sum points."""
-        dim = self.norm1.normalized_shape[-1]
-        self.attn_residual = points.norm("attn_residual", dim)
-        self.mlp_residual = points.norm("mlp_residual", dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
@@ -235,7 +207,7 @@ class QuantPatchMerging(PatchMerging):
 
 
 @FAMILY.quant_module(SwinTransformer)
-class QuantSwinTransformer(SwinTransformer):
+class QuantSwinTransformer(LogitsPoint, SwinTransformer):
     """timm's ``SwinTransformer`` with FQ-ViT's model-level points: ``norm_output`` (the final
     LayerNorm's output, before pooling) and ``head_output`` (the logits). The image and the
     pooled features are the input points of ``patch_embed.proj`` and ``head.fc``."""
@@ -251,7 +223,3 @@ class QuantSwinTransformer(SwinTransformer):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return maybe_quant(self.norm_output, super().forward_features(x))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = super().forward_head(x, pre_logits=pre_logits)
-        return x if pre_logits else maybe_quant(self.head_output, x)

@@ -38,50 +38,19 @@ from timm.layers import Attention, Mlp, PatchEmbed
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from ...errors import ConfigError
-from ..layers import (
-    OPERAND_POINTS,
-    check_softmax_source,
-    matmul_placement,
-    maybe_quant,
-    module_mode,
-    quantize_operands,
-    quantized_softmax,
-    setup_operands,
-)
+from ..layers import OPERAND_POINTS, matmul_placement, maybe_quant, module_mode, quantize_operands
 from ..quantizer import QuantMode
-from ..registry import PointFactory, Site, register_family
-from ._timm_layers import QuantTimmMlp, QuantTimmPatchEmbed
+from ..registry import PointFactory, register_family
+from ._timm_layers import QuantTimmMlp, QuantTimmPatchEmbed, fqvit_full_placement
+from .toolkit import AttentionPoints, LogitsPoint, ResidualPoints, block_pairs, patch_embed_conv, seed_placement, stem_blocks_head
 
 __all__ = ["FAMILY", "QuantTimmAttention", "QuantTimmBlock", "QuantVisionTransformer"]
-
-_INPUT_QUANTIZED_LINEARS = ("qkv", "fc1", "head")
 
 
 def _quantizes_image(root: nn.Module) -> bool:
     """FQ-ViT quantizes the input image of its DeiT models and not of its ViT models."""
     name = getattr(root, "model_name", None) or getattr(root, "pretrained_cfg", {}).get("architecture", "")
     return str(name).startswith("deit")
-
-
-def seed_placement(site: Site) -> bool:
-    """PTQ-for-iTPN's roles: attention and MLP outputs, every Linear weight except the head's."""
-    if isinstance(site.module, (Attention, Mlp)):
-        return site.point not in OPERAND_POINTS
-    return site.role == "weight" and isinstance(site.module, nn.Linear) and site.module_name != "head"
-
-
-def full_placement(site: Site) -> bool:
-    """FQ-ViT's points (see the module docstring)."""
-    module = site.module
-    if isinstance(module, nn.LayerNorm):
-        return False  # the LayerNorm inputs are the residual-stream points
-    if site.point == "input_quantizer":
-        if isinstance(module, nn.Conv2d):
-            return _quantizes_image(site.root)
-        return site.leaf in _INPUT_QUANTIZED_LINEARS
-    if site.point == "proj_output" and isinstance(module, PatchEmbed):
-        return not isinstance(module.norm, nn.Identity)
-    return site.point not in OPERAND_POINTS
 
 
 def _final_norm(model: VisionTransformer) -> Optional[str]:
@@ -98,33 +67,29 @@ def _final_norm(model: VisionTransformer) -> Optional[str]:
 def norm_linear_pairs(model: VisionTransformer) -> list[tuple[str, str]]:
     """Each LayerNorm and the Linear it feeds: ``norm1 -> attn.qkv``, ``norm2 -> mlp.fc1`` in
     every block, and the final LayerNorm -> ``head`` (see the module docstring)."""
-    pairs = []
-    for i in range(len(model.blocks)):
-        pairs += [(f"blocks.{i}.norm1", f"blocks.{i}.attn.qkv"), (f"blocks.{i}.norm2", f"blocks.{i}.mlp.fc1")]
+    pairs = [pair for i in range(len(model.blocks)) for pair in block_pairs(f"blocks.{i}")]
     final = _final_norm(model)
-    if final is not None:
-        pairs.append((final, "head"))
-    return pairs
-
-
-def blocks(model: VisionTransformer) -> list[str]:
-    """The patch embedding, every block in order, then the ``head`` (called once on the pooled features)."""
-    return ["patch_embed", *(f"blocks.{i}" for i in range(len(model.blocks))), "head"]
+    return pairs if final is None else [*pairs, (final, "head")]
 
 
 FAMILY = register_family(
     "timm_vit",
     (VisionTransformer,),
-    {"seed": seed_placement, "full": full_placement, "matmul": matmul_placement((Attention,))},
+    {
+        "seed": seed_placement((Attention, Mlp), "head", OPERAND_POINTS),
+        "full": fqvit_full_placement(("qkv", "fc1", "head"), _quantizes_image),
+        "matmul": matmul_placement((Attention,)),
+    },
+    image_convs=patch_embed_conv,
     norm_linear_pairs=norm_linear_pairs,
-    blocks=blocks,
+    blocks=stem_blocks_head(),
 )
 FAMILY.quant_module(Mlp)(QuantTimmMlp)
 FAMILY.quant_module(PatchEmbed)(QuantTimmPatchEmbed)
 
 
 @FAMILY.quant_module(Attention)
-class QuantTimmAttention(Attention):
+class QuantTimmAttention(AttentionPoints, Attention):
     """timm's ``Attention`` with FQ-ViT's five points and the three operand points.
 
     ``qkv_output``, ``logits`` (``(q @ k^T) * scale``), ``softmax_output``, ``context``
@@ -136,13 +101,7 @@ class QuantTimmAttention(Attention):
         """Create the five quant points, and ``query``, ``key``, ``value`` (the operands)."""
         if self.gate is not None:
             raise ConfigError(f"{points.module_name}: gated attention is not supported by the timm_vit plugin")
-        self.qkv_output = points.act("qkv_output", inplace=True)
-        setup_operands(self, points)
-        self.logits = points.act("logits", inplace=True)
-        self.softmax_output = points.softmax("softmax_output")
-        self.context = points.act("context", inplace=True)
-        self.proj_output = points.act("proj_output", inplace=True)
-        check_softmax_source(self.softmax_output, self.logits, points.module_name)
+        super().setup_quant(points)
 
     def forward(
         self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False
@@ -157,21 +116,15 @@ class QuantTimmAttention(Attention):
         q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = quantize_operands(self, q, k, v)
         attn = maybe_quant(self.logits, (q @ k.transpose(-2, -1)).mul_(self.scale))
-        attn = self.attn_drop(quantized_softmax(self.softmax_output, self.logits, attn))
+        attn = self.attn_drop(self.attention_probs(attn))
         x = maybe_quant(self.context, (attn @ v).transpose(1, 2).reshape(B, N, self.attn_dim))
         return self.proj_drop(maybe_quant(self.proj_output, self.proj(self.norm(x))))
 
 
 @FAMILY.quant_module(Block)
-class QuantTimmBlock(Block):
+class QuantTimmBlock(ResidualPoints, Block):
     """timm's ViT ``Block`` with the residual stream quantized after each sum (FQ-ViT's
     ``qact2`` / ``qact4``): ``attn_residual`` and ``mlp_residual``, the next LayerNorms' inputs."""
-
-    def setup_quant(self, points: PointFactory) -> None:
-        """Create the two residual-sum points (per channel under PTF)."""
-        dim = self.norm1.normalized_shape[-1]
-        self.attn_residual = points.norm("attn_residual", dim)
-        self.mlp_residual = points.norm("mlp_residual", dim)
 
     def forward(
         self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False
@@ -182,7 +135,7 @@ class QuantTimmBlock(Block):
 
 
 @FAMILY.quant_module(VisionTransformer)
-class QuantVisionTransformer(VisionTransformer):
+class QuantVisionTransformer(LogitsPoint, VisionTransformer):
     """timm's ``VisionTransformer`` with FQ-ViT's model-level points: ``tokens`` (class token
     and patch tokens), ``pos_embed_output`` (the position embedding), ``embed_output`` (their
     sum, the first LayerNorm's input) and ``head_output`` (the logits)."""
@@ -214,7 +167,3 @@ class QuantVisionTransformer(VisionTransformer):
         x = maybe_quant(self.tokens, torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1))
         x = x + maybe_quant(self.pos_embed_output, self.pos_embed)
         return self.pos_drop(maybe_quant(self.embed_output, x))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = super().forward_head(x, pre_logits=pre_logits)
-        return x if pre_logits else maybe_quant(self.head_output, x)

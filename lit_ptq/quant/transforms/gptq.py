@@ -29,12 +29,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..calibration import CalibrationContext
 from ..primitives import fake_quant_seed
-from ..quantize import set_quant_mode
 from ..quantizer import QuantMode, WeightQuantizer
+from ..steps import register_step
+from ..walk import set_quant_mode
 from .capture import Call, capture_inputs
 
-__all__ = ["correct_weights_", "ridge_weights", "gptq_round", "RIDGE_DAMP", "GPTQ_DAMP", "GPTQ_BLOCK"]
+__all__ = ["correct_weights", "correct_weights_", "ridge_weights", "gptq_round", "RIDGE_DAMP", "GPTQ_DAMP", "GPTQ_BLOCK"]
 
 RIDGE_DAMP = 0.1
 """Ridge strength relative to the mean diagonal of ``A^T A``."""
@@ -200,3 +202,12 @@ def correct_weights_(
         if on_block is not None:
             on_block(block_name, time.perf_counter() - start)
     return done
+
+
+@register_step("correct_weights", needs={"blocks": "blocks"})
+def correct_weights(model: nn.Module, batches: Sequence[torch.Tensor], ctx: CalibrationContext) -> None:
+    """The recipe step: :func:`correct_weights_` through the family's blocks; the number of
+    corrected layers is left in ``ctx.results["corrected_weights"]``."""
+    count = correct_weights_(model, ctx.family.fact("blocks", model), batches)
+    ctx.results["corrected_weights"] = count
+    ctx.log("corrected %d weights (ridge regression + GPTQ)", count)

@@ -40,13 +40,15 @@ import torch.nn as nn
 from torch.func import functional_call
 from tqdm import tqdm
 
+from ..calibration import CalibrationContext
 from ..config import ReconSettings
 from ..primitives import EPS
-from ..quantize import set_quant_mode
 from ..quantizer import LogQuantizer, QuantMode, QuantPoint, TensorQuantizer, WeightQuantizer
+from ..steps import register_step
+from ..walk import set_quant_mode
 from .capture import capture_inputs, capture_outputs
 
-__all__ = ["reconstruct_", "ZETA", "GAMMA", "BETA", "WARMUP"]
+__all__ = ["reconstruct", "reconstruct_", "ZETA", "GAMMA", "BETA", "WARMUP"]
 
 log = logging.getLogger(__name__)
 
@@ -474,3 +476,11 @@ def reconstruct_(
             errors[name] = (before, _block_mse(block, block_data, settings.batch_size))
             log.info("reconstructed %s: output MSE %.4g -> %.4g", name, *errors[name])
     return errors
+
+
+@register_step("reconstruct", needs={"blocks": "blocks"})
+def reconstruct(model: nn.Module, batches: Sequence[torch.Tensor], ctx: CalibrationContext) -> None:
+    """The recipe step: :func:`reconstruct_` through the family's blocks with the config's
+    ``recon`` settings; each block's output error before and after is left in
+    ``ctx.results["reconstruction"]``."""
+    ctx.results["reconstruction"] = reconstruct_(model, ctx.family.fact("blocks", model), batches, ctx.config.recon)

@@ -20,15 +20,22 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
+from ...errors import ConfigError
+from ..calibration import CalibrationContext
 from ..config import QuantSpec
-from ..observers import build_observer
-from ..quantize import set_quant_mode
+from ..observers import OBSERVERS, build_observer
 from ..quantizer import QuantMode
+from ..steps import register_step
+from ..walk import set_quant_mode
 
-__all__ = ["reparameterize_", "fold_norm_linear_", "PER_CHANNEL_OBSERVERS"]
+__all__ = ["reparameterize", "reparameterize_", "fold_norm_linear_"]
 
-PER_CHANNEL_OBSERVERS = ("minmax", "ema", "mse")
-"""Activation observers that can calibrate per channel; others calibrate the fold with ``mse``."""
+
+@register_step("reparameterize", needs={"norm_linear_pairs": "LayerNorm -> Linear pairs"})
+def reparameterize(model: nn.Module, batches: Sequence[torch.Tensor], ctx: CalibrationContext) -> None:
+    """The recipe step: :func:`reparameterize_` over the family's LayerNorm -> Linear pairs,
+    with the config's activation spec."""
+    reparameterize_(model, batches, ctx.family.fact("norm_linear_pairs", model), ctx.config.act)
 
 
 @torch.no_grad()
@@ -42,9 +49,10 @@ def reparameterize_(
         model: a quantized model (its quant points are switched to ``FLOAT`` for the pass).
         batches: calibration inputs.
         pairs: ``(layernorm name, linear name)`` pairs from the family plugin.
-        spec: the activation spec (bits, and the observer when it works per channel).
+        spec: the activation spec (bits, and the observer when it works per channel; ``mse``
+            for one that does not, see ``Observer.supports_per_channel``).
     """
-    observer_name = spec.observer if spec.observer in PER_CHANNEL_OBSERVERS else "mse"
+    observer_name = spec.observer if OBSERVERS[spec.observer].supports_per_channel else "mse"
     observers = {norm: build_observer(observer_name, spec.qmin, spec.qmax, False, True, -1) for norm, _ in pairs}
     last = [False]
     # The Linear's input, which is the LayerNorm's output after channel-wise operations only
@@ -77,10 +85,10 @@ def fold_norm_linear_(norm: nn.LayerNorm, linear: nn.Linear, scale: torch.Tensor
     the new ``linear`` weights; in float the pair computes what it did.
 
     Raises:
-        ValueError: ``norm`` has no affine parameters to fold into.
+        ConfigError: ``norm`` has no affine parameters to fold into.
     """
     if norm.weight is None or norm.bias is None:
-        raise ValueError(f"cannot reparameterize a LayerNorm without affine parameters ({norm})")
+        raise ConfigError(f"cannot reparameterize a LayerNorm without affine parameters ({norm})")
     s_c, z_c = scale.double().reshape(-1), zero_point.double().reshape(-1)
     target_s, target_z = s_c.mean(), z_c.mean().round()
     r = s_c / target_s

@@ -1,8 +1,8 @@
-"""lit_ptq/quant/plugins/itpn.py's ``matmul`` placement and what the low-bit recipes need
-from it, on the seeded ``itpn_tiny`` (32x32 input; ``tests/quant/test_quantize.py`` covers
-``seed`` and ``full``): the quant points by name, the LayerNorm -> Linear pairs and their
-fold (the float logits kept), the blocks (each called once, in forward order), and the
-``repq`` and ``repq_gptq`` recipes on a model with outlier LayerNorm channels.
+"""lit_ptq/quant/plugins/itpn.py's ``matmul`` placement and the facts the low-bit recipes read,
+on the seeded ``itpn_tiny`` (32x32 input; ``tests/quant/test_quantize.py`` covers ``seed`` and
+``full``): the quant points by name, the LayerNorm -> Linear pairs and the blocks.
+``test_contract.py`` runs what every family keeps (FLOAT mode, calibration, state dicts, the
+fold, the blocks' call order, the recipes, ...).
 
 itpn_tiny (mlp_depth=1, depth=6) has ``blocks.0`` MLP-only, ``blocks.1`` PatchMerge,
 ``blocks.2`` MLP-only, ``blocks.3`` PatchMerge, ``blocks.4`` to ``blocks.9`` attention blocks.
@@ -13,13 +13,12 @@ from __future__ import annotations
 import pytest
 import torch.nn as nn
 
-from lit_ptq.quant import LogSoftmaxQuantizer, QuantConfig, TensorQuantizer, quantize_
+from lit_ptq.quant import QuantConfig, quant_points, quantize_
 from lit_ptq.quant.plugins.itpn import FAMILY
 
 MLP_ONLY = [0, 2]
 MERGES = [1, 3]
 ATTENTION = [4, 5, 6, 7, 8, 9]
-IMAGE_POINT = "patch_embed.proj.input_quantizer"
 
 
 def _matmul_points() -> set[str]:
@@ -45,13 +44,10 @@ PAIRS = [
     ("fc_norm", "head"),
 ]
 UNITS = ["patch_embed", *(f"blocks.{i}" for i in range(10)), "head"]
-RECIPE_BOUND = 0.15
-"""Largest relative error of the 8/8/8 recipe logits (measured: 0.06 for repq and repq_gptq)."""
 
 
-def _points(model: nn.Module) -> dict[str, nn.Module]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, (TensorQuantizer, LogSoftmaxQuantizer))}
-
+def _points(model: nn.Module) -> set[str]:
+    return {n for n, _ in quant_points(model)}
 
 
 def test_matmul_name_list_has_the_size_worked_out_by_hand() -> None:
@@ -61,8 +57,8 @@ def test_matmul_name_list_has_the_size_worked_out_by_hand() -> None:
 
 def test_matmul_placement_creates_exactly_these_quant_points(tiny_model) -> None:
     model = quantize_(tiny_model, QuantConfig(placement="matmul"))
-    assert set(_points(model)) == MATMUL_POINTS
-    assert not set(_points(model)) & OUTPUT_POINTS
+    assert _points(model) == MATMUL_POINTS
+    assert not _points(model) & OUTPUT_POINTS
     assert all(m.input_quantizer is None for m in model.modules() if isinstance(m, nn.LayerNorm))
 
 
@@ -72,29 +68,6 @@ def test_operand_points_are_matmul_only(placement, tiny_model) -> None:
     assert all(getattr(model.blocks[i].attn, p) is None for i in ATTENTION for p in ("query", "key", "value"))
 
 
-def test_matmul_point_roles(tiny_model) -> None:
-    model = quantize_(tiny_model, QuantConfig(placement="matmul", bits="4/4/4"))
-    for name, point in _points(model).items():
-        expected = "weight" if name.endswith("weight_quantizer") else "attn" if name.endswith("softmax_output") else "act"
-        assert point.role == ("image" if name == IMAGE_POINT else expected), name
-    assert model.patch_embed.proj.input_quantizer.spec.bits == 8  # the image keeps 8 bits, as in RepQ-ViT
-
-
 def test_norm_linear_pairs_and_blocks(tiny_float) -> None:
     assert FAMILY.norm_linear_pairs(tiny_float) == PAIRS
     assert FAMILY.blocks(tiny_float) == UNITS
-
-
-def test_reparameterization_keeps_the_float_logits(tiny_float, check_fold_keeps_float, calib_batches, eval_images) -> None:
-    check_fold_keeps_float(tiny_float, calib_batches, eval_images)
-
-
-def test_blocks_are_each_called_once_in_forward_order(make_quantized, eval_images, call_order) -> None:
-    model = make_quantized(placement="matmul")
-    assert call_order(model, FAMILY.blocks(model), eval_images) == UNITS
-
-
-@pytest.mark.parametrize("recipe", ["repq", "repq_gptq"])
-def test_recipe_brings_the_outlier_model_close_to_float(recipe, tiny_float, recipe_errors, calib_batches, eval_images) -> None:
-    error, plain_error = recipe_errors(tiny_float, recipe, calib_batches, eval_images)
-    assert 0 < error < RECIPE_BOUND < plain_error / 2  # one scale per tensor fails on the outliers

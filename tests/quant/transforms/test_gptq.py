@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from lit_ptq.quant import QuantConfig, QuantMode, calibrate, quantize_
 from lit_ptq.quant.primitives import affine_qparams, fake_quant_seed
-from lit_ptq.quant.quantize import set_quant_mode
+from lit_ptq.quant import set_quant_mode
 from lit_ptq.quant.transforms import correct_weights_, gptq_round, ridge_weights
 from lit_ptq.quant.transforms.gptq import correct_layer_
 

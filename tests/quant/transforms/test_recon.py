@@ -9,14 +9,30 @@ from typing import Any
 import pytest
 import torch
 import torch.nn as nn
+from tqdm import tqdm
 
 from lit_ptq.errors import ConfigError
-from lit_ptq.quant import QuantConfig, QuantMode, WeightQuantizer, calibrate, quant_points, quantize_, quantizers
-from lit_ptq.quant.config import ReconSettings
+from lit_ptq.quant import LogQuantizer, QuantConfig, QuantMode, TensorQuantizer, WeightQuantizer, calibrate, quant_points, quantize_, quantizers
+from lit_ptq.quant.config import Granularity, QuantSpec, ReconSettings
 from lit_ptq.quant.plugins.itpn import blocks
-from lit_ptq.quant.quantize import owner_weight, set_quant_mode
+from lit_ptq.quant import owner_weight, set_quant_mode
 from lit_ptq.quant.transforms import recon, reconstruct_
-from lit_ptq.quant.transforms.recon import _AdaRoundWeight, _beta, _BlockData, _Drop, _LsqFakeQuant, _limit, _split_inputs
+from lit_ptq.quant.transforms.recon import (
+    _AdaRoundWeight,
+    _beta,
+    _block_mse,
+    _BlockData,
+    _Drop,
+    _LearnedStep,
+    _LsqFakeQuant,
+    _limit,
+    _Optimizers,
+    _rec_loss,
+    _split_inputs,
+    _StraightThrough,
+    _Swap,
+    _train,
+)
 
 SETTINGS = ReconSettings(iters=20, batch_size=4, weight_lr=1e-2, act_lr=1e-3)
 """Few steps, with learning rates high enough that 20 steps change the rounding."""
@@ -292,3 +308,97 @@ def test_adaround_rectified_sigmoid_regularizer_and_rounding() -> None:
     soft = torch.tensor([[on_grid(i, j, hs[i][j]) for j in range(9)] for i in range(2)])
     torch.testing.assert_close(stand_in(weight), soft, rtol=1e-6, atol=1e-6)
     assert hard[0, -1] == (qmax - zero_point[0]) * step[0] and hard[1, -1] == (qmin - zero_point[1]) * step[1]
+
+
+def test_reconstruction_loss_sums_the_squares_over_channels_and_averages_over_images_and_positions() -> None:
+    g = torch.Generator().manual_seed(0)
+    out, target = torch.randn(2, 3, 5, generator=g), torch.randn(2, 3, 5, generator=g)
+    per_position = [sum((out[i, j, c] - target[i, j, c]).item() ** 2 for c in range(5)) for i in range(2) for j in range(3)]
+    assert _rec_loss(out, target).item() == pytest.approx(sum(per_position) / 6, rel=1e-6)
+
+
+def test_block_mse_is_the_mean_squared_error_over_every_output_value_of_all_images() -> None:
+    """Five images forwarded two at a time: every image counts once, the mean is per value."""
+    g = torch.Generator().manual_seed(0)
+    block = nn.Linear(3, 2)
+    inputs, target = torch.randn(5, 4, 3, generator=g), torch.randn(5, 4, 2, generator=g)
+    data = _BlockData(inputs, inputs.clone(), target, (), {})
+    with torch.no_grad():
+        out = block(inputs)
+    squares = [(out[i, j, c] - target[i, j, c]).item() ** 2 for i in range(5) for j in range(4) for c in range(2)]
+    assert _block_mse(block, data, 2) == pytest.approx(sum(squares) / len(squares), rel=1e-6)
+
+
+def test_step_sizes_learn_at_a_cosine_rate_decaying_to_zero_at_the_last_step_and_rounding_at_a_fixed_rate() -> None:
+    """QDrop's schedule: ``act_lr (1 + cos(pi t / iters)) / 2`` at step ``t``."""
+    iters = 8
+    settings = ReconSettings(iters=iters, weight_lr=1e-3, act_lr=1e-2)
+    v, step = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.ones(2))
+    optimizers = _Optimizers([v], [step], settings)
+    rates = []
+    for _ in range(iters):
+        rates.append(tuple(opt.param_groups[0]["lr"] for opt in optimizers.optimizers))
+        optimizers.step((v.sum() + step.sum()) ** 2)
+    expected = [(1e-3, 1e-2 * (1 + math.cos(math.pi * t / iters)) / 2) for t in range(iters)]
+    assert rates == [pytest.approx(e, rel=1e-12) for e in expected]
+    assert optimizers.optimizers[1].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-18)
+
+
+class _Recorder(nn.Module):
+    """A block that records its input and passes it through one learned-step point."""
+
+    def __init__(self, point: nn.Module) -> None:
+        super().__init__()
+        self.point = point
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.detach().clone())
+        return self.point(x)
+
+
+def test_training_steps_take_each_input_element_from_the_float_model_with_the_drop_probability() -> None:
+    """QDrop: the block's input is the float model's where the draw keeps it float (``drop_prob``,
+    0.25 here, so 0.75 would fail), the quantized model's elsewhere; each step takes a random
+    batch of whole images (not always the leading ones)."""
+    g = torch.Generator().manual_seed(0)
+    float_input = torch.rand(8, 500, generator=g) + 1  # positive
+    quantized_input = -float_input  # negative: every element tells which one was taken
+    data = _BlockData(quantized_input, float_input, torch.zeros(8, 500), (), {})
+    settings = ReconSettings(iters=4, batch_size=3, drop_prob=0.25)
+    drop = _Drop(0.25, torch.Generator().manual_seed(1))
+    quantizer = TensorQuantizer(QuantSpec(8, False, Granularity.PER_TENSOR, "minmax"), "act")
+    block = _Recorder(_LearnedStep(quantizer, drop, learn=True))
+    _train(block, data, [_Swap(block, "point", quantizer, block.point)], settings, drop, tqdm(disable=True))
+    seen = torch.cat(block.seen)
+    assert len(block.seen) == 4 and seen.shape == (12, 500)
+    from_float = seen > 0
+    images = [next(i for i, image in enumerate(float_input) if torch.equal(row.abs(), image)) for row in seen]
+    assert len(set(images)) > 3  # whole images, drawn at random
+    share = from_float.double().mean().item()
+    assert abs(share - 0.25) < 4 * math.sqrt(0.25 * 0.75 / seen.numel())
+
+
+def test_learned_step_stand_in_computes_its_per_channel_quantizer_along_its_channel_axis() -> None:
+    """Channels along axis 1 (not the last): the stand-in's step and zero point follow that axis."""
+    quantizer = TensorQuantizer(QuantSpec(4, False, Granularity.PER_CHANNEL, "minmax"), "act", channels=3, channel_axis=1)
+    quantizer.scale.copy_(torch.tensor([0.1, 0.3, 0.7]))
+    quantizer.zero_point.copy_(torch.tensor([2.0, 8.0, 13.0]))
+    x = 3 * torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0))
+    stand_in = _LearnedStep(quantizer, _Drop(0.0, torch.Generator()), learn=True)
+    assert torch.equal(stand_in(x), quantizer.fake_quant(x))
+
+
+def test_log_stand_in_drops_like_qdrop_and_passes_the_gradient_straight_through() -> None:
+    """The log-coded softmax point: its own code where the draw does not keep the element
+    float (``drop_prob`` 0.25), ``x`` where it does, and a gradient of 1 everywhere."""
+    quantizer = LogQuantizer(QuantSpec(3, False, Granularity.PER_TENSOR, "log_sqrt2"))
+    quantizer.scale.fill_(0.5)
+    x = torch.rand(64, 16, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    stand_in = _StraightThrough(quantizer, _Drop(0.25, torch.Generator().manual_seed(1)))
+    out = stand_in(x)
+    keep = _Drop(0.25, torch.Generator().manual_seed(1)).mask(x)  # the same draw
+    assert keep is not None and 0 < keep.double().mean() < 0.5
+    torch.testing.assert_close(out, torch.where(keep, x, quantizer.fake_quant(x)).detach(), rtol=1e-6, atol=1e-7)
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    assert torch.equal(grad, torch.ones_like(x))
