@@ -371,7 +371,7 @@ def run_speed(args: argparse.Namespace) -> dict[str, Any]:
 
     torch.set_num_threads(args.threads)
     run = dict(
-        machine=_machine(), threads=args.threads, torch=torch.__version__, onnxruntime=onnxruntime.__version__,
+        machine=_machine(), device=_device_name(args.device), threads=args.threads, torch=torch.__version__, onnxruntime=onnxruntime.__version__,
         date=time.strftime("%Y-%m-%d"), repeats=args.repeats,
     )
     result: dict[str, Any] = {**run, "rows": []}
@@ -382,7 +382,7 @@ def run_speed(args: argparse.Namespace) -> dict[str, Any]:
     for model_name in args.models:
         for weights in args.weights:
             _speed_model(args, model_name, weights, result, run)
-    print(f"{run['machine']}, {args.threads} threads, torch {run['torch']}, onnxruntime {run['onnxruntime']}, "
+    print(f"{run['machine']}, {run['device']}, {args.threads} threads, torch {run['torch']}, onnxruntime {run['onnxruntime']}, "
           f"median of {args.repeats} interleaved runs\n")
     print(speed_markdown(result["rows"][first:]))
     return result
@@ -410,12 +410,15 @@ def _speed_model(args: argparse.Namespace, model_name: str, weights: str, result
         calib = [torch.randn(args.calib_batch_size, 3, size, size, generator=gen) for _ in range(args.calib_batches)]
         model, files = _speed_files(model_name, folder, args.placements, calib, weights, args.num_classes)
         kernels = {name: integer_linears(path, os.path.join(folder, f"optimized{i}.onnx")) for i, (name, path) in enumerate(files.items())}
-        sessions = {name: create_session(path, torch.device("cpu")) for name, path in files.items()}
+        device = torch.device(args.device)
+        model = model.to(device)
+        sessions = {name: create_session(path, device) for name, path in files.items()}
         sizes = {name: os.path.getsize(path) / 1e6 for name, path in files.items()}
         for batch_size in args.batch_sizes:
             x = torch.randn(batch_size, 3, size, size, generator=gen)
             feed = {"input": x.numpy()}
-            fns: dict[str, Callable[[], Any]] = {"PyTorch float": lambda: _torch_forward(model, x)}
+            x_torch = x.to(device)
+            fns: dict[str, Callable[[], Any]] = {"PyTorch float": lambda: _torch_forward(model, x_torch)}
             fns.update({name: (lambda s=s: s.run(None, feed)) for name, s in sessions.items()})
             times = _time_round_robin(fns, args.repeats)
             base = statistics.median(times["onnxruntime float"])
@@ -434,7 +437,10 @@ def _speed_model(args: argparse.Namespace, model_name: str, weights: str, result
 
 def _torch_forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        return model(x)
+        out = model(x)
+    if out.is_cuda:
+        torch.cuda.synchronize(out.device)
+    return out
 
 
 def speed_markdown(rows: Sequence[dict[str, Any]]) -> str:
@@ -451,6 +457,13 @@ def speed_markdown(rows: Sequence[dict[str, Any]]) -> str:
             f"{r['speedup_vs_ort_float']:.2f} | {size} | {r['integer_linears']} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _device_name(device: str) -> str:
+    """``cpu``, or the GPU's name (``cuda: NVIDIA H100 80GB HBM3``)."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"cuda: {torch.cuda.get_device_name(torch.device(device))}"
+    return device
 
 
 def _machine() -> str:
@@ -499,6 +512,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     speed.add_argument("--calib-batch-size", type=int, default=8)
     speed.add_argument("--repeats", type=int, default=7)
     speed.add_argument("--threads", type=int, default=os.cpu_count(), help="torch and onnxruntime intra-op threads")
+    speed.add_argument("--device", default="cpu", help="cuda: PyTorch on the GPU and onnxruntime's CUDAExecutionProvider "
+                       "(onnxruntime-gpu); the integer-kernel counts stay the CPU's")
     speed.add_argument("--json", default=None)
     speed.add_argument("--append", action="store_true", help="add the rows to those of an existing --json file")
     return p.parse_args(argv)

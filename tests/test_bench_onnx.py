@@ -37,6 +37,7 @@ def test_compare_counts_label_agreement_and_the_largest_logit_difference() -> No
     assert bench_onnx.compare(a, b) == dict(agreement=75.0, max_logit_diff=1.5)
 
 
+@pytest.mark.slow  # a whole benchmark run; the suite's time budget
 def test_parity_row_per_setting_with_both_top1_and_the_recipe_config(tmp_path, tiny_config, capsys) -> None:
     recipe = yaml.safe_load(tiny_config.read_text())
     recipe["model"].update(method="mse", placement="matmul", bits="6/6/6", recipe="repq")
@@ -60,6 +61,7 @@ def test_parity_row_per_setting_with_both_top1_and_the_recipe_config(tmp_path, t
     assert table in capsys.readouterr().out
 
 
+@pytest.mark.slow  # a whole benchmark run; the suite's time budget
 def test_static_row_per_calibration_method(tmp_path, tiny_config) -> None:
     out = tmp_path / "static.json"
     bench_onnx.main(["static", "--config", str(tiny_config), "--methods", "MinMax", "--json", str(out)])
@@ -68,6 +70,7 @@ def test_static_row_per_calibration_method(tmp_path, tiny_config) -> None:
     assert row["agreement"] >= 90.0 and abs(row["acc1"] - row["float_acc1"]) <= 100 * 5 / 59
 
 
+@pytest.mark.slow  # a whole benchmark run; the suite's time budget
 def test_speed_times_every_runtime_at_every_batch_size(tmp_path, capsys) -> None:
     out = tmp_path / "speed.json"
     bench_onnx.main(["speed", "--models", "itpn_tiny", "--placements", "matmul", "--batch-sizes", "2", "1",

@@ -379,6 +379,7 @@ class TestTwoProcesses:
         record, states = _ddp_run(main_subprocess, tiny_config, tmp_path / "ddp_minmax", "minmax")
         _check_ddp_equals_one_process(one, record, states, tmp_path / "ddp_minmax", num_val_images)
 
+    @pytest.mark.slow  # test_callbacks' two-rank recipe test pins the broadcast in the fast suite
     def test_ddp_with_a_recipe_equals_one_process(self, one_process_run, tiny_config, tmp_path, num_val_images, main_subprocess):
         recipe = ("--model.placement", "matmul", "--model.bits", "4/4/4", "--model.recipe", "repq_gptq")
         one = one_process_run("mse", *recipe)

@@ -109,6 +109,7 @@ def check_lowbit(
     assert record["acc1"] >= documented_top1("Float (fp32)") - LOWBIT_MARGINS[config]
 
 
+@pytest.mark.slow  # 10,000 images twice; the W4A4 run keeps the recipes' figures in the fast suite
 def test_w6a6_recipe_is_documented_and_within_its_margin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     check_lowbit("demo_w6a6.yaml", "W6A6 repq_gptq (matmul placement)", "6/6/6", tmp_path, monkeypatch)
 

@@ -289,7 +289,7 @@ class TestSubcommands:
         assert "main.py validate" in err[0] and "main.py export" in err[0]
 
 
-@pytest.mark.parametrize("images", [59, 1])
+@pytest.mark.parametrize("images", [pytest.param(59, marks=pytest.mark.slow), 1])
 def test_ddp_two_ranks_write_every_image_once(pt_config, pt_root, val_predictions, tmp_path, images, main_subprocess):
     """Two CPU ranks: 59 images (30 + 29) give the one-process file, byte for byte; so does 1
     image, which leaves rank 1 without one of its own (it predicts image 0 again, dropped)."""

@@ -170,7 +170,7 @@ def test_log_int_softmax_raises_naming_the_point(tmp_path, images):
         export_onnx(model, tmp_path / "lis.onnx", images[:2])
 
 
-@pytest.mark.parametrize("bits", ["8/8/8", "8/6/8"])
+@pytest.mark.parametrize("bits", ["8/8/8", pytest.param("8/6/8", marks=pytest.mark.slow)])
 def test_ptf_norm_inputs_are_per_axis_pairs(tmp_path, images, bits):
     """FQ-ViT's PTF LayerNorm inputs (per channel, power-of-two factors on one base scale)
     are per-channel scales and zero points: one per-axis QuantizeLinear each, followed by
