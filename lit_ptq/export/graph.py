@@ -19,7 +19,10 @@ onnxruntime forms ``QGemm`` only from a ``Gemm`` whose every input comes from a
 (``qdq_transformer/weight_bias_quantization.cc``) quantizes a float bias only where the
 ``Gemm``'s output is quantized. :func:`split_bias` moves every other such bias into an ``Add``
 after a bias-free ``Gemm``: int32 codes would round it onto the grid of the product
-(``s_x * s_w``), a large step at 4 bits.
+(``s_x * s_w``), a large step at 4 bits. A ``Gemm`` whose output is quantized after a reshape
+(``torch.export`` writes a 3-d linear as ``Reshape -> Gemm -> Reshape``) gets its
+``QuantizeLinear`` moved up to it first (:func:`raise_quantize`), so that onnxruntime makes it
+one ``QGemm`` with quantized outputs, as where the two were adjacent.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-__all__ = ["MOVABLE_OPS", "sink_dequantize", "split_bias"]
+__all__ = ["MOVABLE_OPS", "sink_dequantize", "raise_quantize", "split_bias"]
 
 MOVABLE_OPS = frozenset(("Reshape", "Transpose", "Gather", "Squeeze", "Unsqueeze", "Slice", "Flatten", "Split"))
 """Operators that only move or select elements of their first input (any element type)."""
@@ -96,6 +99,54 @@ def sink_dequantize(model: Any) -> int:
                 graph.node.remove(dq)
             if changed:
                 break  # the node list changed: rebuild the consumers
+    return moved
+
+
+RESHAPING_OPS = frozenset(("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten"))
+"""Single-output data movement that keeps every element (a per-tensor quantization commutes with it)."""
+
+
+def raise_quantize(model: Any) -> int:
+    """Move each per-tensor ``QuantizeLinear`` that follows a ``Gemm`` through reshaping up to the ``Gemm``, in place.
+
+    ``Gemm -> Reshape -> QuantizeLinear`` becomes ``Gemm -> QuantizeLinear -> Reshape``: the
+    reshape moves the integer codes instead of the floats, which quantize to the same codes
+    element by element (one scale and zero point). Only where each operator of the chain is
+    the sole reader of the one before and no value of it is a graph output.
+
+    Args:
+        model: an ``onnx.ModelProto`` (its main graph is rewritten).
+
+    Returns:
+        How many ``QuantizeLinear`` nodes moved.
+    """
+    graph = model.graph
+    initializers = {i.name: i for i in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    producers = {out: node for node in graph.node for out in node.output}
+    consumers = _consumers(graph)
+    moved = 0
+    for quantize in list(graph.node):
+        if quantize.op_type != "QuantizeLinear" or not _per_tensor(quantize, initializers):
+            continue
+        chain = []
+        node = producers.get(quantize.input[0])
+        while node is not None and node.op_type in RESHAPING_OPS and len(consumers.get(node.output[0], [])) == 1:
+            chain.append(node)
+            node = producers.get(node.input[0])
+        if not chain or node is None or node.op_type != "Gemm":
+            continue
+        if len(consumers.get(node.output[0], [])) != 1 or any(n.output[0] in outputs for n in [node, *chain]):
+            continue
+        first, last = chain[-1], chain[0]  # chain runs upwards from the QuantizeLinear
+        codes = quantize.output[0]
+        quantize.input[0] = node.output[0]
+        quantize.output[0] = f"{codes}__raised"
+        first.input[0] = quantize.output[0]
+        last.output[0] = codes
+        graph.node.remove(quantize)
+        graph.node.insert(list(graph.node).index(node) + 1, quantize)
+        moved += 1
     return moved
 
 

@@ -78,7 +78,7 @@ from ..quant.quantizer import (
     TensorQuantizer,
     WeightQuantizer,
 )
-from .graph import sink_dequantize, split_bias
+from .graph import raise_quantize, sink_dequantize, split_bias
 
 __all__ = ["export_onnx", "qdq_export_mode", "ort_session_options", "OnnxExportError", "OPSET"]
 
@@ -369,6 +369,7 @@ def export_onnx(
 
         model_proto = program.model_proto
         sink_dequantize(model_proto)
+        raise_quantize(model_proto)
         split_bias(model_proto)
         if model_proto.ByteSize() >= _PROTOBUF_LIMIT:
             raise OnnxExportError(
