@@ -54,6 +54,7 @@ class AdaLogObserver(MinMaxObserver):
     scale_candidates = 32
     rounds = 3
     sample = 1 << 16
+    chunk = 16
 
     def __init__(self, qmin: int, qmax: int, signed: bool, per_channel: bool, channel_axis: int) -> None:
         super().__init__(qmin, qmax, signed, per_channel, channel_axis)
@@ -81,20 +82,24 @@ class AdaLogObserver(MinMaxObserver):
         steps = torch.arange(self.scale_candidates, dtype=torch.float32, device=x.device) / (self.scale_candidates - 1)
         return (lo + (hi - lo) * steps).clamp(min=torch.finfo(torch.float32).tiny)
 
-    def error(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        """The squared error of the code ``(scale, shift, q)`` on ``x``."""
-        return (fake_quant_adalog(x, scale, shift, q, self.bits, self.r) - x).pow_(2).sum()
+    def errors(self, x: torch.Tensor, scales: torch.Tensor, shift: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
+        """The squared error on ``x`` of each code ``(scales[i], shift, qs[i])`` (``scales`` and
+        ``qs`` broadcast to one length), ``chunk`` candidates at a time."""
+        scales, qs = torch.broadcast_tensors(scales.reshape(-1), qs.reshape(-1))
+        out = []
+        for s, q in zip(scales.split(self.chunk), qs.split(self.chunk)):
+            fq = fake_quant_adalog(x, s[:, None], shift, q[:, None], self.bits, self.r)
+            out.append(fq.sub_(x).pow_(2).sum(dim=1))
+        return torch.cat(out)
 
     def best_base(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         """The base candidate ``q`` of least squared error at ``scale`` (the first on ties)."""
         qs = torch.tensor(self.base_candidates, dtype=torch.float32, device=x.device)
-        errors = torch.stack([self.error(x, scale, shift, q) for q in qs])
-        return qs[int(torch.argmin(errors))]
+        return qs[int(torch.argmin(self.errors(x, scale, shift, qs)))]
 
     def best_scale(self, x: torch.Tensor, scales: torch.Tensor, shift: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         """The scale candidate of least squared error at base ``q`` (the first on ties)."""
-        errors = torch.stack([self.error(x, s, shift, q) for s in scales])
-        return scales[int(torch.argmin(errors))]
+        return scales[int(torch.argmin(self.errors(x, scales, shift, q)))]
 
     def search(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(scale, shift, q)`` by alternating the base and the scale search on ``x``."""
@@ -130,7 +135,7 @@ class AdaLogQuantizer(NonUniformQuantizer):
     See :func:`~lit_ptq.quant.primitives.fake_quant_adalog` and :class:`AdaLogObserver`.
     """
 
-    kind = "AdaLog logarithmic quantizer"
+    kind = "logarithmic quantizer with an adaptive base (AdaLog)"
     code_buffers = ("shift", "base")
 
     def __init__(self, spec, role: str) -> None:

@@ -110,7 +110,7 @@ class TwinUniformQuantizer(NonUniformQuantizer):
     See :func:`~lit_ptq.quant.primitives.fake_quant_twin` and :class:`TwinUniformObserver`.
     """
 
-    kind = "twin-uniform quantizer"
+    kind = "twin-uniform quantizer (PTQ4ViT)"
     code_buffers = ("low_scale", "boundary", "low_qmin", "low_qmax")
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
