@@ -57,10 +57,12 @@ class PTQModule(LightningModule):
         recipe: a low-bit preset for ``placement: matmul``: ``repq`` (RepQ-ViT),
             ``repq_gptq`` (+ ridge regression and GPTQ rounding) or ``recon`` (+ block
             reconstruction); see ``lit_ptq.quant.recipes``.
-        softmax: the softmax-output quantizer (``uniform``, ``log2``, ``log_sqrt2``; default
-            ``log_sqrt2`` with a recipe, ``uniform`` without).
+        softmax: the softmax-output quantizer (``uniform``, ``log2``, ``log_sqrt2``, ``adalog``,
+            ``twin_uniform``; default ``log_sqrt2`` with a recipe, ``uniform`` without).
         recon: block-reconstruction settings for ``recipe: recon`` (``iters``, ``batch_size``,
             ``images``, ``weight_lr``, ``act_lr``, ``round_weight``, ``drop_prob``, ``seed``).
+        gelu: the post-GELU activation's quantizer (the input of ``fc2``): ``uniform`` (default),
+            ``adalog`` or ``twin_uniform``.
         onnx: path of an exported ``.onnx`` file to evaluate with onnxruntime instead of the
             PyTorch model. Its session is made at the first forward, on the module's device:
             ``CUDAExecutionProvider`` on a GPU (a ``ConfigError`` when onnxruntime lacks it),
@@ -91,6 +93,7 @@ class PTQModule(LightningModule):
         recipe: Optional[str] = None,
         softmax: Optional[str] = None,
         recon: Optional[dict[str, Any]] = None,
+        gelu: str = "uniform",
         onnx: Optional[str] = None,
         backend: Optional[InferenceBackend] = None,
     ) -> None:
@@ -105,7 +108,7 @@ class PTQModule(LightningModule):
         self.quant_config = (
             QuantConfig(
                 method=method, placement=placement, bits=bits, ptf=ptf, lis=lis, arithmetic=arithmetic,
-                overrides=overrides, recipe=recipe, softmax=softmax, recon=recon,
+                overrides=overrides, recipe=recipe, softmax=softmax, recon=recon, gelu=gelu,
             )
             if method is not None
             else None

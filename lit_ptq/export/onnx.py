@@ -48,8 +48,10 @@ Arithmetic differences from the PyTorch fake quantization (``Arithmetic.SEED``):
   turns it off.
 
 FQ-ViT's PTF LayerNorm inputs are per-channel scales and zero points and export as per-axis
-pairs. Points ONNX's uniform Q/DQ cannot express: RepQ-ViT's :class:`~lit_ptq.quant.quantizer.LogQuantizer`
-and FQ-ViT's log-int-softmax (:class:`~lit_ptq.quant.quantizer.LogSoftmaxQuantizer`). By
+pairs. Points ONNX's uniform Q/DQ cannot express: the non-uniform codes
+(:class:`~lit_ptq.quant.quantizer.NonUniformQuantizer`: RepQ-ViT's log2 / log-sqrt2, AdaLog's
+adaptive-base logarithm, PTQ4ViT's twin-uniform) and FQ-ViT's log-int-softmax
+(:class:`~lit_ptq.quant.quantizer.LogSoftmaxQuantizer`). By
 default they raise :class:`OnnxExportError` naming the point; with ``log_points="float_ops"``
 they are traced as standard float operators (``Log``, ``Pow``, ``Floor``, ...), whose
 results in onnxruntime may differ from torch's near the code boundaries.
@@ -70,8 +72,8 @@ from ..errors import UserError
 from ..quant.layers import QuantLinear, maybe_quant
 from ..quant.walk import owner_weight, quant_points
 from ..quant.quantizer import (
-    LogQuantizer,
     LogSoftmaxQuantizer,
+    NonUniformQuantizer,
     NotCalibratedError,
     QuantMode,
     QuantPoint,
@@ -205,7 +207,7 @@ def _weight_dq(point: WeightQuantizer, weight: torch.Tensor) -> torch.Tensor:
 
 
 def log_point_error(name: str, point: QuantPoint, option: str) -> OnnxExportError:
-    """The error for a logarithmic quantizer or log-int-softmax exported with ``log_points="raise"``.
+    """The error for a non-uniform quantizer or log-int-softmax exported with ``log_points="raise"``.
 
     Args:
         name: the point's name.
@@ -213,7 +215,7 @@ def log_point_error(name: str, point: QuantPoint, option: str) -> OnnxExportErro
         option: how the user asks for float operators instead (``log_points='float_ops'``
             in Python, ``--log_points float_ops`` on the CLI).
     """
-    kind = "log-int-softmax (LIS)" if isinstance(point, LogSoftmaxQuantizer) else "logarithmic quantizer"
+    kind = "log-int-softmax (LIS)" if isinstance(point, LogSoftmaxQuantizer) else getattr(point, "kind", "non-uniform quantizer")
     return OnnxExportError(
         f"quant point {name} is a {kind}, which ONNX QuantizeLinear/DequantizeLinear cannot express; "
         f"export with {option} to trace it as float operators"
@@ -228,7 +230,7 @@ def _export_forward(point: QuantPoint, log_points: LogPoints) -> Callable[..., t
         raise OnnxExportError(f"quant point {name} is in calibrate mode; finish calibration before exporting")
     if point.mode is QuantMode.FLOAT:
         return original
-    if isinstance(point, (LogQuantizer, LogSoftmaxQuantizer)):
+    if isinstance(point, (NonUniformQuantizer, LogSoftmaxQuantizer)):
         if log_points == "raise":
             raise log_point_error(name, point, "log_points='float_ops'")
         return original
@@ -287,8 +289,8 @@ def qdq_export_mode(model: nn.Module, log_points: LogPoints = "raise") -> Iterat
 
     Args:
         model: a calibrated model in ``quantize`` mode, or a float / ``float``-mode model.
-        log_points: ``raise`` (default) refuses log quantizers and log-int-softmax;
-            ``float_ops`` traces them as float operators.
+        log_points: ``raise`` (default) refuses non-uniform quantizers (log2, log-sqrt2,
+            AdaLog, twin-uniform) and log-int-softmax; ``float_ops`` traces them as float operators.
 
     Yields:
         ``model``.

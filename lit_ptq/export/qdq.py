@@ -31,7 +31,8 @@ class OnnxExport(ExportBackend):
     """``main.py export --output FILE.onnx``: QDQ ONNX of a quantized model, float ONNX of a float one.
 
     Options:
-        log_points: ``raise`` refuses log quantizers and log-int-softmax; ``float_ops`` exports
+        log_points: ``raise`` refuses non-uniform quantizers (log2, log-sqrt2, AdaLog, twin-uniform)
+            and log-int-softmax; ``float_ops`` exports
             them as float operators (see :func:`lit_ptq.export.qdq_export_mode`).
     """
 

@@ -26,7 +26,7 @@ from ..backends import InferenceBackend, register_inference_backend
 from ..errors import ConfigError
 from ..models import model_entry
 from ..quant.walk import quant_points
-from ..quant.quantizer import LogQuantizer, LogSoftmaxQuantizer, TensorQuantizer
+from ..quant.quantizer import LogSoftmaxQuantizer, NonUniformQuantizer, TensorQuantizer
 from .graph import MOVABLE_OPS
 from .onnx import CODES_SUFFIX, _integer_dtype, log_point_error, ort_session_options
 
@@ -161,7 +161,8 @@ def embed_metadata(path: str, metadata: dict[str, Any]) -> None:
 def check_exportable(model: nn.Module, log_points: str = "raise") -> None:
     """Refuse, before calibration, a quantized model that :func:`~lit_ptq.export.export_onnx` would refuse after it.
 
-    Logarithmic quantizers and log-int-softmax with ``log_points="raise"``, and quantizers
+    Non-uniform quantizers (log2, log-sqrt2, AdaLog, twin-uniform) and log-int-softmax with
+    ``log_points="raise"``, and quantizers
     wider than 8 bits, cannot be written as QDQ; finding out after minutes of calibration
     would waste them.
 
@@ -169,7 +170,7 @@ def check_exportable(model: nn.Module, log_points: str = "raise") -> None:
         OnnxExportError: naming the first such quant point.
     """
     for name, point in quant_points(model):
-        if log_points == "raise" and isinstance(point, (LogQuantizer, LogSoftmaxQuantizer)):
+        if log_points == "raise" and isinstance(point, (NonUniformQuantizer, LogSoftmaxQuantizer)):
             raise log_point_error(name, point, "--log_points float_ops")
         if isinstance(point, TensorQuantizer):
             _integer_dtype(point)

@@ -11,14 +11,27 @@ imported (the core modules never import them).
 from ..errors import CalibrationError
 from .calibration import CalibrationContext, calibrate, run_calibration
 from .config import Arithmetic, Granularity, PointOverride, QuantConfig, QuantSpec, ReconSettings, parse_bits
-from .observers import METHODS, OBSERVERS, SOFTMAX_QUANTIZERS, Observer, build_observer, register_observer
+from .observers import GELU_QUANTIZERS, METHODS, OBSERVERS, SOFTMAX_QUANTIZERS, Observer, build_observer, register_observer
 from .quantize import quantize_
-from .quantizer import LogQuantizer, LogSoftmaxQuantizer, NotCalibratedError, QuantMode, QuantPoint, TensorQuantizer, WeightQuantizer
+from .quantizer import (
+    CODE_QUANTIZERS,
+    LogQuantizer,
+    LogSoftmaxQuantizer,
+    NonUniformQuantizer,
+    NotCalibratedError,
+    QuantMode,
+    QuantPoint,
+    TensorQuantizer,
+    WeightQuantizer,
+    register_code_quantizer,
+)
 from .registry import FAMILIES, PLACEMENTS, Family, PointFactory, Site, family_of, register_family
 from .report import QuantizerStats, quant_report
 from .state import broadcast_quant_state, load_quant_state, quant_state, save_quant_state, state_meta, weights_fingerprint
 from .steps import RECIPES, STEPS, Step, register_recipe, register_step
 from .walk import as_input, float_points, is_quantized, owner_weight, quant_points, quantizers, set_quant_mode
+from .adalog import AdaLogObserver, AdaLogQuantizer
+from .twin_uniform import TwinUniformObserver, TwinUniformQuantizer
 from . import layers  # noqa: F401  (registers the generic quantized layers)
 from . import recipes  # noqa: F401  (registers the low-bit recipes)
 from . import transforms  # noqa: F401  (registers the transforms' calibration steps)
@@ -27,15 +40,20 @@ from .plugins import load_plugins
 load_plugins()
 
 __all__ = [
+    "AdaLogObserver",
+    "AdaLogQuantizer",
     "Arithmetic",
+    "CODE_QUANTIZERS",
     "CalibrationContext",
     "CalibrationError",
     "FAMILIES",
+    "GELU_QUANTIZERS",
     "Family",
     "Granularity",
     "LogQuantizer",
     "LogSoftmaxQuantizer",
     "METHODS",
+    "NonUniformQuantizer",
     "NotCalibratedError",
     "OBSERVERS",
     "Observer",
@@ -54,6 +72,8 @@ __all__ = [
     "Site",
     "Step",
     "TensorQuantizer",
+    "TwinUniformObserver",
+    "TwinUniformQuantizer",
     "WeightQuantizer",
     "as_input",
     "broadcast_quant_state",
@@ -70,6 +90,7 @@ __all__ = [
     "quant_state",
     "quantize_",
     "quantizers",
+    "register_code_quantizer",
     "register_family",
     "register_observer",
     "register_recipe",

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Optional, Union
 
 from ..errors import ConfigError
-from .observers import METHODS, OBSERVERS, SOFTMAX_QUANTIZERS
+from .observers import GELU_QUANTIZERS, METHODS, OBSERVERS, SOFTMAX_QUANTIZERS
 from .steps import RECIPES
 
 __all__ = [
@@ -269,9 +269,13 @@ class QuantConfig:
             ``repq_gptq``, ``recon``; needs ``placement="matmul"``): RepQ-ViT's LayerNorm
             reparameterization, then GPTQ/ridge weight correction, or block reconstruction
             (see ``lit_ptq.quant.recipes``).
-        softmax: the softmax-output quantizer, ``uniform`` or a registered logarithmic code,
-            ``log2`` or ``log_sqrt2`` (RepQ-ViT); ``None`` picks ``log_sqrt2`` with a recipe
-            and ``uniform`` without.
+        softmax: the softmax-output quantizer, ``uniform`` or a registered non-uniform code:
+            ``log2`` or ``log_sqrt2`` (RepQ-ViT), ``adalog`` (AdaLog), ``twin_uniform``
+            (PTQ4ViT); ``None`` picks ``log_sqrt2`` with a recipe and ``uniform`` without.
+        gelu: the quantizer of the post-GELU activation (the input of each MLP's ``fc2``, or
+            the MLP's ``act_output`` point in the ``seed`` placement): ``uniform`` (the
+            activation spec, the default) or a registered non-uniform code, ``adalog`` or
+            ``twin_uniform``, at the activation width (``docs/lowbit.md``).
         recon: block-reconstruction settings (a mapping of :class:`ReconSettings` fields) for
             a recipe that reconstructs (``recipe="recon"``).
         weight: derived from ``bits``; int, symmetric, per channel, MinMax (with a recipe:
@@ -293,6 +297,7 @@ class QuantConfig:
     recipe: Optional[str] = None
     softmax: Optional[str] = None
     recon: Any = None
+    gelu: str = "uniform"
     weight: QuantSpec = field(init=False)
     act: QuantSpec = field(init=False)
     attn: QuantSpec = field(init=False)
@@ -341,6 +346,7 @@ class QuantConfig:
             _choice("softmax", self.softmax, SOFTMAX_QUANTIZERS)
             if self.lis and self.softmax != "uniform":
                 raise ConfigError(f"softmax={self.softmax!r} and lis=True both quantize the softmax output; pick one")
+        _choice("gelu", self.gelu, GELU_QUANTIZERS)
         if self.recon is not None and not self._reconstructs():
             raise ConfigError(f"recon settings are for recipe='recon' (got recipe={self.recipe!r})")
 
@@ -392,6 +398,8 @@ class QuantConfig:
             fields["recipe"] = self.recipe
         if self.softmax != "uniform":
             fields["softmax"] = self.softmax
+        if self.gelu != "uniform":
+            fields["gelu"] = self.gelu
         if self.recon is not None:
             fields["recon"] = self.recon.describe()
         if self.overrides:

@@ -100,14 +100,17 @@ def module_mode(module: nn.Module) -> QuantMode:
 
 
 class QuantLinear(nn.Linear):
-    """``nn.Linear`` with an optional input point and an optional weight point."""
+    """``nn.Linear`` with an optional input point and an optional weight point; the input
+    point of an MLP's ``fc2`` follows ``QuantConfig.gelu``."""
 
     input_quantizer: Optional[TensorQuantizer]
     weight_quantizer: Optional[WeightQuantizer]
 
     def setup_quant(self, points: PointFactory) -> None:
-        """Create the points the placement asks for."""
-        self.input_quantizer = points.act("input_quantizer", channels=self.in_features)
+        """Create the points the placement asks for (a post-GELU input point when the family
+        lists this Linear among its ``gelu_linears``)."""
+        make = points.gelu if points.reads_gelu else points.act
+        self.input_quantizer = make("input_quantizer", channels=self.in_features)
         self.weight_quantizer = points.weight("weight_quantizer", self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

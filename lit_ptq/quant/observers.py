@@ -23,9 +23,11 @@ buffers. ``update(x, last=True)`` marks the last calibration batch, which ``omse
 ``ptf`` search on, as the seed does. Three class attributes say where an observer may be
 used, so the registry is the only list: ``method`` (an activation method,
 ``QuantConfig(method=...)``: :data:`METHODS`), ``supports_per_channel`` (it can compute one
-range per channel) and ``softmax`` (a logarithmic code of the softmax output,
-``QuantConfig(softmax=...)``: :data:`SOFTMAX_QUANTIZERS`). A new observer is one file that
-subclasses :class:`Observer` and registers it with :func:`register_observer`.
+range per channel), ``softmax`` (a non-uniform code of the softmax output,
+``QuantConfig(softmax=...)``: :data:`SOFTMAX_QUANTIZERS`) and ``gelu`` (a non-uniform code of
+the post-GELU activation, ``QuantConfig(gelu=...)``: :data:`GELU_QUANTIZERS`). A new observer
+is one file that subclasses :class:`Observer` and registers it with :func:`register_observer`;
+AdaLog's and PTQ4ViT's twin-uniform codes live in ``adalog.py`` and ``twin_uniform.py``.
 """
 
 from __future__ import annotations
@@ -38,7 +40,16 @@ from ..errors import CalibrationError, ConfigError
 from .names import NameView
 from .primitives import affine_qparams, fake_quant_log, fake_quant_seed, quantile, quantile_pair, symmetric_qparams
 
-__all__ = ["Observer", "OBSERVERS", "METHODS", "SOFTMAX_QUANTIZERS", "register_observer", "build_observer", "QParams"]
+__all__ = [
+    "Observer",
+    "OBSERVERS",
+    "METHODS",
+    "SOFTMAX_QUANTIZERS",
+    "GELU_QUANTIZERS",
+    "register_observer",
+    "build_observer",
+    "QParams",
+]
 
 QParams = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 """``(scale, zero_point, min_val, max_val)`` as float32 tensors."""
@@ -50,7 +61,11 @@ METHODS = NameView(lambda: [n for n, cls in OBSERVERS.items() if cls.method], "a
 SOFTMAX_QUANTIZERS = NameView(
     lambda: ["uniform", *sorted(n for n, cls in OBSERVERS.items() if cls.softmax)], "softmax-output quantizers"
 )
-"""``uniform`` and the registered logarithmic softmax codes (``Observer.softmax``), live."""
+"""``uniform`` and the registered non-uniform softmax codes (``Observer.softmax``), live."""
+GELU_QUANTIZERS = NameView(
+    lambda: ["uniform", *sorted(n for n, cls in OBSERVERS.items() if cls.gelu)], "post-GELU quantizers"
+)
+"""``uniform`` and the registered non-uniform codes of a post-GELU activation (``Observer.gelu``), live."""
 
 
 def register_observer(name: str) -> Callable[[type["Observer"]], type["Observer"]]:
@@ -85,7 +100,9 @@ class Observer:
         method: usable as an activation method (``QuantConfig(method=name)``).
         supports_per_channel: can compute one range per channel (RepQ-ViT's reparameterization
             calibrates with it, ``mse`` otherwise).
-        softmax: a logarithmic code of the softmax output (``QuantConfig(softmax=name)``).
+        softmax: a non-uniform code of the softmax output (``QuantConfig(softmax=name)``).
+        gelu: a non-uniform code of a post-GELU activation, the input of ``fc2``
+            (``QuantConfig(gelu=name)``).
 
     Raises:
         ConfigError: ``per_channel`` for an observer that computes one range per tensor.
@@ -95,6 +112,7 @@ class Observer:
     method = True
     supports_per_channel = True
     softmax = False
+    gelu = False
 
     def __init__(self, qmin: int, qmax: int, signed: bool, per_channel: bool, channel_axis: int) -> None:
         if per_channel and not self.supports_per_channel:
@@ -154,6 +172,11 @@ class Observer:
             raise RuntimeError(f"{self.name} observer has seen no data")
         scale, zp = self.qparams_from_range(self.min_val, self.max_val)
         return scale, zp, self.min_val, self.max_val
+
+    def code_params(self) -> dict[str, torch.Tensor]:
+        """The parameters of a non-uniform code beyond ``compute``'s (none for a uniform grid);
+        a :class:`~lit_ptq.quant.quantizer.NonUniformQuantizer` keeps them in buffers."""
+        return {}
 
 
 @register_observer("minmax")

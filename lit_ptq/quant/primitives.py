@@ -21,8 +21,12 @@ __all__ = [
     "fake_quant_per_channel_divide",
     "quantile",
     "quantile_pair",
+    "evenly_strided",
     "log_int_softmax",
     "fake_quant_log",
+    "adalog_table",
+    "fake_quant_adalog",
+    "fake_quant_twin",
 ]
 
 EPS = torch.finfo(torch.float32).eps
@@ -287,6 +291,12 @@ def quantile_pair(x: torch.Tensor, q: float) -> tuple[torch.Tensor, torch.Tensor
     return _quantile(flat, 1.0 - q, blocks), _quantile(flat, q, blocks)
 
 
+def evenly_strided(x: torch.Tensor, sample: int) -> torch.Tensor:
+    """At most ``sample`` values of ``x``: every ``ceil(n / sample)``-th of the flattened tensor."""
+    flat = x.reshape(-1)
+    return flat[:: max(1, -(-flat.numel() // sample))]
+
+
 def _int_exp(x_int: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """I-BERT's integer exp: ``exp(x * scale)`` up to a common factor, for ``x_int <= 0``."""
     b, c = 0.96963238 / 0.35815147, 1.0 / 0.35815147  # I-BERT: 0.358 (x + b)^2 + c, normalized
@@ -331,3 +341,69 @@ def fake_quant_log(x: torch.Tensor, delta: torch.Tensor, bits: int, steps_per_oc
     code = torch.log2(x / delta).mul_(-steps_per_octave).round_()
     out = torch.exp2(code.clamp(0, levels - 1).div_(-steps_per_octave)).mul_(delta)
     return out.masked_fill_(code >= levels, 0.0)
+
+
+def adalog_table(r: int, bits: int, device: Optional[torch.device] = None) -> torch.Tensor:
+    """AdaLog's mantissa table: ``T[j] = round(2**(-j / r) * (2**(bits + 1) - 2)) / (2**(bits + 1) - 2)``.
+
+    The fractional powers ``2**(-j / r)``, ``j < r``, on a uniform grid of ``2**(bits + 1) - 2``
+    steps (``4 n - 2`` with ``n = 2**(bits - 1)`` in GoatWu/AdaLog, ``quantizers/logarithm.py``),
+    so that a code's value is a power of two times a table entry.
+    """
+    steps = float(2 ** (bits + 1) - 2)
+    j = torch.arange(r, dtype=torch.float64, device=device)
+    return (torch.round(torch.exp2(-j / r) * steps) / steps).float()
+
+
+def fake_quant_adalog(
+    x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, base_q: torch.Tensor, bits: int, r: int = 37
+) -> torch.Tensor:
+    """AdaLog's adaptive-base logarithmic fake quantization (Wu et al., ECCV 2024; GoatWu/AdaLog).
+
+    With ``y = clamp((x + shift) / scale, 1e-15, 1)`` the code is ``c = round(-log2(y) * r / q)``
+    (the logarithm to the base ``2**(q / r)``); codes from ``2**bits`` on underflow to 0. For
+    ``c`` clamped to ``0 .. 2**bits - 1`` and ``e = c q``, the value is
+    ``2**(-floor(e / r)) * T[e mod r] * scale - shift`` (``T``: :func:`adalog_table`), and
+    ``-shift`` for an underflowing code. ``shift`` is 0 for the softmax output and minus the
+    minimum for a post-GELU activation (AdaLog's bias shift, 0.16997 for GELU).
+
+    Args:
+        x: the tensor.
+        scale: the value of code 0 before the shift (one element).
+        shift: added before coding, subtracted after (one element).
+        base_q: the integer ``q`` of the base ``2**(q / r)`` (one element).
+        bits: code width.
+        r: the base's denominator (37 in AdaLog).
+    """
+    levels = 2**bits
+    y = torch.clamp((x + shift) / scale, min=1e-15, max=1.0)
+    code = torch.round(-torch.log2(y) * r / base_q)
+    underflow = code >= levels
+    code = code.clamp_(0, levels - 1)
+    e = code * base_q
+    table = adalog_table(r, bits, x.device)
+    out = torch.exp2(-torch.floor(e / r)) * table[torch.remainder(e, r).round_().long()]
+    return (out.masked_fill_(underflow, 0.0) * scale) - shift
+
+
+def fake_quant_twin(
+    x: torch.Tensor,
+    low_scale: torch.Tensor,
+    scale: torch.Tensor,
+    boundary: torch.Tensor,
+    low_qmin: int,
+    low_qmax: int,
+    qmax: int,
+) -> torch.Tensor:
+    """PTQ4ViT's twin-uniform fake quantization (Yuan et al., ECCV 2022; hahnyuan/PTQ4ViT).
+
+    Two uniform grids: where ``x < boundary`` (range R1) ``clamp(round(x / d1), low_qmin,
+    low_qmax) d1`` with ``d1 = low_scale``, elsewhere (R2) ``clamp(round(x / d2), 0, qmax) d2``
+    with ``d2 = scale``. For the softmax output R1 is ``[0, 2**(k-1) d1)`` (codes
+    ``0 .. 2**(k-1) - 1``) and ``boundary = 2**(k-1) d1``; for a post-GELU activation R1 holds
+    the negative values (codes ``-2**(k-1) .. 0``) and ``boundary = 0``. One of the ``k`` bits
+    says which range a code belongs to.
+    """
+    low = torch.round(x / low_scale).clamp_(low_qmin, low_qmax).mul_(low_scale)
+    high = torch.round(x / scale).clamp_(0, qmax).mul_(scale)
+    return torch.where(x < boundary, low, high)

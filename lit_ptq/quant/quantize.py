@@ -50,7 +50,8 @@ def quantize_(model: nn.Module, config: QuantConfig, filter_fn: Optional[FilterF
     Raises:
         ValueError: the model is already quantized.
         ConfigError: no plugin handles the model, or its family lacks the placement (or the
-            facts the steps of the config's recipe read), or an override's pattern matches no
+            facts the steps of the config's recipe read, or ``gelu_linears`` for a
+            non-uniform ``config.gelu``), or an override's pattern matches no
             quant point the placement places (the model is left partly swapped: build it again).
     """
     if is_quantized(model):
@@ -59,6 +60,7 @@ def quantize_(model: nn.Module, config: QuantConfig, filter_fn: Optional[FilterF
     placement = family.placement(config.placement)
     _check_recipe(config, family)
     image_convs = set(family.image_convs(model))
+    gelu_linears = set(_gelu_linears(config, family, model))
     table = family.swap_table()
     device = next(model.parameters()).device
     placed: list[str] = []
@@ -68,7 +70,10 @@ def quantize_(model: nn.Module, config: QuantConfig, filter_fn: Optional[FilterF
             continue
         module.__class__ = qcls
         module.setup_quant(
-            PointFactory(config, placement, name, module, model, reads_image=name in image_convs, placed=placed)
+            PointFactory(
+                config, placement, name, module, model,
+                reads_image=name in image_convs, placed=placed, reads_gelu=name in gelu_linears,
+            )
         )
     for pattern, override, count in config.override_counts(placed):
         log.info("override %r: %d quant point%s -> %s", pattern, count, "" if count == 1 else "s", override.summary())
@@ -76,6 +81,15 @@ def quantize_(model: nn.Module, config: QuantConfig, filter_fn: Optional[FilterF
         point.qualname = name
     model.quant_config = config
     return model.to(device)
+
+
+def _gelu_linears(config: QuantConfig, family: Family, model: nn.Module) -> list[str]:
+    """The Linears whose input is a GELU output, when ``config.gelu`` gives them a code of their own."""
+    if config.gelu == "uniform":
+        return []
+    if "gelu_linears" not in family.facts:
+        raise ConfigError(f"gelu={config.gelu!r} needs the {family.name} plugin to list its gelu_linears (each MLP's fc2)")
+    return list(family.fact("gelu_linears", model))
 
 
 def _check_recipe(config: QuantConfig, family: Family) -> None:

@@ -1,8 +1,10 @@
 """Quantizer modules: scale and zero point in buffers, three modes switched by one helper.
 
 Every quant point of a model is a :class:`QuantPoint`: a uniform :class:`TensorQuantizer`
-(per tensor or per channel), a :class:`WeightQuantizer`, a logarithmic
-:class:`LogQuantizer` (RepQ-ViT), or FQ-ViT's :class:`LogSoftmaxQuantizer`. A quant point passes its input through (``FLOAT``), records
+(per tensor or per channel), a :class:`WeightQuantizer`, a :class:`NonUniformQuantizer` (the
+logarithmic :class:`LogQuantizer` of RepQ-ViT here; AdaLog's and PTQ4ViT's twin-uniform codes
+in ``adalog.py`` and ``twin_uniform.py``, found through :data:`CODE_QUANTIZERS`), or FQ-ViT's
+:class:`LogSoftmaxQuantizer`. A quant point passes its input through (``FLOAT``), records
 it (``CALIBRATE``), or fake-quantizes it (``QUANTIZE``). Qparams are registered buffers,
 so ``state_dict``, ``.to(device)`` and DDP broadcasts carry them.
 """
@@ -10,14 +12,14 @@ so ``state_dict``, ``.to(device)`` and DDP broadcasts carry them.
 from __future__ import annotations
 
 import enum
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 
 from ..errors import CalibrationError
 from .config import Arithmetic, Granularity, QuantSpec
-from .observers import OBSERVERS, build_observer
+from .observers import build_observer
 from .primitives import (
     fake_quant_fused,
     fake_quant_log,
@@ -32,6 +34,9 @@ __all__ = [
     "QuantPoint",
     "TensorQuantizer",
     "WeightQuantizer",
+    "NonUniformQuantizer",
+    "CODE_QUANTIZERS",
+    "register_code_quantizer",
     "LogQuantizer",
     "LogSoftmaxQuantizer",
     "NotCalibratedError",
@@ -280,20 +285,68 @@ class WeightQuantizer(TensorQuantizer):
         return self.quantized_weight(weight) if self.mode is QuantMode.QUANTIZE else weight
 
 
-class LogQuantizer(TensorQuantizer):
+CODE_QUANTIZERS: dict[str, type["NonUniformQuantizer"]] = {}
+"""Observer name -> the :class:`NonUniformQuantizer` subclass that holds its code (``log2``,
+``log_sqrt2``: :class:`LogQuantizer`; ``adalog``, ``twin_uniform``: their files)."""
+
+
+def register_code_quantizer(*observers: str) -> Callable[[type["NonUniformQuantizer"]], type["NonUniformQuantizer"]]:
+    """Class decorator: ``cls`` holds the codes of the observers named ``observers``."""
+
+    def wrap(cls: type["NonUniformQuantizer"]) -> type["NonUniformQuantizer"]:
+        for name in observers:
+            CODE_QUANTIZERS[name] = cls
+        return cls
+
+    return wrap
+
+
+class NonUniformQuantizer(TensorQuantizer):
+    """A per-tensor point whose grid is not one uniform scale and zero point (a logarithmic or
+    twin-uniform code): ONNX's QuantizeLinear/DequantizeLinear cannot express it.
+
+    Built from a spec whose observer is registered for the class (:data:`CODE_QUANTIZERS`).
+    Besides the uniform buffers, the observer's :meth:`code_params` (a mapping of names to
+    one-element tensors) are copied into buffers of the same names (``code_buffers``) when
+    calibration ends, so state files carry them.
+
+    Attributes:
+        kind: what the code is, in words, for error messages (``logarithmic quantizer``).
+        code_buffers: the names of the extra buffers.
+    """
+
+    kind = "non-uniform quantizer"
+    code_buffers: tuple[str, ...] = ()
+
+    def __init__(self, spec: QuantSpec, role: str) -> None:
+        if CODE_QUANTIZERS.get(spec.observer) is not type(self):
+            mine = sorted(n for n, c in CODE_QUANTIZERS.items() if c is type(self))
+            raise ValueError(f"a {type(self).__name__} needs the observer {' or '.join(mine)}, not {spec.observer!r}")
+        super().__init__(spec, role)
+        for name in self.code_buffers:
+            self.register_buffer(name, torch.zeros(1))
+
+    def finish_calibration(self) -> None:
+        """The uniform buffers, then the observer's code parameters."""
+        super().finish_calibration()
+        for name, value in self.observer.code_params().items():
+            getattr(self, name).copy_(value.reshape(-1))
+
+
+@register_code_quantizer("log2", "log_sqrt2")
+class LogQuantizer(NonUniformQuantizer):
     """A log2 or log-sqrt2 code of a non-negative tensor, the softmax output of RepQ-ViT
     (Li et al., "RepQ-ViT: Scale Reparameterization for Post-Training Quantization of Vision
     Transformers", ICCV 2023; zkkli/RepQ-ViT, ``quant/quantizer.py``).
 
     ``scale`` holds ``delta``, the value of code 0 (see
-    :func:`lit_ptq.quant.primitives.fake_quant_log`); the observer is a logarithmic code
-    (``Observer.softmax``: ``log2``, ``log_sqrt2``).
+    :func:`lit_ptq.quant.primitives.fake_quant_log`); the observer is ``log2`` or ``log_sqrt2``.
     """
 
-    def __init__(self, spec: QuantSpec) -> None:
-        if not OBSERVERS[spec.observer].softmax:
-            raise ValueError(f"a LogQuantizer needs the log2 or log_sqrt2 observer, not {spec.observer!r}")
-        super().__init__(spec, "attn")
+    kind = "logarithmic quantizer"
+
+    def __init__(self, spec: QuantSpec, role: str = "attn") -> None:
+        super().__init__(spec, role)
         self.steps_per_octave = self.observer.steps_per_octave
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ import torch.nn as nn
 from ..errors import ConfigError
 from .config import Granularity, QuantConfig, QuantSpec
 from .names import NameView
-from .quantizer import LogQuantizer, LogSoftmaxQuantizer, QuantPoint, TensorQuantizer, WeightQuantizer
+from .quantizer import CODE_QUANTIZERS, LogSoftmaxQuantizer, QuantPoint, TensorQuantizer, WeightQuantizer
 
 __all__ = [
     "Site",
@@ -227,6 +227,8 @@ class PointFactory:
         module: the module (of its quantized class).
         root: the whole model.
         reads_image: the module is one of the family's ``image_convs``.
+        reads_gelu: the module is one of the family's ``gelu_linears`` (its input point is
+            the post-GELU activation).
         placed: when given, the full name of every point the placement places is appended
             to it, overridden to ``None`` or not (``quantize_`` checks the overrides' patterns
             against them).
@@ -241,10 +243,11 @@ class PointFactory:
         root: nn.Module,
         reads_image: bool = False,
         placed: Optional[list[str]] = None,
+        reads_gelu: bool = False,
     ) -> None:
         self.config, self.placement = config, placement
         self.module_name, self.module, self.root = module_name, module, root
-        self.reads_image = reads_image
+        self.reads_image, self.reads_gelu = reads_image, reads_gelu
         self.placed = placed
 
     def spec(self, point: str, role: str) -> Optional[QuantSpec]:
@@ -280,8 +283,9 @@ class PointFactory:
         return self._uniform(point, "image", False, None)
 
     def softmax(self, point: str, inplace: bool = True) -> Optional[QuantPoint]:
-        """The softmax-output point: FQ-ViT's log-int-softmax under ``lis``, RepQ-ViT's log2 or
-        log-sqrt2 code when ``config.softmax`` says so, else uniform."""
+        """The softmax-output point: FQ-ViT's log-int-softmax under ``lis``, the non-uniform
+        code ``config.softmax`` names (``log2``, ``log_sqrt2``, ``adalog``, ``twin_uniform``),
+        else uniform."""
         if not self.config.lis and self.config.softmax == "uniform":
             return self._uniform(point, "attn", inplace, None)
         spec = self.spec(point, "attn")
@@ -289,7 +293,19 @@ class PointFactory:
             return None
         if self.config.lis:
             return LogSoftmaxQuantizer(spec.bits)
-        return LogQuantizer(replace(spec, observer=self.config.softmax, granularity=Granularity.PER_TENSOR))
+        return self._code(spec, self.config.softmax, "attn")
+
+    def gelu(self, point: str, inplace: bool = False, channels: Optional[int] = None) -> Optional[TensorQuantizer]:
+        """The post-GELU activation point: uniform (exactly :meth:`act`) under ``gelu="uniform"``,
+        else the non-uniform code ``config.gelu`` names at the activation width (role ``act``)."""
+        if self.config.gelu == "uniform":
+            return self.act(point, inplace, channels)
+        spec = self.spec(point, "act")
+        return self._code(spec, self.config.gelu, "act") if spec is not None else None
+
+    def _code(self, spec: QuantSpec, observer: str, role: str) -> TensorQuantizer:
+        """The per-tensor non-uniform quantizer of ``observer`` with ``spec``'s width."""
+        return CODE_QUANTIZERS[observer](replace(spec, observer=observer, granularity=Granularity.PER_TENSOR), role)
 
     def _uniform(self, point: str, role: str, inplace: bool, channels: Optional[int]) -> Optional[TensorQuantizer]:
         spec = self.spec(point, role)

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from lit_ptq.errors import ConfigError
-from lit_ptq.quant import METHODS, PLACEMENTS, SOFTMAX_QUANTIZERS, Arithmetic, Granularity, QuantConfig, QuantSpec, parse_bits
+from lit_ptq.quant import GELU_QUANTIZERS, METHODS, PLACEMENTS, SOFTMAX_QUANTIZERS, Arithmetic, Granularity, QuantConfig, QuantSpec, parse_bits
 
 
 def test_defaults_are_the_seed_run() -> None:
@@ -31,7 +31,8 @@ def test_method_placement_bits_is_all_a_run_needs(method: str, placement: str) -
 def test_valid_values_are_the_documented_ones() -> None:
     assert tuple(METHODS) == ("minmax", "ema", "percentile", "omse", "mse")
     assert tuple(PLACEMENTS) == ("seed", "full", "matmul")
-    assert tuple(SOFTMAX_QUANTIZERS) == ("uniform", "log2", "log_sqrt2")
+    assert tuple(SOFTMAX_QUANTIZERS) == ("uniform", "adalog", "log2", "log_sqrt2", "twin_uniform")
+    assert tuple(GELU_QUANTIZERS) == ("uniform", "adalog", "twin_uniform")
 
 
 @pytest.mark.parametrize("placement", ["seed", "fq-vit"])
@@ -152,7 +153,7 @@ def test_config_is_frozen(field: str, value: object) -> None:
         (dict(bits=1), r"bits=1 is outside the supported range 2\.\.16"),
         (dict(bits=17), r"bits=17 is outside the supported range 2\.\.16"),
         (dict(bits=8.0), r"bits=8\.0 is outside the supported range 2\.\.16"),
-        (dict(observer="kl"), r"observer='kl' is not one of: ema, log2, log_sqrt2, minmax, mse, omse, percentile, ptf"),
+        (dict(observer="kl"), r"observer='kl' is not one of: adalog, ema, log2, log_sqrt2, minmax, mse, omse, percentile, ptf, twin_uniform"),
         (dict(granularity="per_row"), r"'per_row' is not a valid Granularity"),
     ],
 )

@@ -28,8 +28,8 @@ BATCHES = [
 ]
 
 
-def test_registry_holds_the_eight_observers() -> None:
-    assert sorted(OBSERVERS) == ["ema", "log2", "log_sqrt2", "minmax", "mse", "omse", "percentile", "ptf"]
+def test_registry_holds_the_ten_observers() -> None:
+    assert sorted(OBSERVERS) == ["adalog", "ema", "log2", "log_sqrt2", "minmax", "mse", "omse", "percentile", "ptf", "twin_uniform"]
     assert all(cls.name == name for name, cls in OBSERVERS.items())
 
 
@@ -38,7 +38,9 @@ def test_what_each_observer_is_for_is_an_attribute_of_its_class() -> None:
         return [name for name, cls in OBSERVERS.items() if getattr(cls, attribute)]
 
     assert names("method") == ["minmax", "ema", "percentile", "omse", "mse"] == list(METHODS)
-    assert names("softmax") == ["log_sqrt2", "log2"] and list(SOFTMAX_QUANTIZERS) == ["uniform", "log2", "log_sqrt2"]
+    assert names("softmax") == ["log_sqrt2", "log2", "adalog", "twin_uniform"]
+    assert list(SOFTMAX_QUANTIZERS) == ["uniform", "adalog", "log2", "log_sqrt2", "twin_uniform"]
+    assert names("gelu") == ["adalog", "twin_uniform"]
     # the methods RepQ-ViT's reparameterization calibrates per channel with (others: mse)
     assert [name for name in METHODS if OBSERVERS[name].supports_per_channel] == ["minmax", "ema", "mse"]
 
@@ -50,7 +52,7 @@ def test_a_per_tensor_observer_refuses_per_channel_in_one_line(name: str) -> Non
 
 
 def test_unknown_observer_names_the_registered_ones() -> None:
-    with pytest.raises(ValueError, match="unknown observer 'kl'; registered: ema, log2, log_sqrt2, minmax, mse, omse, percentile, ptf"):
+    with pytest.raises(ValueError, match="unknown observer 'kl'; registered: adalog, ema, log2, log_sqrt2, minmax, mse, omse, percentile, ptf, twin_uniform"):
         build_observer("kl", 0, 255, False, False, -1)
 
 

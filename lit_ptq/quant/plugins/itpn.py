@@ -27,7 +27,7 @@ from ...models.itpn import Attention, Mlp, PatchMerge, iTPN
 from ..layers import OPERAND_POINTS, matmul_placement, maybe_quant, module_mode, quantize_operands
 from ..quantizer import QuantMode
 from ..registry import PointFactory, Site, register_family
-from .toolkit import AttentionPoints, MlpPoints, block_pairs, merge_pair, patch_embed_conv, seed_placement, stem_blocks_head
+from .toolkit import AttentionPoints, MlpPoints, block_pairs, gelu_linears, merge_pair, patch_embed_conv, seed_placement, stem_blocks_head
 
 __all__ = ["FAMILY", "QuantAttention", "QuantMlp", "QuantPatchMerge"]
 
@@ -69,6 +69,7 @@ FAMILY = register_family(
     },
     image_convs=patch_embed_conv,
     norm_linear_pairs=norm_linear_pairs,
+    gelu_linears=gelu_linears,
     blocks=blocks,
 )
 

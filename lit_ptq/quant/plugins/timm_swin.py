@@ -65,6 +65,7 @@ from .toolkit import (
     LogitsPoint,
     ResidualPoints,
     block_pairs,
+    gelu_linears,
     indexed,
     merge_pair,
     patch_embed_conv,
@@ -131,6 +132,7 @@ FAMILY = register_family(
     },
     image_convs=patch_embed_conv,
     norm_linear_pairs=norm_linear_pairs,
+    gelu_linears=gelu_linears,
     blocks=blocks,
 )
 FAMILY.quant_module(Mlp)(QuantTimmMlp)

@@ -42,7 +42,7 @@ from ..layers import OPERAND_POINTS, matmul_placement, maybe_quant, module_mode,
 from ..quantizer import QuantMode
 from ..registry import PointFactory, register_family
 from ._timm_layers import QuantTimmMlp, QuantTimmPatchEmbed, fqvit_full_placement
-from .toolkit import AttentionPoints, LogitsPoint, ResidualPoints, block_pairs, patch_embed_conv, seed_placement, stem_blocks_head
+from .toolkit import AttentionPoints, LogitsPoint, ResidualPoints, block_pairs, gelu_linears, patch_embed_conv, seed_placement, stem_blocks_head
 
 __all__ = ["FAMILY", "QuantTimmAttention", "QuantTimmBlock", "QuantVisionTransformer"]
 
@@ -82,6 +82,7 @@ FAMILY = register_family(
     },
     image_convs=patch_embed_conv,
     norm_linear_pairs=norm_linear_pairs,
+    gelu_linears=gelu_linears,
     blocks=stem_blocks_head(),
 )
 FAMILY.quant_module(Mlp)(QuantTimmMlp)

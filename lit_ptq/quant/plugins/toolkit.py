@@ -32,6 +32,7 @@ __all__ = [
     "patch_embed_conv",
     "indexed",
     "stem_blocks_head",
+    "gelu_linears",
     "block_pairs",
     "merge_pair",
 ]
@@ -75,14 +76,14 @@ class AttentionPoints:
 
 class MlpPoints:
     """Mixin for a quantized ``fc1 -> act -> fc2`` MLP (the attributes of timm's ``Mlp``):
-    ``act_output`` (the GELU output) and ``fc2_output``."""
+    ``act_output`` (the GELU output, quantized as ``QuantConfig.gelu`` says) and ``fc2_output``."""
 
     act_output: Optional[TensorQuantizer]
     fc2_output: Optional[TensorQuantizer]
 
     def setup_quant(self, points: PointFactory) -> None:
         """Create the two quant points."""
-        self.act_output = points.act("act_output", inplace=True)
+        self.act_output = points.gelu("act_output", inplace=True)
         self.fc2_output = points.act("fc2_output", inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -151,6 +152,16 @@ def stem_blocks_head(stem: str = "patch_embed", container: str = "blocks", head:
         return [stem, *indexed(container, model.get_submodule(container)), head]
 
     return blocks
+
+
+def gelu_linears(model: nn.Module) -> list[str]:
+    """The ``gelu_linears`` fact of models built of ``fc1 -> act -> fc2`` MLPs: the ``fc2`` of
+    every module whose ``act`` is a GELU (torch's ``nn.GELU``, timm's included)."""
+    return [
+        f"{name}.fc2" if name else "fc2"
+        for name, module in model.named_modules()
+        if isinstance(getattr(module, "act", None), nn.GELU) and isinstance(getattr(module, "fc2", None), nn.Linear)
+    ]
 
 
 def block_pairs(block: str, qkv: bool = True) -> list[tuple[str, str]]:

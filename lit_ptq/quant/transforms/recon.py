@@ -43,7 +43,7 @@ from tqdm import tqdm
 from ..calibration import CalibrationContext
 from ..config import ReconSettings
 from ..primitives import EPS
-from ..quantizer import LogQuantizer, QuantMode, QuantPoint, TensorQuantizer, WeightQuantizer
+from ..quantizer import NonUniformQuantizer, QuantMode, QuantPoint, TensorQuantizer, WeightQuantizer
 from ..steps import register_step
 from ..walk import set_quant_mode
 from .capture import capture_inputs, capture_outputs
@@ -230,7 +230,7 @@ class _Swap:
 def _stand_in(parent: nn.Module, quantizer: TensorQuantizer, drop: _Drop, learn_steps: bool) -> QuantPoint:
     if isinstance(quantizer, WeightQuantizer):
         return _AdaRoundWeight(quantizer, parent.weight)
-    if isinstance(quantizer, LogQuantizer):
+    if isinstance(quantizer, NonUniformQuantizer):
         return _StraightThrough(quantizer, drop)
     return _LearnedStep(quantizer, drop, learn_steps)
 
