@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from lit_ptq.quant import QuantConfig, QuantMode, calibrate, quantize_, set_quant_mode
+from lit_ptq.quant import STEPS, CalibrationContext, QuantConfig, QuantMode, calibrate, quantize_, set_quant_mode
 from lit_ptq.quant.config import Granularity, QuantSpec
 from lit_ptq.quant.primitives import affine_qparams
 from lit_ptq.quant.quantizer import WeightQuantizer
@@ -160,22 +160,46 @@ def test_ridge_and_gptq_round_within_the_output_error_grid_of_the_ridge_weight(
     assert torch.equal(layer.weight_quantizer(layer.weight), layer.weight)  # GPTQ rounded onto that grid
 
 
-def test_the_oclip_recipes_change_only_the_weight_grids_or_the_corrected_weights(
+class TwoBlocks:
+    """A family stand-in whose ``blocks`` fact names the patch embedding and the first block."""
+
+    blocks = ["patch_embed", "blocks.0"]
+
+    def fact(self, name: str, model: nn.Module) -> list[str]:
+        assert name == "blocks"
+        return self.blocks
+
+
+@pytest.mark.parametrize("step", ["clip_weights_output", "correct_weights_output_clip"])
+def test_the_registered_steps_run_their_functions_over_the_family_blocks(
+    calibrated_repq: nn.Module, calib_batches: list[torch.Tensor], step: str
+) -> None:
+    expected = copy.deepcopy(calibrated_repq)
+    if step == "clip_weights_output":
+        count = clip_weights_output_(expected, TwoBlocks.blocks, calib_batches)
+    else:
+        count = correct_weights_(expected, TwoBlocks.blocks, calib_batches, grid=output_clip_)
+    model = copy.deepcopy(calibrated_repq)
+    ctx = CalibrationContext(model.quant_config, TwoBlocks(), torch.device("cpu"), log=lambda *args: None)
+    with torch.no_grad():
+        STEPS[step].fn(model, calib_batches, ctx)
+    assert STEPS[step].needs == {"blocks": "blocks"}
+    assert ctx.results == {"clipped_weights" if step == "clip_weights_output" else "corrected_weights": count} and count == 3
+    expected_state = expected.state_dict()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, expected_state[key]), key
+
+
+def test_repq_oclip_changes_only_the_weight_grids_of_repq(
     tiny_float: nn.Module, calibrated_repq: nn.Module, calib_batches: list[torch.Tensor], eval_images: torch.Tensor
 ) -> None:
-    def run(recipe: str) -> nn.Module:
-        model = quantize_(copy.deepcopy(tiny_float), QuantConfig("minmax", "matmul", "4/4/4", recipe=recipe))
-        calibrate(model, calib_batches)
-        return model
-
-    oclip = run("repq_oclip")
-    for (key, value), other in zip(calibrated_repq.state_dict().items(), oclip.state_dict().values()):
-        if "weight_quantizer" not in key:
-            assert torch.equal(value, other), key  # folded weights, activation grids: as repq
-    assert not torch.equal(calibrated_repq.head.weight_quantizer.scale, oclip.head.weight_quantizer.scale)
-    gptq_oclip = run("repq_gptq_oclip")
-    layer = gptq_oclip.blocks[2].mlp.fc2
-    assert torch.equal(layer.weight_quantizer(layer.weight), layer.weight)  # rounded onto its grid
+    model = quantize_(copy.deepcopy(tiny_float), QuantConfig("minmax", "matmul", "4/4/4", recipe="repq_oclip"))
+    calibrate(model, calib_batches)
+    changed = set()
+    for (key, value), other in zip(calibrated_repq.state_dict().items(), model.state_dict().values()):
+        if not torch.equal(value, other):
+            changed.add(key.rsplit(".", 1)[-1] if "weight_quantizer" in key else key)
+    # folded weights, activation grids: as repq; the zero point of (min, max) * f is that of (min, max)
+    assert changed == {"scale", "min_val", "max_val"}
     with torch.no_grad():
-        for model in (oclip, gptq_oclip):
-            assert torch.isfinite(model(eval_images)).all()
+        assert torch.isfinite(model(eval_images)).all()
