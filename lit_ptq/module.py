@@ -56,7 +56,8 @@ class PTQModule(LightningModule):
             granularity}}`` in order, later entries winning (see ``QuantConfig.overrides``).
         recipe: a low-bit preset for ``placement: matmul``: ``repq`` (RepQ-ViT),
             ``repq_gptq`` (+ ridge regression and GPTQ rounding) or ``recon`` (+ block
-            reconstruction); see ``lit_ptq.quant.recipes``.
+            reconstruction), ``repq_oclip`` / ``repq_gptq_oclip`` (the weight ranges chosen by
+            the layer's output error); see ``lit_ptq.quant.recipes``.
         softmax: the softmax-output quantizer (``uniform``, ``log2``, ``log_sqrt2``, ``adalog``,
             ``twin_uniform``; default ``log_sqrt2`` with a recipe, ``uniform`` without).
         recon: block-reconstruction settings for ``recipe: recon`` (``iters``, ``batch_size``,

@@ -76,7 +76,7 @@ HPARAM_COLUMNS: tuple[HParamColumn, ...] = (
     HParamColumn("overrides", str, True, "model.overrides (per-layer settings): how many entries set what, or none"),
     HParamColumn("lis", bool, False, "FQ-ViT's log-int-softmax"),
     HParamColumn("model", str, False, "registered model name"),
-    HParamColumn("recipe", str, False, "low-bit recipe (repq, repq_gptq, recon) or none"),
+    HParamColumn("recipe", str, False, "low-bit recipe (repq, repq_gptq, recon, ...) or none"),
     HParamColumn("softmax", str, False, "softmax-output quantizer (uniform, log2, log_sqrt2); none in float"),
     HParamColumn("arithmetic", str, False, "seed or fused fake quantization; none in float"),
     HParamColumn("calib_images", int, False, "images calibration saw (0 in float or with a loaded state)"),

@@ -41,6 +41,7 @@ SETTINGS: dict[str, tuple[Any, ...]] = {
     "full_ptf_lis_minmax": ("minmax", "full", "8/8/4", True, True, None, 1000),
     "w6a6_repq": ("mse", "matmul", "6/6/6", False, False, "repq", 32),  # RepQ-ViT's 32 images
     "w4a4_repq_gptq": ("mse", "matmul", "4/4/4", False, False, "repq_gptq", 32),
+    "w4a4_repq_gptq_oclip": ("mse", "matmul", "4/4/4", False, False, "repq_gptq_oclip", 32),  # its ablation partner
     "w4a4_recon": ("mse", "matmul", "4/4/4", False, False, "recon", 1024),  # BRECQ / QDrop's 1,024
 }
 """What each setting's name promises: FQ-ViT's and PTQ-for-iTPN's 10 batches of 100 images, the low-bit recipes'."""

@@ -266,9 +266,10 @@ class QuantConfig:
             entries win. A setting is ``None`` (leave the point float) or a mapping of
             ``bits``, ``observer``, ``granularity``. Stored as ``(pattern, PointOverride)`` pairs.
         recipe: a registered recipe (:data:`~lit_ptq.quant.steps.RECIPES`; ``repq``,
-            ``repq_gptq``, ``recon``; needs ``placement="matmul"``): RepQ-ViT's LayerNorm
-            reparameterization, then GPTQ/ridge weight correction, or block reconstruction
-            (see ``lit_ptq.quant.recipes``).
+            ``repq_gptq``, ``recon``, ``repq_oclip``, ``repq_gptq_oclip``; needs
+            ``placement="matmul"``): RepQ-ViT's LayerNorm reparameterization, then GPTQ/ridge
+            weight correction, or block reconstruction; the ``_oclip`` recipes choose the
+            weight ranges by the layer's output error (see ``lit_ptq.quant.recipes``).
         softmax: the softmax-output quantizer, ``uniform`` or a registered non-uniform code:
             ``log2`` or ``log_sqrt2`` (RepQ-ViT), ``adalog`` (AdaLog), ``twin_uniform``
             (PTQ4ViT); ``None`` picks ``log_sqrt2`` with a recipe and ``uniform`` without.

@@ -450,6 +450,18 @@ class MseObserver(MinMaxObserver):
     def search(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per row, the candidate range with the least squared error (the widest on ties)."""
         rows = self.rows(x)
+        return self.best_range(rows, lambda q: q.sub_(rows).pow_(2).sum(dim=1, keepdim=True))
+
+    def best_range(
+        self, rows: torch.Tensor, score: Callable[[torch.Tensor], torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row of ``rows``, the candidate range of least ``score`` (the widest on ties).
+
+        Args:
+            rows: ``(channels, values)``, one row per channel of the running range.
+            score: from the fake-quantized ``rows`` of one candidate (a new tensor it may
+                modify), the ``(channels, 1)`` error of each row.
+        """
         lo, hi = self.min_val.reshape(-1, 1), self.max_val.reshape(-1, 1)
         best_err = torch.full_like(lo, float("inf"))
         best_lo, best_hi = lo.clone(), hi.clone()
@@ -457,7 +469,7 @@ class MseObserver(MinMaxObserver):
             factor = 1.0 - 0.01 * i
             c_lo, c_hi = lo * factor, hi * factor
             scale, zp = self.qparams_from_range(c_lo, c_hi)
-            err = fake_quant_seed(rows, scale, zp, self.qmin, self.qmax).sub_(rows).pow_(2).sum(dim=1, keepdim=True)
+            err = score(fake_quant_seed(rows, scale, zp, self.qmin, self.qmax))
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_lo, best_hi = torch.where(better, c_lo, best_lo), torch.where(better, c_hi, best_hi)

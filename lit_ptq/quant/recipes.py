@@ -16,6 +16,12 @@ A recipe runs in place of the plain calibration (``QuantConfig(recipe=...)``), o
 5. ``reconstruct`` (``recon``): block reconstruction with AdaRound and learned step sizes
    (:mod:`lit_ptq.quant.transforms.recon`).
 
+Each weight step has an output-error variant (:mod:`lit_ptq.quant.transforms.weight_clip`),
+so that the clip search can be switched on and off by the recipe's name:
+``clip_weights_output`` (``repq_oclip``) chooses each weight row's range by the layer's output
+error after step 3, and ``correct_weights_output_clip`` (``repq_gptq_oclip``) is step 4 with
+each ridge weight's grid chosen that way before GPTQ rounds within it.
+
 The steps are registered by the modules that implement them (:mod:`lit_ptq.quant.calibration`
 and the transforms); this file only names them. Whatever a recipe changes is kept in the
 model (folded and rounded weights in the parameters, step sizes in the quantizers' buffers);
@@ -34,3 +40,5 @@ REPQ_STEPS = ("reparameterize", "calibrate_weights", "calibrate_activations_sequ
 register_recipe("repq", REPQ_STEPS)
 register_recipe("repq_gptq", (*REPQ_STEPS, "correct_weights"))
 register_recipe("recon", (*REPQ_STEPS, "reconstruct"))
+register_recipe("repq_oclip", (*REPQ_STEPS, "clip_weights_output"))
+register_recipe("repq_gptq_oclip", (*REPQ_STEPS, "correct_weights_output_clip"))

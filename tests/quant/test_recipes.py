@@ -29,7 +29,13 @@ from lit_ptq.quant.transforms import correct_weights_, reparameterize_
 
 def test_the_recipes_run_these_registered_steps_in_this_order() -> None:
     repq = ("reparameterize", "calibrate_weights", "calibrate_activations_sequential")
-    assert dict(RECIPES) == {"repq": repq, "repq_gptq": (*repq, "correct_weights"), "recon": (*repq, "reconstruct")}
+    assert dict(RECIPES) == {
+        "repq": repq,
+        "repq_gptq": (*repq, "correct_weights"),
+        "recon": (*repq, "reconstruct"),
+        "repq_oclip": (*repq, "clip_weights_output"),  # the output-error clip after the activations
+        "repq_gptq_oclip": (*repq, "correct_weights_output_clip"),  # ridge, output-error grid, GPTQ
+    }
     assert all(step in STEPS for steps in RECIPES.values() for step in steps)
 
 

@@ -21,22 +21,20 @@ and are written into the layers' ``weight`` (the weight quantizer maps them to t
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..calibration import CalibrationContext
 from ..primitives import fake_quant_seed
 from ..quantizer import QuantMode, WeightQuantizer
 from ..steps import register_step
 from ..walk import set_quant_mode
-from .capture import Call, capture_inputs
+from .capture import Call, for_each_layer_, layer_stats
 
-__all__ = ["correct_weights", "correct_weights_", "ridge_weights", "gptq_round", "RIDGE_DAMP", "GPTQ_DAMP", "GPTQ_BLOCK"]
+__all__ = ["correct_weights", "correct_weights_", "ridge_weights", "gptq_round", "Grid", "RIDGE_DAMP", "GPTQ_DAMP", "GPTQ_BLOCK"]
 
 RIDGE_DAMP = 0.1
 """Ridge strength relative to the mean diagonal of ``A^T A``."""
@@ -44,6 +42,11 @@ GPTQ_DAMP = 0.01
 """GPTQ's dampening of the Hessian, relative to its mean diagonal (the paper's 1%)."""
 GPTQ_BLOCK = 128
 """Columns rounded per lazy-update block (the paper's 128)."""
+
+Grid = Callable[[WeightQuantizer, torch.Tensor, torch.Tensor], None]
+"""How the grid of a ridge-corrected weight is chosen: ``grid(quantizer, weight, hessian)`` with
+the ``(out, in)`` weight and ``H = A^T A`` (float64) calibrates ``quantizer``. ``None``: the
+quantizer's own observer on the weight (the ``mse`` range)."""
 
 
 def ridge_weights(
@@ -104,46 +107,8 @@ def gptq_round(
     return q_all.float()
 
 
-def _as_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The inputs of a Linear or a Conv2d as rows that multiply the flattened weight."""
-    if isinstance(module, nn.Conv2d):
-        cols = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
-        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
-    return x.reshape(-1, x.shape[-1])
-
-
-class _Stats:
-    """Running ``A^T A``, ``A^T X``, column sums and row count in float64."""
-
-    def __init__(self) -> None:
-        self.h_aa = self.h_ax = self.s_a = self.s_x = None
-        self.n = 0
-
-    def add(self, a: torch.Tensor, x: torch.Tensor) -> None:
-        a, x = a.double(), x.double()
-        if self.h_aa is None:
-            self.h_aa, self.h_ax, self.s_a, self.s_x = a.T @ a, a.T @ x, a.sum(0), x.sum(0)
-        else:
-            self.h_aa += a.T @ a
-            self.h_ax += a.T @ x
-            self.s_a += a.sum(0)
-            self.s_x += x.sum(0)
-        self.n += a.shape[0]
-
-
-def _layer_stats(model: nn.Module, layer: nn.Module, batches: Sequence[Call]) -> _Stats:
-    """Statistics of ``X``, the input the layer receives in the quantizing model (the layers
-    before it corrected), and ``A``, that input after the layer's input quantizer."""
-    stats = _Stats()
-    quantizer = getattr(layer, "input_quantizer", None)
-    for (x,), _ in capture_inputs(model, layer, batches):
-        a = quantizer(x) if quantizer is not None else x
-        stats.add(_as_rows(layer, a), _as_rows(layer, x))
-    return stats
-
-
 @torch.no_grad()
-def correct_layer_(model: nn.Module, layer: nn.Module, batches: Sequence[Call], ridge: bool = True) -> None:
+def correct_layer_(model: nn.Module, layer: nn.Module, batches: Sequence[Call], ridge: bool = True, grid: Optional[Grid] = None) -> None:
     """Ridge-correct and GPTQ-round the weight of one Linear/Conv2d of a calibrated model.
 
     Args:
@@ -151,9 +116,11 @@ def correct_layer_(model: nn.Module, layer: nn.Module, batches: Sequence[Call], 
         layer: the layer (with a weight quantizer).
         batches: what ``model`` is called with (tensors, or captured ``(args, kwargs)``).
         ridge: solve ERQ's ridge regression before the GPTQ rounding.
+        grid: how the grid of the ridge weight is chosen (see :data:`Grid`); ``None``: the
+            weight quantizer's observer (``mse``). Without ``ridge`` the grid is kept.
     """
     wq: WeightQuantizer = layer.weight_quantizer
-    stats = _layer_stats(model, layer, batches)
+    stats = layer_stats(model, layer, batches)
     weight = layer.weight.reshape(layer.weight.shape[0], -1)
     bias = layer.bias if layer.bias is not None else torch.zeros(weight.shape[0], device=weight.device)
     if ridge:
@@ -162,7 +129,10 @@ def correct_layer_(model: nn.Module, layer: nn.Module, batches: Sequence[Call], 
             layer.bias = nn.Parameter(new_bias.to(layer.weight.dtype))
         else:
             layer.bias.copy_(new_bias.to(layer.bias.dtype))
-        wq.calibrate_weight(weight.reshape(layer.weight.shape).float())  # the grid of the corrected weight
+        if grid is None:
+            wq.calibrate_weight(weight.reshape(layer.weight.shape).float())  # the grid of the corrected weight
+        else:
+            grid(wq, weight.float(), stats.h_aa)
     rounded = gptq_round(weight, stats.h_aa, wq.scale, wq.zero_point, wq.spec.qmin, wq.spec.qmax)
     layer.weight.copy_(rounded.reshape(layer.weight.shape).to(layer.weight.dtype))
 
@@ -174,6 +144,7 @@ def correct_weights_(
     batches: Sequence[torch.Tensor],
     ridge: bool = True,
     on_block: Optional[Callable[[str, float], None]] = None,
+    grid: Optional[Grid] = None,
 ) -> int:
     """Correct every quantized Linear/Conv2d weight, block by block in forward order.
 
@@ -183,25 +154,13 @@ def correct_weights_(
         batches: calibration inputs.
         ridge: solve ERQ's ridge regression before the GPTQ rounding.
         on_block: called with each block's name and the seconds its correction took.
+        grid: how the grid of each ridge weight is chosen (see :data:`Grid`).
 
     Returns:
         The number of layers corrected.
     """
     set_quant_mode(model, QuantMode.QUANTIZE)
-    done = 0
-    for block_name in blocks:
-        start = time.perf_counter()
-        block = model.get_submodule(block_name)
-        layers = [m for m in block.modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and getattr(m, "weight_quantizer", None) is not None]
-        if not layers:
-            continue
-        calls = list(capture_inputs(model, block, batches))  # the block's inputs, once; its layers replay it
-        for layer in layers:
-            correct_layer_(block, layer, calls, ridge)
-            done += 1
-        if on_block is not None:
-            on_block(block_name, time.perf_counter() - start)
-    return done
+    return for_each_layer_(model, blocks, batches, lambda block, layer, calls: correct_layer_(block, layer, calls, ridge, grid), on_block)
 
 
 @register_step("correct_weights", needs={"blocks": "blocks"})
