@@ -6,9 +6,12 @@ Two measurements, each printed as a table (nothing is asserted)::
     python benchmarks/bench_recipes.py demo --config configs/demo.yaml --json results/demo_lowbit.json --markdown results/demo_lowbit.md
     python benchmarks/bench_recipes.py blocks --model itpn_base --images 8
 
-``demo``: every recipe (and the ``matmul`` placement without one, MinMax and MSE) at W6A6 and
-W4A4, each a full ``Trainer.validate`` run through the product path (``PTQModule``,
-``CalibrationCallback``), with the top-1 and the calibration time the callback measured.
+``demo``: every recipe (and the ``matmul`` placement without one, MinMax and MSE), then each
+further piece on its own (the AdaLog and twin-uniform softmax and post-GELU quantizers, the
+output-error weight ranges: an ablation), at W6A6, W4A4 and W3A3 (``--bits``), each a full
+``Trainer.validate`` run through the product path (``PTQModule``, ``CalibrationCallback``),
+with the top-1 and the calibration time the callback measured. ``--append`` adds runs to an
+existing ``--json`` file (a table measured in parts).
 
 ``blocks``: on a model with random trained-like weights and random images, the time of each
 recipe step: the RepQ-ViT reparameterization, weight and activation calibration (whole
@@ -28,6 +31,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any, Optional
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -41,40 +45,66 @@ from lit_ptq.tools.table import Cell, load_setup, run_cell  # noqa: E402
 
 log = logging.getLogger("bench_recipes")
 
-DEMO_CELLS: tuple[Cell, ...] = tuple(
-    Cell(method, "matmul", bits, recipe=recipe)
-    for bits in ("6/6/6", "4/4/4")
-    for method, recipe in (("minmax", None), ("mse", None), ("mse", "repq"), ("mse", "repq_gptq"), ("mse", "recon"))
+DEMO_ROWS: tuple[tuple[str, Optional[str], tuple[tuple[str, Any], ...]], ...] = (
+    ("minmax", None, ()),
+    ("mse", None, ()),
+    ("mse", "repq", ()),
+    ("mse", "repq_gptq", ()),
+    ("mse", "recon", ()),
+    ("mse", "repq_gptq", (("softmax", "adalog"),)),
+    ("mse", "repq_gptq", (("softmax", "twin_uniform"),)),
+    ("mse", "repq_gptq", (("gelu", "adalog"),)),
+    ("mse", "repq_gptq", (("gelu", "twin_uniform"),)),
+    ("mse", "repq_oclip", ()),
+    ("mse", "repq_gptq_oclip", ()),
 )
-"""The demo grid: the placement alone, then each recipe, at W6A6 and W4A4."""
+"""The demo table's rows: the placement alone, each recipe, then each further piece on its own
+(an ablation: the post-softmax and post-GELU quantizers, the output-error weight ranges)."""
+
+DEMO_BITS = ("6/6/6", "4/4/4", "3/3/3")
+"""The demo table's columns."""
+
+
+def demo_cells(recipes: Sequence[str], bits: Sequence[str] = DEMO_BITS, variants: bool = True) -> list[Cell]:
+    """The float baseline, then each row whose recipe (``none``: without) is in ``recipes``, at each width.
+
+    ``variants=False`` keeps the rows without further keywords only.
+    """
+    rows = [r for r in DEMO_ROWS if (r[1] or "none") in recipes and (variants or not r[2])]
+    return [Cell()] + [Cell(method, "matmul", b, recipe=recipe, options=options) for b in bits for method, recipe, options in rows]
 
 
 def demo_markdown(records: list[dict[str, Any]]) -> str:
-    """Rows: method and recipe; columns: W6A6 and W4A4, each top-1 and calibration seconds."""
+    """Rows: method, recipe and further keywords (``variant``); columns: each width's top-1 and
+    calibration seconds."""
     float_runs = [r for r in records if r["method"] == "fp32"]
     runs = [r for r in records if r["method"] != "fp32"]
     columns = list(dict.fromkeys(r["bits"] for r in runs))
     rows: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
     for r in runs:
-        rows.setdefault((r["method"], r.get("recipe") or "none"), {})[r["bits"]] = r
+        rows.setdefault((r["method"], r.get("recipe") or "none", r.get("variant") or ""), {})[r["bits"]] = r
     lines = [f"Float (fp32) top-1: **{r['acc1']:.2f}** on {r['num_images']:,} images." for r in float_runs]
-    lines += ["", "| method | recipe | " + " | ".join(f"{c} top-1 | {c} calib (s)" for c in columns) + " |"]
-    lines.append("|---|---|" + "---|---|" * len(columns))
-    for (method, recipe), cells in rows.items():
+    lines += ["", "| method | recipe | with | " + " | ".join(f"{c} top-1 | {c} calib (s)" for c in columns) + " |"]
+    lines.append("|---|---|---|" + "---|---|" * len(columns))
+    for (method, recipe, variant), cells in rows.items():
         values = " | ".join(
             f"{cells[c]['acc1']:.2f} | {cells[c]['calibration_seconds']:.0f}" if c in cells else "– | –" for c in columns
         )
-        lines.append(f"| {method} | {recipe} | {values} |")
+        lines.append(f"| {method} | {recipe} | {variant or '–'} | {values} |")
     return "\n".join(lines) + "\n"
 
 
 def run_demo(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Run the demo grid and print / write its table."""
     setup = load_setup(args.config)
-    cells = [Cell()] + [c for c in DEMO_CELLS if c.recipe in args.recipes or (c.recipe is None and "none" in args.recipes)]
+    cells = demo_cells(args.recipes, args.bits, args.variants)
     records = []
+    if args.append and args.json and os.path.exists(args.json):
+        with open(args.json) as f:
+            records = json.load(f)
+        cells = cells[1:] if any(r["method"] == "fp32" for r in records) else cells
     for i, cell in enumerate(cells, 1):
-        record = run_cell(setup, cell)
+        record = {**run_cell(setup, cell), "variant": cell.variant}
         records.append(record)
         print(f"[{i}/{len(cells)}] {cell.label}: top-1 {record['acc1']:.2f}, calibration {record.get('calibration_seconds', 0):.1f} s", flush=True)
         _write(args.json, json.dumps(records, indent=2))
@@ -142,7 +172,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     sub = p.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="top-1 and calibration time of each recipe on a main.py config")
     demo.add_argument("--config", default="configs/demo.yaml", help="a main.py YAML config (model, data, seed)")
-    demo.add_argument("--recipes", nargs="+", default=["none", "repq", "repq_gptq", "recon"])
+    demo.add_argument("--recipes", nargs="+", default=list(dict.fromkeys(r[1] or "none" for r in DEMO_ROWS)),
+                      help="the rows of these recipes (none: without a recipe)")
+    demo.add_argument("--bits", nargs="+", default=list(DEMO_BITS), help="the columns")
+    demo.add_argument("--variants", action=argparse.BooleanOptionalAction, default=True,
+                      help="also the rows with further keywords (softmax, gelu)")
+    demo.add_argument("--append", action="store_true", help="add the runs to those of an existing --json file")
     demo.add_argument("--json", default=None)
     demo.add_argument("--markdown", default=None)
     blocks = sub.add_parser("blocks", help="time of each recipe step per block, random weights and images")

@@ -72,6 +72,13 @@ class Cell:
     ptf: bool = False
     lis: bool = False
     recipe: Optional[str] = None
+    options: tuple[tuple[str, Any], ...] = ()
+    """Further ``PTQModule`` keywords as ``(name, value)`` pairs, e.g. ``(("gelu", "adalog"),)``."""
+
+    @property
+    def variant(self) -> str:
+        """The further keywords as ``name=value`` words (``gelu=adalog``), or ``""``."""
+        return " ".join(f"{k}={v}" for k, v in self.options)
 
     @property
     def column(self) -> str:
@@ -84,7 +91,8 @@ class Cell:
         if self.method is None:
             return "fp32"
         recipe = f" {self.recipe}" if self.recipe else ""
-        return f"{self.method}{'+ptf' if self.ptf else ''} {self.placement}{recipe} {self.column}"
+        variant = f" {self.variant}" if self.options else ""
+        return f"{self.method}{'+ptf' if self.ptf else ''} {self.placement}{recipe}{variant} {self.column}"
 
 
 def grid(
@@ -171,7 +179,7 @@ def run_cell(setup: GridSetup, cell: Cell) -> dict[str, Any]:
     seed_everything(setup.seed, verbose=False)
     module = PTQModule(
         **setup.model, method=cell.method, placement=cell.placement, bits=cell.bits, ptf=cell.ptf, lis=cell.lis,
-        recipe=cell.recipe,
+        recipe=cell.recipe, **dict(cell.options),
     )
     calibration = CalibrationCallback()
     trainer = Trainer(

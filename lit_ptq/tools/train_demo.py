@@ -23,6 +23,7 @@ atomically. Usage::
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -31,6 +32,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Any, Optional
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +47,7 @@ from torchvision import transforms
 from lit_ptq.data import eval_transform
 from lit_ptq.errors import UserError
 from lit_ptq.io import atomic_path, check_writable
-from lit_ptq.models import EvalConfig, create_model, model_entry
+from lit_ptq.models import EvalConfig, create_model
 from lit_ptq.tools.make_demo_data import CLASS_FOLDERS, DEFAULT_SOURCE
 from lit_ptq.tools.make_demo_data import read_split as idx_split
 
@@ -286,14 +288,22 @@ def train_demo(
     out: Path = DEFAULT_OUT,
     config: TrainConfig = TrainConfig(),
     progress: bool = True,
+    model_name: str = MODEL_NAME,
+    model_kwargs: Optional[dict[str, Any]] = None,
 ) -> TrainResult:
-    """Train ``itpn_tiny`` on the Fashion-MNIST training images and save ``{'model': state_dict}``.
+    """Train a registered model (``itpn_tiny`` by default) on the Fashion-MNIST training images
+    and save ``{'model': state_dict}``.
 
     Args:
         source: folder holding the IDX gzip files (``train-images-idx3-ubyte.gz``, ...).
         out: checkpoint path; written atomically (nothing is left behind on failure).
         config: the recipe.
         progress: show Lightning's progress bar.
+        model_name: a registered model (``lit_ptq.models``); the images are prepared with its
+            evaluation settings (input side, normalization).
+        model_kwargs: architecture arguments for ``create_model`` (``img_size``, ``depth``,
+            ``embed_dim``, ...), as ``main.py``'s ``--model.model_kwargs`` takes them; a model
+            that is not the demo's (held-out models for the low-bit recipes, docs/lowbit.md).
 
     Returns:
         The checkpoint path, wall time in seconds (preparation and training), image and step counts,
@@ -307,7 +317,11 @@ def train_demo(
     out = Path(out)
     check_writable(str(out), "--out")
     seed_everything(config.seed, workers=True, verbose=False)
-    _, eval_cfg = model_entry(MODEL_NAME)
+    # create_model returns eval mode, and Lightning keeps the modes it finds.
+    model = create_model(
+        model_name, num_classes=len(CLASS_FOLDERS), drop_path_rate=config.drop_path, **(model_kwargs or {})
+    ).train()
+    eval_cfg = model.eval_cfg
     images, labels = read_split(Path(source), "train")
     dataset = TensorDataset(prepare_images(images, eval_cfg), torch.from_numpy(labels))
     loader = DataLoader(
@@ -317,8 +331,6 @@ def train_demo(
         num_workers=0,
         generator=torch.Generator().manual_seed(config.seed),
     )
-    # create_model returns eval mode, and Lightning keeps the modes it finds.
-    model = create_model(MODEL_NAME, num_classes=len(CLASS_FOLDERS), drop_path_rate=config.drop_path).train()
     module = DemoTrainModule(model, config, eval_cfg, steps_per_epoch=len(loader))
     trainer = Trainer(
         accelerator="cpu",
@@ -332,7 +344,7 @@ def train_demo(
         enable_progress_bar=progress,
         log_every_n_steps=50,
     )
-    log.info("training %s on %d images from %s for %d epochs", MODEL_NAME, len(dataset), source, config.epochs)
+    log.info("training %s on %d images from %s for %d epochs", model_name, len(dataset), source, config.epochs)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")  # num_workers=0 on purpose
         warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\).*")  # inside Lightning
@@ -359,11 +371,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--precision", default=defaults.precision, choices=("bf16-mixed", "32-true"),
                         help="bf16 autocast (twice as fast on CPUs with bf16 instructions) or float32")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--model", default=MODEL_NAME, help="a registered model name")
+    parser.add_argument("--model-kwargs", type=json.loads, default=None,
+                        help='architecture arguments as JSON, e.g. \'{"img_size": 32, "patch_size": 4, "depth": 6}\'')  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     try:
         config = TrainConfig(epochs=args.epochs, seed=args.seed, lr=args.lr, precision=args.precision)
-        result = train_demo(args.source, args.out, config, progress=not args.no_progress)
+        result = train_demo(args.source, args.out, config, not args.no_progress, args.model, args.model_kwargs)
     except UserError as err:
         log.error("%s", err)
         return 1

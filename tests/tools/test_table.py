@@ -116,3 +116,25 @@ def test_small_grid_writes_json_and_markdown_equal_to_main(config: Path, tmp_pat
 def test_bad_config_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
     assert "missing.yaml does not exist" in capsys.readouterr().err
+
+
+def test_a_cells_options_reach_the_module(monkeypatch) -> None:
+    from lit_ptq.tools import table
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def module(**kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(table, "PTQModule", module)
+    setup = table.GridSetup(model=dict(model_name="itpn_tiny"), datamodule=None, seed=0, accelerator="cpu")
+    cell = Cell("mse", "matmul", "4/4/4", recipe="repq_gptq", options=(("gelu", "adalog"), ("softmax", "twin_uniform")))
+    with pytest.raises(Stop):
+        table.run_cell(setup, cell)
+    assert seen == dict(model_name="itpn_tiny", method="mse", placement="matmul", bits="4/4/4", ptf=False, lis=False,
+                        recipe="repq_gptq", gelu="adalog", softmax="twin_uniform")  # fmt: skip
+    assert cell.label == "mse matmul repq_gptq gelu=adalog softmax=twin_uniform 4/4/4"
