@@ -18,6 +18,14 @@ atomically. Usage::
 
     python -m lit_ptq.tools.train_demo --source /usr/share/datasets/fashion-mnist \\
         --epochs 12 --out demo_data/itpn_tiny_fashion_mnist.pt --seed 0
+
+Held-out models for the low-bit recipes (checkpoints the recipes were not chosen on) come from
+the same script with another seed, fewer epochs or another registered model and its
+architecture (``--model-kwargs``, as ``main.py``'s ``--model.model_kwargs`` takes it)::
+
+    python -m lit_ptq.tools.train_demo --model deit_tiny_patch16_224 --epochs 2 --seed 1 \
+        --model-kwargs '{"img_size": 32, "patch_size": 4, "depth": 4, "embed_dim": 96, "num_heads": 3}' \
+        --out /tmp/deit4x96.pt
 """
 
 from __future__ import annotations

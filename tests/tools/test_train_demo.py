@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import struct
 from pathlib import Path
 
@@ -101,3 +102,17 @@ def test_missing_source_is_one_line_error(tmp_path: Path, caplog: pytest.LogCapt
     assert main(["--source", str(tmp_path), "--out", str(tmp_path / "m.pt"), "--no-progress"]) == 1
     assert "does not exist" in caplog.text
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_a_held_out_model_of_another_family_trains_and_loads_with_its_kwargs(source: Path, tmp_path: Path) -> None:
+    from lit_ptq.tools.train_demo import main
+
+    kwargs = dict(img_size=32, patch_size=8, depth=1, embed_dim=24, num_heads=2)
+    out = tmp_path / "deit.pt"
+    assert main(["--source", str(source), "--out", str(out), "--epochs", "1", "--no-progress", "--precision", "32-true",
+                 "--model", "deit_tiny_patch16_224", "--model-kwargs", json.dumps(kwargs)]) == 0  # fmt: skip
+    model = create_model("deit_tiny_patch16_224", num_classes=10, checkpoint=str(out), **kwargs)
+    assert model.eval_cfg.input_size[-1] == 32 and len(model.blocks) == 1
+    x = torch.zeros(2, 3, 32, 32)
+    assert model(x).shape == (2, 10)
+    assert not torch.equal(model.head.weight, create_model("deit_tiny_patch16_224", num_classes=10, **kwargs).head.weight)
