@@ -14,15 +14,15 @@ from typing import Optional
 
 import torch
 
-from .observers import MinMaxObserver, QParams, register_observer
-from .primitives import evenly_strided, fake_quant_adalog
+from .observers import LastBatchSearchObserver, QParams, register_observer
+from .primitives import fake_quant_adalog
 from .quantizer import NonUniformQuantizer, register_code_quantizer
 
 __all__ = ["AdaLogObserver", "AdaLogQuantizer"]
 
 
 @register_observer("adalog")
-class AdaLogObserver(MinMaxObserver):
+class AdaLogObserver(LastBatchSearchObserver):
     """AdaLog's search for the shift, scale and base of its logarithmic code.
 
     Running min / max over the calibration batches; on the last batch (an evenly strided sample
@@ -56,19 +56,10 @@ class AdaLogObserver(MinMaxObserver):
     sample = 1 << 16
     chunk = 16
 
-    def __init__(self, qmin: int, qmax: int, signed: bool, per_channel: bool, channel_axis: int) -> None:
-        super().__init__(qmin, qmax, signed, per_channel, channel_axis)
-        self.bits = (qmax - qmin + 1).bit_length() - 1
-        self.found: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
-
-    def reset(self) -> None:
-        super().reset()
-        self.found = None
-
-    def update(self, x: torch.Tensor, last: bool = False) -> None:
-        super().update(x, last)
-        if last:
-            self.found = self.search(evenly_strided(x.detach().float(), self.sample))
+    @property
+    def bits(self) -> int:
+        """The code's bit width."""
+        return (self.qmax - self.qmin + 1).bit_length() - 1
 
     def shift(self) -> torch.Tensor:
         """``max(0, -min)`` of the running minimum."""

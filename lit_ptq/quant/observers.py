@@ -38,10 +38,11 @@ import torch
 
 from ..errors import CalibrationError, ConfigError
 from .names import NameView
-from .primitives import affine_qparams, fake_quant_log, fake_quant_seed, quantile, quantile_pair, symmetric_qparams
+from .primitives import affine_qparams, evenly_strided, fake_quant_log, fake_quant_seed, quantile, quantile_pair, symmetric_qparams
 
 __all__ = [
     "Observer",
+    "LastBatchSearchObserver",
     "OBSERVERS",
     "METHODS",
     "SOFTMAX_QUANTIZERS",
@@ -474,6 +475,33 @@ class MseObserver(MinMaxObserver):
             best_err = torch.where(better, err, best_err)
             best_lo, best_hi = torch.where(better, c_lo, best_lo), torch.where(better, c_hi, best_hi)
         return best_lo.reshape(self.min_val.shape), best_hi.reshape(self.max_val.shape)
+
+
+class LastBatchSearchObserver(MinMaxObserver):
+    """Running min / max, and a search on an evenly strided sample of the last calibration batch.
+
+    A subclass sets ``sample`` (the most values searched) and implements :meth:`search`, whose
+    result is kept in ``found`` (``None`` before the last batch) for ``compute`` to read.
+    """
+
+    sample = 1 << 16
+
+    def __init__(self, qmin: int, qmax: int, signed: bool, per_channel: bool, channel_axis: int) -> None:
+        super().__init__(qmin, qmax, signed, per_channel, channel_axis)
+        self.found: Optional[object] = None
+
+    def reset(self) -> None:
+        super().reset()
+        self.found = None
+
+    def update(self, x: torch.Tensor, last: bool = False) -> None:
+        super().update(x, last)
+        if last:
+            self.found = self.search(evenly_strided(x.detach().float(), self.sample))
+
+    def search(self, x: torch.Tensor) -> object:
+        """The searched parameters of the sample ``x`` (a 1-d float tensor)."""
+        raise NotImplementedError
 
 
 @register_observer("log_sqrt2")

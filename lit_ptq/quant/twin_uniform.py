@@ -13,15 +13,15 @@ from typing import Optional
 
 import torch
 
-from .observers import MinMaxObserver, QParams, register_observer
-from .primitives import evenly_strided, fake_quant_twin
+from .observers import LastBatchSearchObserver, QParams, register_observer
+from .primitives import fake_quant_twin
 from .quantizer import NonUniformQuantizer, register_code_quantizer
 
 __all__ = ["TwinUniformObserver", "TwinUniformQuantizer"]
 
 
 @register_observer("twin_uniform")
-class TwinUniformObserver(MinMaxObserver):
+class TwinUniformObserver(LastBatchSearchObserver):
     """PTQ4ViT's twin-uniform ranges, searched on the last calibration batch.
 
     With ``h = 2**(k-1)`` codes per range, running min / max, and an evenly strided sample of
@@ -48,19 +48,10 @@ class TwinUniformObserver(MinMaxObserver):
     softmax_exponents = tuple(range(20))
     sample = 1 << 16
 
-    def __init__(self, qmin: int, qmax: int, signed: bool, per_channel: bool, channel_axis: int) -> None:
-        super().__init__(qmin, qmax, signed, per_channel, channel_axis)
-        self.half = (qmax - qmin + 1) // 2
-        self.found: Optional[dict[str, torch.Tensor]] = None
-
-    def reset(self) -> None:
-        super().reset()
-        self.found = None
-
-    def update(self, x: torch.Tensor, last: bool = False) -> None:
-        super().update(x, last)
-        if last:
-            self.found = self.search(evenly_strided(x.detach().float(), self.sample))
+    @property
+    def half(self) -> int:
+        """``h = 2**(k-1)``, the codes of each range."""
+        return (self.qmax - self.qmin + 1) // 2
 
     def candidates(self) -> list[dict[str, torch.Tensor]]:
         """Every candidate code as ``{scale, low_scale, boundary, low_qmin, low_qmax}`` tensors."""

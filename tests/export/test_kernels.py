@@ -29,6 +29,7 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
+from benchmarks.bench_onnx import normal_weights_  # noqa: E402
 from lit_ptq.export import export_onnx  # noqa: E402
 from lit_ptq.export.runtime import linear_kernels  # noqa: E402
 from lit_ptq.models import create_model  # noqa: E402
@@ -54,18 +55,6 @@ FAST = {
 """The cells run without ``-m slow``: every family, placement and weight draw at least once."""
 
 
-def normal_draw_(model: torch.nn.Module) -> torch.nn.Module:
-    """Every parameter drawn N(0, 0.05), then each LayerNorm weight N(1, 0.05) (generator seed 0), in place."""
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0.0, 0.05, generator=generator)
-        for module in model.modules():
-            if isinstance(module, torch.nn.LayerNorm) and module.weight is not None:
-                module.weight.normal_(1.0, 0.05, generator=generator)
-    return model
-
-
 def _model(family: str, draw: str) -> torch.nn.Module:
     name, small = FAMILIES[family]
     torch.manual_seed(0)
@@ -74,7 +63,7 @@ def _model(family: str, draw: str) -> torch.nn.Module:
             pytest.skip(f"{DEMO_CHECKPOINT} is not in this checkout")
         return create_model(name, num_classes=10, checkpoint=str(DEMO_CHECKPOINT))
     model = create_model(name, num_classes=10, **small)
-    return normal_draw_(model) if draw == "normal" else model
+    return normal_weights_(model) if draw == "normal" else model
 
 
 def _cells() -> list[Any]:
