@@ -1,0 +1,89 @@
+"""A calibrated fake-quantized model through ``torch.compile``, for evaluation only.
+
+Calibration stays eager (the observers are Python: histograms, searches, running ranges).
+Once every quant point quantizes, the model is traced with Dynamo and compiled with
+Inductor (https://pytorch.org/docs/stable/torch.compiler.html). The quant points are written
+for that: traced, an activation point is the seed's six operations as one out-of-place
+expression (:func:`lit_ptq.quant.primitives.fake_quant_seed`), which Inductor fuses into one
+loop with the operation that produced its input and the one that reads its output; a weight
+point returns the fake-quantized weight made once, eagerly, by
+:meth:`~lit_ptq.quant.quantizer.WeightQuantizer.freeze`. No forward branches on a tensor's
+value or calls ``.item()``, so the whole model is one graph, compiled once per input shape
+(``dynamic=False``).
+
+Inductor computes the float operations around the points (LayerNorm, GELU, softmax) with its
+own kernels, whose last bits may differ from eager's; a point can then round a value to the
+neighbouring level. ``docs/quantization.md`` ("Compiled evaluation") gives the measured
+difference on the demo, and ``tests/quant/test_compiled.py`` bounds it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from ..errors import ConfigError
+from .quantizer import QuantMode, TensorQuantizer, WeightQuantizer
+from .walk import owner_weight, quant_points
+
+__all__ = ["compile_quantized", "freeze_weights"]
+
+
+def freeze_weights(model: nn.Module) -> nn.Module:
+    """Make each weight point's fake-quantized weight once (see :meth:`WeightQuantizer.freeze`)."""
+    for name, point in quant_points(model):
+        if isinstance(point, WeightQuantizer):
+            point.freeze(owner_weight(model, name))
+    return model
+
+
+def compile_quantized(model: nn.Module, **options) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``torch.compile(model, dynamic=False, **options)`` for a calibrated quantized (or float) model.
+
+    Compilation itself happens at the first call, for that input's shape (and again for each
+    new shape). The model must not change afterwards: the frozen weights are those of now.
+
+    Args:
+        model: a model whose quant points all quantize (after calibration or a loaded state),
+            or a model without quant points.
+        options: further ``torch.compile`` arguments (``mode``, ``backend``, ``options``, ...).
+
+    Raises:
+        ConfigError: a quant point is calibrating, or an activation point is not calibrated.
+    """
+    for name, point in quant_points(model):
+        if point.mode is QuantMode.CALIBRATE:
+            raise ConfigError(f"quant point {name} is calibrating: compile the model after calibration, for evaluation")
+        if isinstance(point, TensorQuantizer) and point.mode is QuantMode.QUANTIZE and not point.ready:
+            raise ConfigError(f"quant point {name} is not calibrated: calibrate or load a state before compiling")
+    freeze_weights(model)
+    options.setdefault("backend", eager_kernels_inductor)
+    return torch.compile(model, dynamic=False, **options)
+
+
+EAGER_KERNELS = (
+    torch.ops.aten.native_layer_norm.default,
+    torch.ops.aten.gelu.default,
+    torch.ops.aten._softmax.default,
+)
+"""Operations that Inductor runs as the eager kernels instead of decomposing them: its own
+LayerNorm (Welford statistics), GELU (erf) and softmax (a division by the sum) give other last
+bits than ATen's CPU kernels, which a quant point after them can round to another level."""
+
+
+def eager_kernels_inductor(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+    """Inductor with :data:`EAGER_KERNELS` left whole (called as an ATen fallback), everything
+    else decomposed and fused as usual.
+
+    AOTAutograd's cache is switched off for this compilation: its key does not hold the
+    decomposition table, so it could hand back a graph decomposed by a plain ``torch.compile``.
+    """
+    from torch._functorch import config as functorch_config
+    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.decomposition import select_decomp_table
+
+    table = {op: fn for op, fn in select_decomp_table().items() if op not in EAGER_KERNELS}
+    with functorch_config.patch(enable_autograd_cache=False):
+        return compile_fx(gm, example_inputs, decompositions=table)
