@@ -73,9 +73,50 @@ LayerNorm (Welford statistics), GELU (erf) and softmax (a division by the sum) g
 bits than ATen's CPU kernels, which a quant point after them can round to another level."""
 
 
+@torch.library.custom_op("lit_ptq::eager_mean", mutates_args=())
+def eager_mean(x: torch.Tensor, dim: list[int], keepdim: bool) -> torch.Tensor:
+    """``torch.mean(x, dim, keepdim)``, an operation Inductor cannot see into: it calls ATen's
+    kernel, whose order of summation it does not reproduce (on ``itpn_base``'s mean over 49
+    tokens the last bit differs)."""
+    return torch.mean(x, dim, keepdim)
+
+
+@eager_mean.register_fake
+def _(x: torch.Tensor, dim: list[int], keepdim: bool) -> torch.Tensor:
+    return torch.mean(x, dim, keepdim)
+
+
+def _is_mean(node: torch.fx.Node) -> bool:
+    return (node.op == "call_method" and node.target == "mean") or (
+        node.op == "call_function" and node.target in (torch.mean, torch.Tensor.mean)
+    )
+
+
+def keep_eager_means(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Replace each ``mean`` over given dimensions (no ``dtype``) in Dynamo's graph by :func:`eager_mean`."""
+    for node in list(gm.graph.nodes):
+        if not _is_mean(node):
+            continue
+        args, kwargs = list(node.args), dict(node.kwargs)
+        x = args.pop(0) if args else kwargs.pop("input", None)
+        dim = args.pop(0) if args else kwargs.pop("dim", None)
+        keepdim = args.pop(0) if args else kwargs.pop("keepdim", False)
+        dims = [dim] if isinstance(dim, int) else list(dim) if isinstance(dim, (tuple, list)) else None
+        if x is None or args or kwargs or dims is None or not all(isinstance(d, int) for d in dims) or not isinstance(keepdim, bool):
+            continue
+        with gm.graph.inserting_before(node):
+            replacement = gm.graph.call_function(torch.ops.lit_ptq.eager_mean.default, (x, dims, keepdim))
+        replacement.meta = dict(node.meta)
+        node.replace_all_uses_with(replacement)
+        gm.graph.erase_node(node)
+    gm.recompile()
+    return gm
+
+
 def eager_kernels_inductor(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
-    """Inductor with :data:`EAGER_KERNELS` left whole (called as an ATen fallback), everything
-    else decomposed and fused as usual.
+    """Inductor with :data:`EAGER_KERNELS` left whole and every ``mean`` computed by
+    :func:`eager_mean` (both called as ATen fallbacks), everything else decomposed and fused
+    as usual.
 
     AOTAutograd's cache is switched off for this compilation: its key does not hold the
     decomposition table, so it could hand back a graph decomposed by a plain ``torch.compile``.
@@ -86,4 +127,4 @@ def eager_kernels_inductor(gm: torch.fx.GraphModule, example_inputs: list) -> Ca
 
     table = {op: fn for op, fn in select_decomp_table().items() if op not in EAGER_KERNELS}
     with functorch_config.patch(enable_autograd_cache=False):
-        return compile_fx(gm, example_inputs, decompositions=table)
+        return compile_fx(keep_eager_means(gm), example_inputs, decompositions=table)
