@@ -11,15 +11,16 @@ point returns the fake-quantized weight made once, eagerly, by
 value or calls ``.item()``, so the whole model is one graph, compiled once per input shape
 (``dynamic=False``).
 
-Inductor computes the float operations around the points (LayerNorm, GELU, softmax) with its
-own kernels, whose last bits may differ from eager's; a point can then round a value to the
-neighbouring level. ``docs/quantization.md`` ("Compiled evaluation") gives the measured
-difference on the demo, and ``tests/quant/test_compiled.py`` bounds it.
+Inductor's own LayerNorm, GELU, softmax and mean give other last bits than ATen's kernels, and
+a point after them can then round a value to the neighbouring level; :func:`compile_quantized`
+therefore compiles with :func:`eager_kernels_inductor`, which leaves those to ATen. The logits
+are then eager's to the bit on the demo and on ``itpn_base`` (``docs/quantization.md``,
+"Compiled evaluation"; ``tests/quant/test_compiled.py``).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -32,14 +33,15 @@ __all__ = ["compile_quantized", "freeze_weights"]
 
 
 def freeze_weights(model: nn.Module) -> nn.Module:
-    """Make each weight point's fake-quantized weight once (see :meth:`WeightQuantizer.freeze`)."""
+    """Make the fake-quantized weight of each quantizing weight point once (see
+    :meth:`WeightQuantizer.freeze`); any other weight point forgets an earlier one."""
     for name, point in quant_points(model):
         if isinstance(point, WeightQuantizer):
-            point.freeze(owner_weight(model, name))
+            point.freeze(owner_weight(model, name) if point.mode is QuantMode.QUANTIZE else None)
     return model
 
 
-def compile_quantized(model: nn.Module, **options) -> Callable[[torch.Tensor], torch.Tensor]:
+def compile_quantized(model: nn.Module, **options: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     """``torch.compile(model, dynamic=False, **options)`` for a calibrated quantized (or float) model.
 
     Compilation itself happens at the first call, for that input's shape (and again for each
