@@ -261,7 +261,7 @@ class WeightQuantizer(TensorQuantizer):
             return
         self._check_calibrated()
         with torch.no_grad():
-            self._frozen = self._fake_quant_weight(weight.detach()).clone()
+            self._frozen = self._fake_quant_weight(weight.detach())
 
     def calibrate_weight(self, weight: torch.Tensor) -> None:
         """Compute the qparams from ``weight`` (replaces anything observed)."""
