@@ -6,6 +6,7 @@ weights and random inputs (timings do not depend on the values)::
 
     python benchmarks/bench_ptq.py                       # itpn_base, every method, both placements
     python benchmarks/bench_ptq.py --model itpn_tiny --repeats 2 --json /tmp/bench.json
+    python benchmarks/bench_ptq.py --methods minmax --placement seed --compile   # + torch.compile
 
 For each placement and method it reports
 
@@ -15,7 +16,11 @@ For each placement and method it reports
   ``--calib-batch-size`` images (observers, OMSE / percentile searches and the weight
   ranges included), against the same float forwards of the float model;
 - ``mem``: the peak memory of that calibration against the peak of one float forward at
-  the calibration batch size (see :func:`peak_bytes`).
+  the calibration batch size (see :func:`peak_bytes`);
+- with ``--compile``, ``compiled``: the same forward of the calibrated model through
+  ``torch.compile`` (:func:`lit_ptq.quant.compile_quantized`) against the eager float forward,
+  the seconds of its first call (the compilation), and whether its logits equal the eager
+  quantized logits (else their largest absolute difference).
 
 Float and quantized repetitions are interleaved, so that load from other processes
 affects both alike; each ratio is the median time of one over the median of the other
@@ -50,7 +55,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from lit_ptq.models import create_model  # noqa: E402
-from lit_ptq.quant import METHODS, PLACEMENTS, Arithmetic, QuantConfig, calibrate, quantize_  # noqa: E402
+from lit_ptq.quant import METHODS, PLACEMENTS, Arithmetic, QuantConfig, calibrate, compile_quantized, quantize_  # noqa: E402
 
 TARGETS = {"eval_seed": 1.15, "eval_full": 1.30, "calib": 1.5, "mem": 1.5}
 
@@ -70,6 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="timed repetitions per measurement (after one warm-up)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads")
     p.add_argument("--skip", nargs="*", default=[], choices=["eval", "calib", "mem"], help="measurements to leave out")
+    p.add_argument("--compile", action="store_true", help="also time evaluation through torch.compile (and the compilation)")
     p.add_argument("--json", default=None, help="write the results here (after every row)")
     p.add_argument("--verbose", action="store_true", help="log every repetition")
     return p.parse_args(argv)
@@ -201,6 +207,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
                     tf, tq = interleaved(float_eval, quant_eval, args.repeats, device, f"{placement}/{method} eval")
                     row.update(eval_float_s=tf, eval_quant_s=tq, eval_ratio=_ratio(tq, tf), eval_paired=_paired(tq, tf))
+                    if args.compile:
+                        row.update(compiled_row(model, float_eval, x_eval, args.repeats, device, f"{placement}/{method}"))
                 row["load"] = os.getloadavg()
                 rows.append(row)
                 print(_row_line(row), flush=True)
@@ -209,6 +217,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 gc.collect()
     result["load_end"] = os.getloadavg()
     return result
+
+
+def compiled_row(
+    model: nn.Module, float_eval: Callable[[], Any], x: torch.Tensor, repeats: int, device: torch.device, label: str
+) -> dict[str, Any]:
+    """Compile ``model`` (after calibration), time its compiled forward against ``float_eval``.
+
+    Dynamo's caches are emptied first, so each row compiles its own model (Inductor's on-disk
+    cache of kernels and graphs is left alone: a graph met before compiles faster).
+    """
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = model(x)
+        start = time.perf_counter()
+        compiled = compile_quantized(model)
+        logits = compiled(x)
+        _sync(device)
+        compile_s = time.perf_counter() - start
+
+    @torch.no_grad()
+    def compiled_eval() -> None:
+        compiled(x)
+
+    tf, tc = interleaved(float_eval, compiled_eval, repeats, device, f"{label} compiled")
+    return dict(
+        compile_s=compile_s, eval_compiled_float_s=tf, eval_compiled_s=tc, compiled_ratio=_ratio(tc, tf),
+        compiled_paired=_paired(tc, tf), compiled_equal=torch.equal(logits, eager),
+        compiled_max_abs=float((logits - eager).abs().max()),
+    )
 
 
 def _write(path: str | None, result: dict[str, Any]) -> None:
@@ -248,6 +285,9 @@ def _row_line(row: dict[str, Any]) -> str:
         cells += [f"{row['mem_float_bytes'] / 2**20:.0f}", f"{row['mem_calib_bytes'] / 2**20:.0f}", f"{row['mem_ratio']:.2f}"]
     else:
         cells += ["-", "-", "-"]
+    if "compiled_ratio" in row:
+        equal = "yes" if row["compiled_equal"] else f"no ({row['compiled_max_abs']:.2g})"
+        cells += [f"{med('eval_compiled_s'):.3f}", f"{row['compiled_ratio']:.2f}", f"{row['compile_s']:.0f}", equal]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -256,6 +296,17 @@ HEADER = (
     "| calib float s | calib s | calib ratio | float peak MiB | calib peak MiB | mem ratio |\n"
     "|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
+COMPILED_HEADER = (" eval compiled s | compiled ratio | compile s | logits = eager |", "---|---|---|---|")
+"""The columns ``--compile`` adds: the compiled forward, its ratio to the eager float forward
+(timed in their own interleaved pairs), the compilation, and whether the logits are eager's."""
+
+
+def header(compiled: bool) -> str:
+    """The table's header, with the compiled columns when ``compiled``."""
+    if not compiled:
+        return HEADER
+    top, rule = HEADER.split("\n")
+    return f"{top}{COMPILED_HEADER[0]}\n{rule}{COMPILED_HEADER[1]}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -266,11 +317,11 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.repeats} repeats, device {args.device}, {args.threads} threads, "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
     )
-    print(HEADER, flush=True)
+    print(header(args.compile), flush=True)
     result = run(args)
     load = ", ".join(f"{a:.1f}" for a in result["load_start"]) + " -> " + ", ".join(f"{a:.1f}" for a in result["load_end"])
     print(f"\n{result['machine']}, torch {result['torch']}, {result['date']}, load average {load}\n")
-    print(HEADER)
+    print(header(args.compile))
     for row in result["rows"]:
         print(_row_line(row))
     _write(args.json, result)

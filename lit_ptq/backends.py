@@ -184,16 +184,35 @@ class PyTorchBackend(InferenceBackend):
 
     Args:
         model: the model; the caller owns it (a LightningModule registers it as a submodule).
+        compiler: turns the model into the callable that computes the logits (for instance
+            :func:`lit_ptq.quant.compile_quantized`, through ``torch.compile``), at the first
+            batch after :meth:`reset`, that is after calibration; None runs the model eagerly.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, compiler: Optional[Callable[[nn.Module], Callable[[torch.Tensor], torch.Tensor]]] = None) -> None:
         self._model = model
+        self._compiler = compiler
+        self._compiled: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
     @property
     def model(self) -> nn.Module:
         """The PyTorch model."""
         return self._model
 
+    @property
+    def compiled(self) -> bool:
+        """Whether the logits come through the compiler."""
+        return self._compiler is not None
+
+    def reset(self) -> None:
+        """Forget the compiled callable: the next batch compiles the model as it is then
+        (after a calibration changed its quant points or weights)."""
+        self._compiled = None
+
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        """The model's output on ``images``."""
-        return self._model(images)
+        """The model's output on ``images`` (through the compiled callable when there is a compiler)."""
+        if self._compiler is None:
+            return self._model(images)
+        if self._compiled is None:
+            self._compiled = self._compiler(self._model)
+        return self._compiled(images)

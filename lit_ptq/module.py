@@ -15,7 +15,7 @@ from .backends import InferenceBackend, PyTorchBackend, inference_backend
 from .errors import ConfigError
 from .metrics import ExactMean, PercentAccuracy
 from .models import create_model
-from .quant import QuantConfig, is_quantized, quantize_
+from .quant import QuantConfig, compile_quantized, is_quantized, quantize_
 
 __all__ = ["PTQModule"]
 
@@ -70,10 +70,16 @@ class PTQModule(LightningModule):
             the CPU otherwise. Needs the ``onnxruntime`` backend registered (importing
             ``lit_ptq.export`` registers it; the CLI does).
         backend: an inference backend to evaluate instead of the PyTorch model.
+        compile: evaluate the model through ``torch.compile`` (Inductor, ``dynamic=False``;
+            :func:`lit_ptq.quant.compile_quantized`). Calibration stays eager; the model is
+            compiled at the first evaluation batch after it, which takes a while (once per
+            input shape). The logits are those of eager evaluation to the bit on the demo
+            (``docs/quantization.md``, "Compiled evaluation").
 
     Raises:
         ConfigError: with ``onnx`` or ``backend``: the file is missing, not an image
-            classifier, or made for another input size, class count or model.
+            classifier, or made for another input size, class count or model; ``compile``
+            with ``onnx`` or ``backend`` (there is no PyTorch model to compile).
     """
 
     def __init__(
@@ -97,9 +103,13 @@ class PTQModule(LightningModule):
         gelu: str = "uniform",
         onnx: Optional[str] = None,
         backend: Optional[InferenceBackend] = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backend"])
+        if compile and (onnx is not None or backend is not None):
+            given = f"model.onnx={onnx}" if onnx is not None else "model.backend"
+            raise ConfigError(f"model.compile=true compiles the PyTorch model, but {given} evaluates another backend; remove one")
         if onnx is not None:
             if backend is not None:
                 raise ConfigError(f"model.onnx={onnx} and model.backend are both set; give one backend")
@@ -121,7 +131,7 @@ class PTQModule(LightningModule):
             )
             if self.quant_config is not None:
                 quantize_(model, self.quant_config)
-            backend = PyTorchBackend(model)
+            backend = PyTorchBackend(model, compiler=compile_quantized if compile else None)
         self.model: Optional[torch.nn.Module] = backend.model
         self.inference_backend = backend
         top5 = min(5, num_classes)
@@ -156,6 +166,21 @@ class PTQModule(LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of a batch of images, computed by the inference backend (a tensor on ``x``'s device)."""
         return self.inference_backend.logits(x)
+
+    def _recompile(self) -> None:
+        """Have a compiled backend compile again at its next batch: the calibration that the
+        callback has just run (before this hook) may have changed the quant points and weights."""
+        if isinstance(self.inference_backend, PyTorchBackend):
+            self.inference_backend.reset()
+
+    def on_validation_start(self) -> None:
+        self._recompile()
+
+    def on_test_start(self) -> None:
+        self._recompile()
+
+    def on_predict_start(self) -> None:
+        self._recompile()
 
     def _full_batch_size(self) -> int:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None

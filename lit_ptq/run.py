@@ -147,6 +147,11 @@ def plan_run(
     onnx = model.get("onnx")
     quantized = model.get("method") is not None
     sensitivity.check_options(quantized, onnx, data["calib_batches"] * data["calib_batch_size"], subcommand)
+    if model.get("compile"):
+        if onnx:
+            raise ConfigError(f"model.compile=true compiles the PyTorch model, but model.onnx={onnx} is run by onnxruntime; remove one")
+        if subcommand == "export":
+            raise ConfigError("model.compile=true is for evaluation (validate, test, predict); export traces the eager model: remove model.compile")
     if subcommand == "export":
         if onnx:
             raise ConfigError(f"model.onnx={onnx} is for validate; export writes the PyTorch model: remove model.onnx")

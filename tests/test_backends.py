@@ -203,3 +203,31 @@ def test_main_export_refuses_an_unknown_format_before_any_compute(tmp_path, fmni
     assert code == 2 and len(err) == 1 and err[0].startswith("error: --format=trt is not an export backend; registered:")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.yaml"]
 
+
+
+def test_the_pytorch_backend_compiles_at_the_first_batch_and_again_after_a_reset() -> None:
+    model = nn.Linear(3, 2)
+    compiled: list[nn.Module] = []
+
+    def compiler(m: nn.Module) -> Any:
+        compiled.append(m)
+        return lambda x: m(x) + 1
+
+    backend = PyTorchBackend(model, compiler=compiler)
+    x = torch.ones(1, 3)
+    assert backend.compiled and not compiled  # nothing compiled before a batch (calibration runs first)
+    assert torch.equal(backend.logits(x), model(x) + 1) and torch.equal(backend.logits(x), model(x) + 1)
+    assert compiled == [model]
+    backend.reset()
+    backend.logits(x)
+    assert compiled == [model, model]
+    assert not PyTorchBackend(model).compiled
+
+
+def test_compile_with_another_backend_is_refused() -> None:
+    class Zeros(InferenceBackend):
+        def logits(self, images: torch.Tensor) -> torch.Tensor:
+            return images.new_zeros(images.shape[0], 10)
+
+    with pytest.raises(ConfigError, match="model.compile=true compiles the PyTorch model, but model.backend evaluates another backend"):
+        PTQModule(model_name="itpn_tiny", num_classes=10, compile=True, backend=Zeros())

@@ -85,3 +85,22 @@ def test_a_small_run_writes_every_row_and_prints_the_table(scripted, tmp_path, c
     # medians: eval 4 s float, 3 s quantized; calibration 2 s float, 3 s quantized; peaks in MiB
     assert printed.count("| seed | omse | seed | 4.000 | 3.000 | 0.75 | 2.000 | 3.000 | 1.50 | 4 | 5 | 1.25 |") == 2
     assert "itpn_tiny" in printed and result["machine"] in printed
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_compile_adds_the_compiled_columns(monkeypatch, tmp_path, capsys) -> None:
+    """``--compile``: the compiled forward (here the model itself: nothing is compiled) timed
+    against the float one, the compile seconds, and the logits compared with eager's."""
+    durations = iter([1.0, 2.0, 1.0, 2.0, 1.0, 2.0] + [4.0, 5.0, 4.0, 5.0, 4.0, 5.0])  # eval pairs, then compiled pairs
+    monkeypatch.setattr(bench_ptq, "timed", lambda fn, device: next(durations))
+    monkeypatch.setattr(bench_ptq, "compile_quantized", lambda model: model)
+    out = tmp_path / "bench.json"
+    argv = ["--model", "itpn_tiny", "--batch-size", "2", "--repeats", "3", "--methods", "minmax", "--placement", "seed"]
+    bench_ptq.main(argv + ["--skip", "calib", "mem", "--compile", "--batches", "1", "--json", str(out)])
+    (row,) = json.loads(out.read_text())["rows"]
+    assert (row["eval_compiled_float_s"], row["eval_compiled_s"], row["compiled_ratio"]) == ([4.0] * 3, [5.0] * 3, 1.25)
+    assert (row["compiled_equal"], row["compiled_max_abs"]) == (True, 0.0) and row["compile_s"] >= 0
+    printed = capsys.readouterr().out
+    assert "| eval compiled s | compiled ratio | compile s | logits = eager |" in printed
+    compile_s = f"{row['compile_s']:.0f}"  # the one real time: the first (uncompiled) call
+    assert printed.count(f"| seed | minmax | seed | 1.000 | 2.000 | 2.00 | - | - | - | - | - | - | 5.000 | 1.25 | {compile_s} | yes |") == 2

@@ -73,6 +73,8 @@ class TestPlan:
             ("validate", dict(method="minmax", load_state="/no/such.qstate"), "calibration.load_state=/no/such.qstate does not exist"),
             ("export", dict(onnx="m.onnx"), "model.onnx=m.onnx is for validate"),
             ("test", dict(method="minmax", sensitivity=True), "sensitivity.enabled=true is for validate, not test"),
+            ("validate", dict(method="minmax", compile=True, onnx="m.onnx"), "model.compile=true compiles the PyTorch model, but model.onnx=m.onnx"),
+            ("export", dict(method="minmax", compile=True), r"model.compile=true is for evaluation \(validate, test, predict\)"),
         ],
     )
     def test_errors_are_one_sentence(self, subcommand, kwargs, message):

@@ -10,6 +10,7 @@ imported (the core modules never import them).
 
 from ..errors import CalibrationError
 from .calibration import CalibrationContext, calibrate, run_calibration
+from .compiled import compile_quantized, freeze_weights
 from .config import Arithmetic, Granularity, PointOverride, QuantConfig, QuantSpec, ReconSettings, parse_bits
 from .observers import GELU_QUANTIZERS, METHODS, OBSERVERS, SOFTMAX_QUANTIZERS, Observer, build_observer, register_observer
 from .quantize import quantize_
@@ -79,8 +80,10 @@ __all__ = [
     "broadcast_quant_state",
     "build_observer",
     "calibrate",
+    "compile_quantized",
     "family_of",
     "float_points",
+    "freeze_weights",
     "is_quantized",
     "load_quant_state",
     "owner_weight",

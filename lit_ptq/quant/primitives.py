@@ -154,7 +154,9 @@ def fake_quant_seed(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tens
     rounding's derivative is zero), and through the six operations when ``s`` or ``zp``
     require one.
     """
-    if not _seed_fast_path(x, scale, zero_point):
+    if torch.compiler.is_compiling() or not _seed_fast_path(x, scale, zero_point):
+        # traced by torch.compile: the six operations as one expression, which Inductor fuses
+        # into one loop with the operation that made x and the one that reads the result
         return (torch.round(x / scale + zero_point).clamp(qmin, qmax) - zero_point) * scale
     if _recording(x):
         return _SeedFakeQuant.apply(x, scale, zero_point, qmin, qmax)
@@ -169,7 +171,7 @@ def fake_quant_seed_(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Ten
     or a gradient being recorded (``x`` may be saved for the backward pass of the
     operation that made it).
     """
-    if not (x.is_contiguous() and _seed_fast_path(x, scale, zero_point)) or _recording(x):
+    if torch.compiler.is_compiling() or not (x.is_contiguous() and _seed_fast_path(x, scale, zero_point)) or _recording(x):
         return fake_quant_seed(x, scale, zero_point, qmin, qmax)
     return _seed_into(x, x, scale, zero_point, qmin, qmax)
 
@@ -187,7 +189,7 @@ def fake_quant_fused(
 def fake_quant_per_channel_divide(w: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
     """Symmetric per-output-channel fake quantization of a weight, dividing by the scale (seed)."""
     s = scale.reshape(-1, *([1] * (w.dim() - 1)))
-    if not _seed_fast_path(w, s, s) or _recording(w):
+    if torch.compiler.is_compiling() or not _seed_fast_path(w, s, s) or _recording(w):
         return torch.round(w / s).clamp(qmin, qmax) * s
     out = torch.div(w, s)
     return out.round_().clamp_(qmin, qmax).mul_(s)

@@ -251,6 +251,22 @@ class WeightQuantizer(TensorQuantizer):
         super().__init__(spec, "weight", channels=out_channels, channel_axis=0)
         self._cache: Optional[torch.Tensor] = None
         self._cache_key: Optional[tuple] = None
+        self._frozen: Optional[torch.Tensor] = None
+
+    def freeze(self, weight: Optional[torch.Tensor]) -> None:
+        """Keep the fake-quantized ``weight`` for forwards traced by ``torch.compile`` (None: forget it).
+
+        A traced forward cannot check the cache's key (storage and version counter), so it
+        reads this copy instead, made once, eagerly, with the same arithmetic; the compiled
+        graph then holds no weight quantization at all. Freeze again after changing the weight
+        or the qparams (:func:`lit_ptq.quant.compile_quantized` does, each time it compiles).
+        """
+        if weight is None:
+            self._frozen = None
+            return
+        self._check_calibrated()
+        with torch.no_grad():
+            self._frozen = self._fake_quant_weight(weight.detach())
 
     def calibrate_weight(self, weight: torch.Tensor) -> None:
         """Compute the qparams from ``weight`` (replaces anything observed)."""
@@ -266,6 +282,8 @@ class WeightQuantizer(TensorQuantizer):
         them could not be seen: for those the weight is fake-quantized on every call.
         """
         self._check_calibrated()
+        if torch.compiler.is_compiling():
+            return self._frozen if self._frozen is not None else self._fake_quant_weight(weight)
         if weight.is_inference() or self.scale.is_inference():
             self._cache = self._cache_key = None
             return self._fake_quant_weight(weight)
