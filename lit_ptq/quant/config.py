@@ -166,6 +166,10 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+RECON_STEPS = ("reconstruct", "reconstruct_fisher", "reconstruct_joint")
+"""The steps that read :class:`ReconSettings` (``lit_ptq.quant.transforms.recon``)."""
+
+
 @dataclass(frozen=True)
 class ReconSettings:
     """Block reconstruction (BRECQ / QDrop with AdaRound) settings.
@@ -180,6 +184,8 @@ class ReconSettings:
         round_weight: weight of AdaRound's rounding regularizer.
         drop_prob: QDrop's probability of keeping an activation float during a step.
         seed: seed of the image sampling and of QDrop's masks.
+        joint_iters: optimizer steps of the joint stage (the ``reconstruct_joint`` step, which
+            tunes all blocks together on the model's logits; read by no other step).
     """
 
     iters: int = 500
@@ -190,9 +196,10 @@ class ReconSettings:
     round_weight: float = 0.01
     drop_prob: float = 0.5
     seed: int = 0
+    joint_iters: int = 200
 
     def __post_init__(self) -> None:
-        for name in ("iters", "batch_size"):
+        for name in ("iters", "batch_size", "joint_iters"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise ConfigError(f"recon.{name}={getattr(self, name)!r} must be a positive integer")
         if self.images is not None and (not _is_int(self.images) or self.images < 1):
@@ -349,11 +356,11 @@ class QuantConfig:
                 raise ConfigError(f"softmax={self.softmax!r} and lis=True both quantize the softmax output; pick one")
         _choice("gelu", self.gelu, GELU_QUANTIZERS)
         if self.recon is not None and not self._reconstructs():
-            raise ConfigError(f"recon settings are for recipe='recon' (got recipe={self.recipe!r})")
+            raise ConfigError(f"recon settings are for recipe='recon' or another reconstructing recipe (got recipe={self.recipe!r})")
 
     def _reconstructs(self) -> bool:
-        """Whether the recipe runs block reconstruction (the ``reconstruct`` step), which reads ``recon``."""
-        return self.recipe is not None and "reconstruct" in RECIPES[self.recipe]
+        """Whether the recipe runs a reconstruction step (:data:`RECON_STEPS`), which reads ``recon``."""
+        return self.recipe is not None and any(step in RECON_STEPS for step in RECIPES[self.recipe])
 
     def spec_for(self, role: str, name: str) -> Optional[QuantSpec]:
         """The spec of the quant point ``name`` of ``role`` (``weight``, ``act``, ``attn``,

@@ -14,7 +14,10 @@ A recipe runs in place of the plain calibration (``QuantConfig(recipe=...)``), o
 4. ``correct_weights`` (``repq_gptq``): ERQ's ridge regression and GPTQ rounding, layer by
    layer (:mod:`lit_ptq.quant.transforms.gptq`).
 5. ``reconstruct`` (``recon``): block reconstruction with AdaRound and learned step sizes
-   (:mod:`lit_ptq.quant.transforms.recon`).
+   (:mod:`lit_ptq.quant.transforms.recon`); ``reconstruct_fisher`` (``recon_fisher``) weights
+   the block loss by a diagonal Fisher approximation (FIMA-Q's ``fisher_brecq``); a
+   ``reconstruct_joint`` step after either (``recon_joint``, ``recon_fisher_joint``) then tunes
+   all blocks together on the KL divergence from the float model's logits.
 
 Each weight step has an output-error variant (:mod:`lit_ptq.quant.transforms.weight_clip`),
 so that the clip search can be switched on and off by the recipe's name:
@@ -42,3 +45,6 @@ register_recipe("repq_gptq", (*REPQ_STEPS, "correct_weights"))
 register_recipe("recon", (*REPQ_STEPS, "reconstruct"))
 register_recipe("repq_oclip", (*REPQ_STEPS, "clip_weights_output"))
 register_recipe("repq_gptq_oclip", (*REPQ_STEPS, "correct_weights_output_clip"))
+register_recipe("recon_fisher", (*REPQ_STEPS, "reconstruct_fisher"))
+register_recipe("recon_joint", (*REPQ_STEPS, "reconstruct", "reconstruct_joint"))
+register_recipe("recon_fisher_joint", (*REPQ_STEPS, "reconstruct_fisher", "reconstruct_joint"))

@@ -35,6 +35,9 @@ def test_the_recipes_run_these_registered_steps_in_this_order() -> None:
         "recon": (*repq, "reconstruct"),
         "repq_oclip": (*repq, "clip_weights_output"),  # the output-error clip after the activations
         "repq_gptq_oclip": (*repq, "correct_weights_output_clip"),  # ridge, output-error grid, GPTQ
+        "recon_fisher": (*repq, "reconstruct_fisher"),  # the Fisher-weighted block loss
+        "recon_joint": (*repq, "reconstruct", "reconstruct_joint"),  # the joint stage after the blocks
+        "recon_fisher_joint": (*repq, "reconstruct_fisher", "reconstruct_joint"),
     }
     assert all(step in STEPS for steps in RECIPES.values() for step in steps)
 

@@ -25,6 +25,21 @@
 After each block its rounded weights are written into the layers' ``weight`` (they lie on
 the weight quantizers' grids, which map them to themselves) and the learned step sizes into
 the quantizers' ``scale`` buffers; nothing else of the model changes.
+
+Two opt-in additions (``docs/lowbit.md``), each a step of its own so that a recipe switches it on:
+
+- ``reconstruct_fisher``: the block loss weights each element of the block's output error by a
+  diagonal Fisher approximation, the squared gradient of the loss at the block's output
+  (BRECQ's ``fisher_brecq`` loss as FIMA-Q's ``utils/block_recon.py`` implements it, Wang et
+  al., "FIMA-Q: Post-Training Quantization for Vision Transformers by Fisher Information
+  Matrix Approximation", CVPR 2025, ShiheWang/FIMA-Q). The gradient here is that of the
+  float model's cross-entropy against its own argmax (label-free, nonzero at the float
+  model), computed once per block on the calibration images; FIMA-Q's own loss adds a
+  low-rank term to the diagonal, which is not implemented.
+- ``reconstruct_joint``: after the block stage, every block's AdaRound variables and learned
+  step sizes, resumed where the block stage left them, are trained together on
+  ``KL(softmax(float logits) || softmax(quantized logits))`` of the whole model, with QDrop's
+  dropping in every activation quant point, then rounded as the block stage does.
 """
 
 from __future__ import annotations
@@ -32,23 +47,37 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.func import functional_call
 from tqdm import tqdm
 
+from ...errors import CalibrationError
 from ..calibration import CalibrationContext
 from ..config import ReconSettings
 from ..primitives import EPS
 from ..quantizer import NonUniformQuantizer, QuantMode, QuantPoint, TensorQuantizer, WeightQuantizer
-from ..steps import register_step
+from ..steps import RECIPES, register_step
 from ..walk import set_quant_mode
 from .capture import capture_inputs, capture_outputs
 
-__all__ = ["reconstruct", "reconstruct_", "ZETA", "GAMMA", "BETA", "WARMUP"]
+__all__ = [
+    "BETA",
+    "BLOCK_LOSSES",
+    "GAMMA",
+    "WARMUP",
+    "ZETA",
+    "Rounding",
+    "reconstruct",
+    "reconstruct_",
+    "reconstruct_fisher",
+    "reconstruct_joint",
+    "reconstruct_joint_",
+]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +89,8 @@ decay reaches at step ``iters`` (the last step run, ``iters - 1``, is one decrem
 as in BRECQ's schedule)."""
 WARMUP = 0.2
 """Fraction of the steps before the rounding regularizer starts and ``beta`` decays."""
+BLOCK_LOSSES = ("mse", "fisher")
+"""The block losses: BRECQ's squared error, or the squared error weighted by the diagonal Fisher."""
 
 
 class _Drop:
@@ -275,6 +306,8 @@ class _BlockData:
         target: the float block's output on ``float_input``.
         args: the block's other positional arguments (the same for every batch).
         kwargs: its keyword arguments.
+        fisher: the loss weight of each element of ``target`` (:func:`_fisher_weights`);
+            ``None`` for the plain squared error.
     """
 
     quantized_input: torch.Tensor
@@ -282,6 +315,7 @@ class _BlockData:
     target: torch.Tensor
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
+    fisher: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return self.quantized_input.shape[0]
@@ -346,6 +380,52 @@ def _rec_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (out - target).pow(2).sum(-1).mean()
 
 
+def _fisher_loss(out: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Squared error weighted element by element by ``weight`` (the diagonal Fisher), summed
+    over channels and averaged over the rest (FIMA-Q's ``fisher_brecq``)."""
+    return ((out - target).pow(2) * weight).sum(-1).mean()
+
+
+@torch.no_grad()
+def _fisher_weights(
+    model: nn.Module, name: str, batches: Sequence[torch.Tensor], float_weights: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """The diagonal Fisher approximation at the output of block ``name``, one weight per element.
+
+    For each image, ``g`` is the gradient, at the block's output, of the float model's
+    cross-entropy against its own top class (``-log softmax(z)[argmax z]``, no label needed).
+    The weight is ``g ** 2``, scaled over all images so that its root mean square is 1 (as
+    FIMA-Q scales its squared gradients); the scale leaves the minimizer unchanged and keeps
+    the loss comparable to the squared error.
+
+    Raises:
+        CalibrationError: every gradient is zero (the float model saturates on every image).
+    """
+    block = model.get_submodule(name)
+    held: list[torch.Tensor] = []
+
+    def leaf(_: nn.Module, _args: Any, out: torch.Tensor) -> torch.Tensor:
+        held.append(out.detach().requires_grad_())
+        return held[-1]
+
+    grads = []
+    handle = block.register_forward_hook(leaf)
+    try:
+        with _float_model(model, float_weights) as run, torch.enable_grad():
+            for x in batches:
+                held.clear()
+                logits = run(x)
+                loss = F.cross_entropy(logits, logits.detach().argmax(-1), reduction="sum")
+                grads.append(torch.autograd.grad(loss, held[0])[0])
+    finally:
+        handle.remove()
+    squared = torch.cat(grads).pow(2)
+    total = squared.pow(2).sum()
+    if not total > 0:
+        raise CalibrationError(f"the Fisher weights of block {name} are all zero: the float model saturates on every image")
+    return squared * torch.sqrt(squared.numel() / total)
+
+
 @torch.no_grad()
 def _block_mse(block: nn.Module, data: _BlockData, batch_size: int) -> float:
     """The mean squared error of the block's output on the quantized inputs against the targets."""
@@ -405,7 +485,11 @@ def _train(
         idx = torch.randperm(len(data), generator=drop.generator, device=data.quantized_input.device)[:batch]
         with torch.no_grad():
             x = drop(data.float_input[idx], data.quantized_input[idx])
-        loss = _rec_loss(block(x, *data.args, **data.kwargs), data.target[idx])
+        out = block(x, *data.args, **data.kwargs)
+        if data.fisher is None:
+            loss = _rec_loss(out, data.target[idx])
+        else:
+            loss = _fisher_loss(out, data.target[idx], data.fisher[idx])
         beta = _beta(i, settings)
         if beta is not None and rounding and settings.round_weight > 0:
             loss = loss + settings.round_weight * sum(r.regularizer(beta) for r in rounding)
@@ -436,8 +520,36 @@ def _limit(batches: Sequence[torch.Tensor], images: Optional[int]) -> list[torch
     return kept
 
 
+@dataclass
+class Rounding:
+    """Where the block stage leaves each rounded weight, for the joint stage to resume from.
+
+    Attributes:
+        float_weights: parameter name -> the weight before reconstruction.
+        v: parameter name -> AdaRound's ``V`` at the end of its block's training.
+    """
+
+    float_weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    v: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _weight_names(block_name: str, block: nn.Module, swaps: Sequence[_Swap]) -> dict[str, _AdaRoundWeight]:
+    """Parameter name of the weight -> its AdaRound stand-in, for the block's weight swaps."""
+    names = {m: sub for sub, m in block.named_modules()}
+    return {
+        ".".join(p for p in (block_name, names[s.parent], "weight") if p): s.stand_in
+        for s in swaps
+        if isinstance(s.stand_in, _AdaRoundWeight)
+    }
+
+
 def reconstruct_(
-    model: nn.Module, blocks: Sequence[str], data: Sequence[torch.Tensor], settings: ReconSettings
+    model: nn.Module,
+    blocks: Sequence[str],
+    data: Sequence[torch.Tensor],
+    settings: ReconSettings,
+    loss: str = "mse",
+    rounding: Optional[Rounding] = None,
 ) -> dict[str, tuple[float, float]]:
     """Reconstruct a calibrated, quantizing model block by block, in place (BRECQ / QDrop).
 
@@ -449,22 +561,32 @@ def reconstruct_(
         data: calibration input batches on the model's device.
         settings: steps, batch size, images, learning rates, regularizer weight, QDrop
             probability and seed.
+        loss: ``"mse"`` (BRECQ's squared error) or ``"fisher"`` (weighted by
+            :func:`_fisher_weights`, FIMA-Q's ``fisher_brecq``).
+        rounding: filled, when given, with each rounded weight's float value and its ``V``
+            at the end of the block stage (what :func:`reconstruct_joint_` resumes from).
 
     Returns:
         Block name -> the mean squared error of its quantized output against the float
         target, on the cached calibration images, before and after reconstruction.
     """
+    if loss not in BLOCK_LOSSES:
+        raise ValueError(f"loss={loss!r} must be one of {', '.join(BLOCK_LOSSES)}")
     batches = _limit(data, settings.images)
     device = batches[0].device
     generator = torch.Generator(device=device).manual_seed(settings.seed)
     drop = _Drop(float(settings.drop_prob), generator)
     float_weights = _float_weights(model, blocks)
+    if rounding is not None:
+        rounding.float_weights.update(float_weights)
     errors = {}
     bar = tqdm(total=len(blocks) * settings.iters, desc="Reconstruction", disable=None, leave=False)
     with torch.inference_mode(False), bar:
         for name in blocks:
             block = model.get_submodule(name)
             block_data = _capture(model, name, batches, float_weights)
+            if loss == "fisher":
+                block_data.fisher = _fisher_weights(model, name, batches, float_weights)
             before = _block_mse(block, block_data, settings.batch_size)
             swaps = _swap_in(block, drop, settings.act_lr > 0)
             try:
@@ -473,9 +595,119 @@ def reconstruct_(
             finally:
                 _restore(swaps)
             _commit(swaps)
+            if rounding is not None:
+                rounding.v.update({k: r.v.detach().clone() for k, r in _weight_names(name, block, swaps).items()})
             errors[name] = (before, _block_mse(block, block_data, settings.batch_size))
             log.info("reconstructed %s: output MSE %.4g -> %.4g", name, *errors[name])
     return errors
+
+
+def _kl(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``KL(softmax(target) || softmax(logits))`` summed over classes, averaged over images."""
+    log_p = F.log_softmax(target, dim=-1)
+    return (log_p.exp() * (log_p - F.log_softmax(logits, dim=-1))).sum(-1).mean()
+
+
+@torch.no_grad()
+def _model_kl(model: nn.Module, images: torch.Tensor, target: torch.Tensor, batch_size: int) -> float:
+    """:func:`_kl` of the model's logits against ``target`` over all ``images``."""
+    total = 0.0
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size]
+        total += float(_kl(model(chunk), target[start : start + batch_size])) * len(chunk)
+    return total / len(images)
+
+
+def _resume(block_name: str, block: nn.Module, swaps: Sequence[_Swap], rounding: Rounding) -> None:
+    """Give each AdaRound stand-in of ``block`` the float weight and the ``V`` the block stage left."""
+    for weight_name, stand_in in _weight_names(block_name, block, swaps).items():
+        if weight_name not in rounding.v:
+            raise CalibrationError(f"{weight_name} was not rounded by the block stage; reconstruct_joint cannot resume it")
+        with torch.no_grad():
+            stand_in.down.copy_((rounding.float_weights[weight_name] / stand_in.step).floor())
+            stand_in.v.copy_(rounding.v[weight_name])
+
+
+def reconstruct_joint_(
+    model: nn.Module, blocks: Sequence[str], data: Sequence[torch.Tensor], settings: ReconSettings, rounding: Rounding
+) -> tuple[float, float]:
+    """Tune every block's rounding and step sizes together on the float model's output, in place.
+
+    Each block's quantizers are replaced by their stand-ins at once, the AdaRound variables
+    resumed from ``rounding`` (the block stage's ``V`` on the float weights), the activation
+    step sizes from the quantizers' (learned) scales. ``settings.joint_iters`` Adam steps on
+    random batches of ``settings.batch_size`` calibration images minimize
+    ``KL(softmax(float logits) || softmax(quantized logits))`` plus AdaRound's regularizer, on
+    the block stage's schedule stretched to ``joint_iters`` steps; QDrop leaves each element
+    of every activation quant point's input float with probability ``drop_prob``. Then
+    ``h >= 0.5`` rounds up and the weights and steps are written into the model, as after a block.
+
+    Args:
+        model: a model reconstructed block by block (quantizers in ``QUANTIZE`` mode, left so).
+        blocks: the names of the blocks, as given to :func:`reconstruct_`.
+        data: calibration input batches on the model's device.
+        settings: ``joint_iters``, batch size, images, learning rates, regularizer weight,
+            QDrop probability and seed.
+        rounding: what :func:`reconstruct_` left (its ``rounding`` argument).
+
+    Returns:
+        The KL divergence of the quantized model's logits from the float model's on the
+        calibration images, before and after.
+    """
+    images = torch.cat(_limit(data, settings.images))
+    joint = replace(settings, iters=settings.joint_iters)
+    with _float_model(model, rounding.float_weights) as run, torch.no_grad():
+        target = torch.cat([run(images[i : i + joint.batch_size]) for i in range(0, len(images), joint.batch_size)])
+    before = _model_kl(model, images, target, joint.batch_size)
+    generator = torch.Generator(device=images.device).manual_seed(joint.seed)
+    drop = _Drop(float(joint.drop_prob), generator)
+    swaps: list[_Swap] = []
+    with torch.inference_mode(False):
+        try:
+            for name in blocks:
+                block = model.get_submodule(name)
+                block_swaps = _swap_in(block, drop, joint.act_lr > 0)
+                swaps.extend(block_swaps)
+                _resume(name, block, block_swaps, rounding)
+            with torch.enable_grad(), tqdm(total=joint.iters, desc="Joint reconstruction", disable=None, leave=False) as bar:
+                _train_joint(model, images, target, swaps, joint, drop, bar)
+        finally:
+            _restore(swaps)
+        _commit(swaps)
+    after = _model_kl(model, images, target, joint.batch_size)
+    log.info("joint reconstruction: KL to the float logits %.4g -> %.4g", before, after)
+    return before, after
+
+
+def _train_joint(
+    model: nn.Module, images: torch.Tensor, target: torch.Tensor, swaps: Sequence[_Swap], joint: ReconSettings, drop: _Drop, bar: tqdm
+) -> None:
+    """``joint.iters`` steps of :func:`_kl` plus the rounding regularizer on random batches."""
+    rounding = [s.stand_in for s in swaps if isinstance(s.stand_in, _AdaRoundWeight)]
+    steps = [s.stand_in.step for s in swaps if isinstance(s.stand_in, _LearnedStep) and s.stand_in.step.requires_grad]
+    optimizers = _Optimizers([r.v for r in rounding], steps, joint)
+    batch = min(joint.batch_size, len(images))
+    for i in range(joint.iters):
+        idx = torch.randperm(len(images), generator=drop.generator, device=images.device)[:batch]
+        loss = _kl(model(images[idx]), target[idx])
+        beta = _beta(i, joint)
+        if beta is not None and rounding and joint.round_weight > 0:
+            loss = loss + joint.round_weight * sum(r.regularizer(beta) for r in rounding)
+        optimizers.step(loss)
+        bar.update()
+
+
+_ROUNDING = "recon_rounding"
+"""``ctx.results`` key of the :class:`Rounding` the block stage leaves for ``reconstruct_joint``."""
+
+
+def _block_stage(model: nn.Module, batches: Sequence[torch.Tensor], ctx: CalibrationContext, loss: str) -> None:
+    """:func:`reconstruct_` with ``loss``; keeps the rounding when ``reconstruct_joint`` follows."""
+    rounding = None
+    if ctx.config.recipe is not None and "reconstruct_joint" in RECIPES[ctx.config.recipe]:
+        rounding = ctx.results[_ROUNDING] = Rounding()
+    blocks = ctx.family.fact("blocks", model)
+    ctx.results["reconstruction"] = reconstruct_(model, blocks, batches, ctx.config.recon, loss=loss, rounding=rounding)
 
 
 @register_step("reconstruct", needs={"blocks": "blocks"})
@@ -483,4 +715,25 @@ def reconstruct(model: nn.Module, batches: Sequence[torch.Tensor], ctx: Calibrat
     """The recipe step: :func:`reconstruct_` through the family's blocks with the config's
     ``recon`` settings; each block's output error before and after is left in
     ``ctx.results["reconstruction"]``."""
-    ctx.results["reconstruction"] = reconstruct_(model, ctx.family.fact("blocks", model), batches, ctx.config.recon)
+    _block_stage(model, batches, ctx, "mse")
+
+
+@register_step("reconstruct_fisher", needs={"blocks": "blocks"})
+def reconstruct_fisher(model: nn.Module, batches: Sequence[torch.Tensor], ctx: CalibrationContext) -> None:
+    """``reconstruct`` with the Fisher-weighted block loss (``loss="fisher"``)."""
+    _block_stage(model, batches, ctx, "fisher")
+
+
+@register_step("reconstruct_joint", needs={"blocks": "blocks"})
+def reconstruct_joint(model: nn.Module, batches: Sequence[torch.Tensor], ctx: CalibrationContext) -> None:
+    """The joint stage (:func:`reconstruct_joint_`) after a block stage of the same recipe;
+    the KL before and after is left in ``ctx.results["joint_reconstruction"]``.
+
+    Raises:
+        CalibrationError: no block stage ran before it in this calibration.
+    """
+    rounding = ctx.results.pop(_ROUNDING, None)
+    if rounding is None:
+        raise CalibrationError("reconstruct_joint needs reconstruct or reconstruct_fisher before it in the recipe")
+    blocks = ctx.family.fact("blocks", model)
+    ctx.results["joint_reconstruction"] = reconstruct_joint_(model, blocks, batches, ctx.config.recon, rounding)
