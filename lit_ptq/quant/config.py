@@ -409,7 +409,10 @@ class QuantConfig:
         if self.gelu != "uniform":
             fields["gelu"] = self.gelu
         if self.recon is not None:
-            fields["recon"] = self.recon.describe()
+            recon = self.recon.describe()
+            if "reconstruct_joint" not in RECIPES[self.recipe]:
+                del recon["joint_iters"]  # read by the joint stage only: records and state files as before
+            fields["recon"] = recon
         if self.overrides:
             fields["overrides"] = {pattern: o.describe() for pattern, o in self.overrides}
         return fields

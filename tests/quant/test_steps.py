@@ -147,7 +147,7 @@ def test_a_recipe_naming_an_unregistered_step_fails_in_one_line(registered, make
 
 
 def test_an_unregistered_recipe_is_refused_with_the_registered_ones() -> None:
-    with pytest.raises(ConfigError, match=r"recipe='repq2' is not one of: repq, repq_gptq, recon, repq_oclip, repq_gptq_oclip$"):
+    with pytest.raises(ConfigError, match=r"recipe='repq2' is not one of: repq, repq_gptq, recon, repq_oclip, repq_gptq_oclip, recon_fisher, recon_joint, recon_fisher_joint$"):
         QuantConfig(method="mse", placement="matmul", recipe="repq2")
 
 

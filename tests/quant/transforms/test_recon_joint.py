@@ -206,3 +206,11 @@ def test_joint_iters_is_validated_and_recon_settings_go_with_every_reconstructin
         assert config.recon == dataclasses.replace(ReconSettings(), joint_iters=5)
     with pytest.raises(ConfigError, match="^recon settings are for recipe='recon' or another reconstructing recipe"):
         QuantConfig(method="mse", placement="matmul", bits="4/4/4", recipe="repq", recon=dict(joint_iters=5))
+
+
+def test_the_joint_steps_setting_is_recorded_only_by_a_recipe_that_runs_it() -> None:
+    recon = QuantConfig(method="mse", placement="matmul", bits="4/4/4", recipe="recon").describe()["recon"]
+    assert recon == dict(iters=500, batch_size=32, images=None, weight_lr=1e-3, act_lr=4e-5, round_weight=0.01,
+                         drop_prob=0.5, seed=0)  # fmt: skip  (records and state files of `recon` as before)
+    joint = QuantConfig(method="mse", placement="matmul", bits="4/4/4", recipe="recon_joint", recon=dict(joint_iters=7))
+    assert joint.describe()["recon"] == {**recon, "joint_iters": 7}
