@@ -57,11 +57,14 @@ class PTQModule(LightningModule):
         recipe: a low-bit preset for ``placement: matmul``: ``repq`` (RepQ-ViT),
             ``repq_gptq`` (+ ridge regression and GPTQ rounding) or ``recon`` (+ block
             reconstruction), ``repq_oclip`` / ``repq_gptq_oclip`` (the weight ranges chosen by
-            the layer's output error); see ``lit_ptq.quant.recipes``.
+            the layer's output error), ``recon_fisher`` / ``recon_joint`` /
+            ``recon_fisher_joint`` (a Fisher-weighted block loss, a joint stage on the logits);
+            see ``lit_ptq.quant.recipes``.
         softmax: the softmax-output quantizer (``uniform``, ``log2``, ``log_sqrt2``, ``adalog``,
             ``twin_uniform``; default ``log_sqrt2`` with a recipe, ``uniform`` without).
-        recon: block-reconstruction settings for ``recipe: recon`` (``iters``, ``batch_size``,
-            ``images``, ``weight_lr``, ``act_lr``, ``round_weight``, ``drop_prob``, ``seed``).
+        recon: block-reconstruction settings for ``recipe: recon`` and the other reconstructing
+            recipes (``iters``, ``batch_size``, ``images``, ``weight_lr``, ``act_lr``,
+            ``round_weight``, ``drop_prob``, ``seed``, ``joint_iters``).
         gelu: the post-GELU activation's quantizer (the input of ``fc2``): ``uniform`` (default),
             ``adalog`` or ``twin_uniform``.
         onnx: path of an exported ``.onnx`` file to evaluate with onnxruntime instead of the

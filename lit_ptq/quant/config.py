@@ -273,7 +273,8 @@ class QuantConfig:
             entries win. A setting is ``None`` (leave the point float) or a mapping of
             ``bits``, ``observer``, ``granularity``. Stored as ``(pattern, PointOverride)`` pairs.
         recipe: a registered recipe (:data:`~lit_ptq.quant.steps.RECIPES`; ``repq``,
-            ``repq_gptq``, ``recon``, ``repq_oclip``, ``repq_gptq_oclip``; needs
+            ``repq_gptq``, ``recon``, ``repq_oclip``, ``repq_gptq_oclip``, ``recon_fisher``,
+            ``recon_joint``, ``recon_fisher_joint``; needs
             ``placement="matmul"``): RepQ-ViT's LayerNorm reparameterization, then GPTQ/ridge
             weight correction, or block reconstruction; the ``_oclip`` recipes choose the
             weight ranges by the layer's output error (see ``lit_ptq.quant.recipes``).
