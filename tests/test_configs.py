@@ -43,6 +43,8 @@ SETTINGS: dict[str, tuple[Any, ...]] = {
     "w4a4_repq_gptq": ("mse", "matmul", "4/4/4", False, False, "repq_gptq", 32),
     "w4a4_repq_gptq_oclip": ("mse", "matmul", "4/4/4", False, False, "repq_gptq_oclip", 32),  # its ablation partner
     "w4a4_recon": ("mse", "matmul", "4/4/4", False, False, "recon", 1024),  # BRECQ / QDrop's 1,024
+    "w3a3_repq_gptq": ("mse", "matmul", "3/3/3", False, False, "repq_gptq", 32),
+    "w3a3_recon": ("mse", "matmul", "3/3/3", False, False, "recon", 1024),
 }
 """What each setting's name promises: FQ-ViT's and PTQ-for-iTPN's 10 batches of 100 images, the low-bit recipes'."""
 
@@ -110,7 +112,8 @@ def parse():
 def test_the_files_are_the_models_and_settings_listed():
     assert {p.stem for p in MODELS} == set(MODEL_NAMES)
     assert {p.stem for p in METHODS} == set(SETTINGS)
-    demos = ["demo.yaml", "demo_fp32.yaml", "demo_w4a4.yaml", "demo_w4a4_recon.yaml", "demo_w6a6.yaml"]
+    demos = ["demo.yaml", "demo_fp32.yaml", "demo_w3a3.yaml", "demo_w3a3_recon.yaml", "demo_w4a4.yaml",
+             "demo_w4a4_recon.yaml", "demo_w6a6.yaml"]  # fmt: skip
     assert [p.name for p in DEMOS] == demos
     assert sorted(p.name for p in (REPO / "configs").iterdir()) == sorted(["methods", "models", *demos])
 
