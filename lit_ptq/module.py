@@ -119,6 +119,12 @@ class PTQModule(LightningModule):
             backend = inference_backend("onnxruntime", option="model.onnx")(onnx, option="model.onnx")
         if backend is not None:
             backend.check(model_name, img_size, num_classes)
+        own = sorted(set(model_kwargs or {}) & {"img_size", "num_classes", "checkpoint", "pretrained"})
+        if own:
+            raise ConfigError(
+                f"model.model_kwargs sets {', '.join(own)}, which are options of their own: "
+                + ", ".join(f"use --model.{k}" for k in own)
+            )
         self.quant_config = (
             QuantConfig(
                 method=method, placement=placement, bits=bits, ptf=ptf, lis=lis, arithmetic=arithmetic,

@@ -279,3 +279,12 @@ class TestExactMean:
         metric = ExactMean()
         metric.update(torch.full((100_000,), 1000.0))
         assert metric.compute().item() == 1000.0
+
+
+def test_model_kwargs_naming_an_option_of_its_own_is_one_line() -> None:
+    from lit_ptq.errors import ConfigError
+    from lit_ptq.module import PTQModule
+
+    with pytest.raises(ConfigError, match=r"^model.model_kwargs sets img_size, num_classes, which are options of their own: "
+                                          r"use --model.img_size, use --model.num_classes$"):  # fmt: skip
+        PTQModule(model_name="itpn_tiny", model_kwargs=dict(img_size=32, num_classes=10, depth=1))

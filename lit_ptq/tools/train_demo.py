@@ -26,6 +26,10 @@ architecture (``--model-kwargs``, as ``main.py``'s ``--model.model_kwargs`` take
     python -m lit_ptq.tools.train_demo --model deit_tiny_patch16_224 --epochs 2 --seed 1 \
         --model-kwargs '{"img_size": 32, "patch_size": 4, "depth": 4, "embed_dim": 96, "num_heads": 3}' \
         --out /tmp/deit4x96.pt
+
+``main.py`` evaluates it with the input side as its own option: ``--model.model_name
+deit_tiny_patch16_224 --model.img_size 32 --model.model_kwargs '{"patch_size": 4, "depth": 4,
+"embed_dim": 96, "num_heads": 3}' --model.checkpoint /tmp/deit4x96.pt``.
 """
 
 from __future__ import annotations
