@@ -116,19 +116,16 @@ class InputStats:
     def add(self, a: torch.Tensor, x: Optional[torch.Tensor] = None) -> None:
         """Add the rows ``a`` (and the matching rows ``x``, for the cross terms)."""
         a = a.double()
-        if self.h_aa is None:
-            self.h_aa, self.s_a = a.T @ a, a.sum(0)
-        else:
-            self.h_aa += a.T @ a
-            self.s_a += a.sum(0)
+        self.h_aa, self.s_a = _plus(self.h_aa, a.T @ a), _plus(self.s_a, a.sum(0))
         if x is not None:
             x = x.double()
-            if self.h_ax is None:
-                self.h_ax, self.s_x = a.T @ x, x.sum(0)
-            else:
-                self.h_ax += a.T @ x
-                self.s_x += x.sum(0)
+            self.h_ax, self.s_x = _plus(self.h_ax, a.T @ x), _plus(self.s_x, x.sum(0))
         self.n += a.shape[0]
+
+
+def _plus(total: Optional[torch.Tensor], term: torch.Tensor) -> torch.Tensor:
+    """``total + term`` in place, or ``term`` for the first one."""
+    return term if total is None else total.add_(term)
 
 
 def layer_stats(model: nn.Module, layer: nn.Module, batches: Sequence[Call], cross: bool = True) -> InputStats:
